@@ -1,0 +1,140 @@
+//! Typed configuration for a Breakwater edge node.
+//!
+//! A configuration is TOML. [`load`] reads a file, checks every value that
+//! can be checked without starting the node (addresses, files, references
+//! between tables, glob patterns), and resolves relative paths against the
+//! file's directory. Every problem comes back as a [`Diagnostic`] with the
+//! file, line, column and a fix:
+//!
+//! ```
+//! let text = "[[listener]]\nadress = \"127.0.0.1:8080\"\n";
+//! let err = edge_config::parse(text, "edge.toml".as_ref(), ".".as_ref()).unwrap_err();
+//! let d = &err.diagnostics()[0];
+//! assert_eq!((d.line, d.column), (2, 1));
+//! assert_eq!(d.fix, "replace `adress` with `address`");
+//! ```
+
+mod diagnostic;
+mod model;
+mod validate;
+
+use std::path::Path;
+
+pub use diagnostic::{ConfigError, Diagnostic};
+pub use model::*;
+
+/// The demo configuration `breakwater up` runs on, with its directory
+/// (relative paths in it, such as the demo site, resolve against that).
+pub const LOCAL_EXAMPLE: &str = include_str!("../examples/local.toml");
+
+/// Directory of [`LOCAL_EXAMPLE`] in the source tree.
+pub fn local_example_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
+}
+
+/// Reads, validates and resolves the configuration file at `path`.
+pub fn load(path: &Path) -> Result<EdgeConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    parse(&text, path, base_dir)
+}
+
+/// Validates configuration `text` that came from `origin` (used in
+/// diagnostics), resolving relative paths against `base_dir`.
+pub fn parse(text: &str, origin: &Path, base_dir: &Path) -> Result<EdgeConfig, ConfigError> {
+    let map = diagnostic::SourceMap::new(origin, text);
+    let mut config: EdgeConfig = toml::from_str(text).map_err(|e| {
+        ConfigError::Invalid(vec![map.diagnostic(
+            e.span(),
+            e.message().trim(),
+            diagnostic::fix_for_parse_error(e.message()),
+        )])
+    })?;
+    config.resolve_paths(base_dir);
+    let problems = validate::validate(&config, text, &map);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+impl EdgeConfig {
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        for listener in &mut self.listeners {
+            if let Some(tls) = &mut listener.tls {
+                tls.cert = base_dir.join(&tls.cert);
+                tls.key = base_dir.join(&tls.key);
+            }
+        }
+        for site in &mut self.sites {
+            site.root = base_dir.join(&site.root);
+        }
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+impl AdminConfig {
+    /// The admin token, from `token_env` if set, else `token`.
+    pub fn resolved_token(&self) -> Option<String> {
+        self.token_env
+            .as_deref()
+            .and_then(|var| std::env::var(var).ok())
+            .or_else(|| self.token.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_example_is_valid() {
+        let config = parse(
+            LOCAL_EXAMPLE,
+            Path::new("local.toml"),
+            local_example_dir(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!config.listeners.is_empty());
+        assert!(config.sites[0].root.join("index.html").is_file());
+    }
+
+    #[test]
+    fn every_broken_example_is_located_and_fixed() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/broken");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples/broken exists") {
+            let path = entry.expect("readable entry").path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("readable example");
+            let expected = expected_location(&text)
+                .unwrap_or_else(|| panic!("{}: no `# expect: LINE:COL` header", path.display()));
+            let err = load(&path).expect_err("a broken example must not load");
+            let d = err
+                .diagnostics()
+                .first()
+                .unwrap_or_else(|| panic!("{}: no diagnostic", path.display()));
+            assert_eq!((d.line, d.column), expected, "{}: {d}", path.display());
+            assert!(!d.fix.is_empty(), "{}: empty fix", path.display());
+            seen += 1;
+        }
+        assert!(seen >= 5, "want at least 5 broken examples, found {seen}");
+    }
+
+    /// Broken examples declare where their error is: `# expect: 7:11`.
+    fn expected_location(text: &str) -> Option<(usize, usize)> {
+        let rest = text.lines().next()?.strip_prefix("# expect: ")?;
+        let (line, column) = rest.split_once(':')?;
+        Some((line.trim().parse().ok()?, column.trim().parse().ok()?))
+    }
+}

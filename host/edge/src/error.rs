@@ -1,0 +1,25 @@
+//! Error answers: every refusal the node makes is an HTTP status with a JSON
+//! body that says what happened and carries the request id.
+
+use axum::body::Body;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// A JSON error response: `{"error":{"status":…,"code":"…","message":"…"}}`.
+///
+/// `code` is a stable machine-readable name (`payload_too_large`,
+/// `upstream_timeout`, …); `message` is for people.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": { "status": status.as_u16(), "code": code, "message": message }
+    });
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

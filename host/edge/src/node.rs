@@ -1,0 +1,195 @@
+//! One request's way through the node, in phases: admission (limits),
+//! routing by path prefix, then the static site or the upstream pool, and
+//! finally the response phase (request id, metrics, access log).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::body::Body;
+use edge_config::{EdgeConfig, LimitsConfig};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use crate::error::error_response;
+use crate::limits::{LimitedBody, request_head_bytes};
+use crate::observe::{CountedBody, InFlight, REQUEST_ID, request_id};
+use crate::proxy::{ClientConnection, UpstreamPool};
+use crate::static_files::{StaticSite, StaticSiteError};
+
+/// What a path prefix leads to.
+enum Target {
+    Site(StaticSite),
+    Pool(UpstreamPool),
+}
+
+struct Route {
+    prefix: String,
+    /// Metrics label: the site's or the pool's name.
+    name: String,
+    target: Target,
+}
+
+/// The node's request handling state, shared by every listener.
+pub(crate) struct EdgeNode {
+    /// Longest prefix first, so the first match is the most specific.
+    routes: Vec<Route>,
+    limits: LimitsConfig,
+    draining: AtomicBool,
+}
+
+impl EdgeNode {
+    pub(crate) fn new(config: &EdgeConfig) -> Result<Self, StaticSiteError> {
+        let mut routes = Vec::new();
+        for site in &config.sites {
+            routes.push(Route {
+                prefix: site.prefix.clone(),
+                name: site.name.clone(),
+                target: Target::Site(StaticSite::new(site)?),
+            });
+        }
+        for route in &config.routes {
+            // edge-config guarantees the pool exists.
+            if let Some(pool) = config.pool(&route.pool) {
+                routes.push(Route {
+                    prefix: route.prefix.clone(),
+                    name: pool.name.clone(),
+                    target: Target::Pool(UpstreamPool::new(pool)),
+                });
+            }
+        }
+        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        Ok(Self {
+            routes,
+            limits: config.limits.clone(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The route for `path`: a prefix ending in `/` matches anything under
+    /// it; any other prefix matches itself and what follows a `/` after it.
+    fn route_for<'a>(&'a self, path: &'a str) -> Option<(&'a Route, &'a str)> {
+        self.routes.iter().find_map(|route| {
+            let rest = path.strip_prefix(route.prefix.as_str())?;
+            let on_boundary =
+                route.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/');
+            on_boundary.then_some((route, rest))
+        })
+    }
+
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        client: Arc<ClientConnection>,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let in_flight = InFlight::enter();
+        let (mut parts, body) = request.into_parts();
+        let id = request_id(&parts.headers);
+        parts.headers.insert(REQUEST_ID, id.clone());
+        let method = parts.method.clone();
+        let path = parts.uri.path().to_owned();
+
+        let (route_name, mut response) = self.dispatch(parts, body, &client).await;
+
+        response.headers_mut().insert(REQUEST_ID, id.clone());
+        let status = response.status();
+        let elapsed = started.elapsed();
+        metrics::counter!(
+            "breakwater_edge_requests_total",
+            "route" => route_name.clone(),
+            "status" => status.as_str().to_owned()
+        )
+        .increment(1);
+        metrics::histogram!("breakwater_edge_request_duration_seconds", "route" => route_name.clone())
+            .record(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "access",
+            request_id = id.to_str().unwrap_or(""),
+            client = %client.peer,
+            method = %method,
+            path = %path,
+            route = %route_name,
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+        response.map(|body| Body::new(CountedBody::new(body, route_name, in_flight)))
+    }
+
+    async fn dispatch(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        client: &ClientConnection,
+    ) -> (String, Response<Body>) {
+        let unrouted = || "none".to_owned();
+        if request_head_bytes(&parts) > self.limits.max_header_bytes {
+            return (
+                unrouted(),
+                error_response(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "headers_too_large",
+                    &format!(
+                        "the request line and headers exceed {} bytes",
+                        self.limits.max_header_bytes
+                    ),
+                ),
+            );
+        }
+        let declared_length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_length.is_some_and(|len| len > self.limits.max_body_bytes) {
+            return (
+                unrouted(),
+                error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    &format!(
+                        "the request body exceeds {} bytes",
+                        self.limits.max_body_bytes
+                    ),
+                ),
+            );
+        }
+        let path = parts.uri.path().to_owned();
+        let Some((route, rest)) = self.route_for(&path) else {
+            return (
+                unrouted(),
+                error_response(
+                    StatusCode::NOT_FOUND,
+                    "no_route",
+                    "no site or route serves this path",
+                ),
+            );
+        };
+        let response = match &route.target {
+            Target::Site(site) => {
+                site.serve(&parts.method, &parts.headers, rest.trim_start_matches('/'))
+                    .await
+            }
+            Target::Pool(pool) => {
+                let (limited, trip) = LimitedBody::new(
+                    body,
+                    self.limits.max_body_bytes,
+                    self.limits.body_read_timeout,
+                );
+                let request = Request::from_parts(parts, Body::new(limited));
+                pool.forward(request, client, &trip).await
+            }
+        };
+        (route.name.clone(), response)
+    }
+}

@@ -1,0 +1,283 @@
+//! Listeners: accepting connections, TLS with ALPN, HTTP/1.1 and HTTP/2 on
+//! one socket, connection-level limits, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_config::{EdgeConfig, TlsConfig};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin;
+use crate::node::EdgeNode;
+use crate::proxy::ClientConnection;
+use crate::static_files::StaticSiteError;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS files {cert} / {key}: {message}")]
+    Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        message: String,
+    },
+    #[error("static site: {0}")]
+    Site(#[from] StaticSiteError),
+}
+
+/// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
+pub struct RunningNode {
+    listener_addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    node: Arc<EdgeNode>,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+    stop_admin: CancellationToken,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Bound data-plane addresses, in configuration order (port 0 resolved).
+    pub fn listener_addrs(&self) -> &[SocketAddr] {
+        &self.listener_addrs
+    }
+
+    /// Bound admin address, if an admin listener is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish up to the configured
+    /// `shutdown_grace`, then closes what is left.
+    pub async fn shutdown(mut self) {
+        self.node.start_draining();
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        // The admin listener outlives the drain so `/readyz` can say "draining".
+        self.stop_admin.cancel();
+        if let Some(admin) = self.admin_task.take() {
+            let _ = admin.await;
+        }
+    }
+}
+
+/// Binds every listener of `config` and starts serving.
+pub async fn start(config: EdgeConfig) -> Result<RunningNode, EdgeError> {
+    crate::observe::prometheus();
+    let node = Arc::new(EdgeNode::new(&config)?);
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let mut listener_addrs = Vec::new();
+    let grace = config.limits.shutdown_grace;
+
+    for listener_config in &config.listeners {
+        let tls = listener_config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let listener = bind(&listener_config.address).await?;
+        let local = listener.local_addr().map_err(|source| EdgeError::Bind {
+            address: listener_config.address.clone(),
+            source,
+        })?;
+        listener_addrs.push(local);
+        let builder = connection_builder(&config);
+        tracing::info!(address = %local, tls = tls.is_some(), "listening");
+        tasks.spawn(accept_loop(
+            listener,
+            tls,
+            builder,
+            node.clone(),
+            stop.clone(),
+            grace,
+            config.limits.header_read_timeout,
+        ));
+    }
+
+    let stop_admin = CancellationToken::new();
+    let mut admin_addr = None;
+    let mut admin_task = None;
+    if let Some(admin_config) = &config.admin {
+        let listener = bind(&admin_config.address).await?;
+        admin_addr = listener.local_addr().ok();
+        tracing::info!(address = ?admin_addr, "admin listening");
+        admin_task = Some(tokio::spawn(admin::serve(
+            listener,
+            node.clone(),
+            stop_admin.clone(),
+        )));
+    }
+
+    Ok(RunningNode {
+        listener_addrs,
+        admin_addr,
+        node,
+        stop,
+        tasks,
+        stop_admin,
+        admin_task,
+    })
+}
+
+async fn bind(address: &str) -> Result<TcpListener, EdgeError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| EdgeError::Bind {
+            address: address.to_owned(),
+            source,
+        })
+}
+
+fn connection_builder(config: &EdgeConfig) -> auto::Builder<TokioExecutor> {
+    let limits = &config.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // A client that has not sent its whole head by then is a slowloris:
+        // hyper closes the connection.
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's own ceiling sits just above ours so that our check answers
+        // with a JSON 431 in all but absurd cases; hyper's minimum is 8 KiB.
+        .max_buf_size((limits.max_header_bytes + 1024).max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes * 2).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+fn tls_acceptor(config: &TlsConfig) -> Result<TlsAcceptor, EdgeError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let fail = |message: String| EdgeError::Tls {
+        cert: config.cert.clone(),
+        key: config.key.clone(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(&config.cert)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| fail(format!("reading certificates: {e}")))?;
+    let key = PrivateKeyDer::from_pem_file(&config.key)
+        .map_err(|e| fail(format!("reading the private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| fail(e.to_string()))?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+    node: Arc<EdgeNode>,
+    stop: CancellationToken,
+    grace: Duration,
+    // A TLS handshake gets as long as a request head would.
+    handshake_timeout: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let client = Arc::new(ClientConnection {
+            peer,
+            tls: tls.is_some(),
+        });
+        let service = {
+            let node = node.clone();
+            hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let node = node.clone();
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(node.handle(request, client).await) }
+            })
+        };
+        match &tls {
+            None => {
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                                tokio::spawn(async move {
+                    let Some(stream) = tls_handshake(acceptor, stream, handshake_timeout).await
+                    else {
+                        return;
+                    };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(%peer, error = %e, "TLS connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight");
+        }
+    }
+}
+
+async fn tls_handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    deadline: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            metrics::counter!("breakwater_edge_tls_handshake_failures_total").increment(1);
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("breakwater_edge_tls_handshake_failures_total").increment(1);
+            None
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The reverse proxy against a real upstream: streaming in both directions,
+//! request ids, forwarding headers, hop-by-hop headers, and the JSON errors
+//! for an upstream that is down, slow or breaks the connection.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    assert_json_error, client, closed_port, json, proxy_config, raw_connect_and_send,
+    read_raw_response, start_node, start_upstream, url,
+};
+use futures_util::StreamExt;
+
+#[tokio::test]
+async fn sse_events_stream_through_one_by_one() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, "", "")).await;
+
+    let response = client()
+        .get(url(&node, "/v1/sse?n=5&delay_ms=100"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let mut chunks: Vec<(Instant, bytes::Bytes)> = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        chunks.push((Instant::now(), chunk.expect("body chunk")));
+    }
+
+    let body: Vec<u8> = chunks.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+    let expected: String = (0..5).map(|i| format!("id: {i}\ndata: event {i}\n\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&body), expected);
+    assert!(
+        chunks.len() >= 5,
+        "the events arrived in {} chunk(s), not one per event: the proxy buffers",
+        chunks.len()
+    );
+    let spread = chunks[chunks.len() - 1].0 - chunks[0].0;
+    assert!(
+        spread >= Duration::from_millis(300),
+        "first and last chunk arrived only {spread:?} apart: the proxy buffers"
+    );
+}
+
+#[tokio::test]
+async fn request_id_is_generated_when_absent_and_sent_both_ways() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, "", "")).await;
+
+    let response = client()
+        .get(url(&node, "/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-request-id on the response")
+        .to_owned();
+    assert!(!id.is_empty() && id.len() <= 128, "odd request id {id:?}");
+    let echo = json(&response.bytes().await.expect("body"));
+    assert_eq!(echo["headers"]["x-request-id"], id.as_str(), "{echo}");
+
+    // A second request gets a different id.
+    let other = client()
+        .get(url(&node, "/echo"))
+        .send()
+        .await
+        .expect("request");
+    let other_id = other
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-request-id on the response");
+    assert_ne!(other_id, id);
+}
+
+#[tokio::test]
+async fn request_id_from_the_client_is_passed_through() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, "", "")).await;
+
+    let response = client()
+        .get(url(&node, "/echo"))
+        .header("x-request-id", "client-chosen-42")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("client-chosen-42")
+    );
+    let echo = json(&response.bytes().await.expect("body"));
+    assert_eq!(echo["headers"]["x-request-id"], "client-chosen-42", "{echo}");
+}
+
+#[tokio::test]
+async fn via_and_forwarded_headers_are_set_upstream() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, "", "")).await;
+
+    let response = client()
+        .get(url(&node, "/api/echo?x=1"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let via = response
+        .headers()
+        .get("via")
+        .and_then(|v| v.to_str().ok())
+        .expect("Via on the response")
+        .to_owned();
+    assert!(via.contains("breakwater"), "response Via: {via}");
+    let echo = json(&response.bytes().await.expect("body"));
+    let headers = &echo["headers"];
+    assert_eq!(echo["path"], "/api/echo", "{echo}");
+    assert_eq!(echo["query"], "x=1", "{echo}");
+    assert_eq!(headers["via"], "1.1 breakwater", "{echo}");
+    let forwarded = headers["forwarded"].as_str().expect("Forwarded upstream");
+    assert!(
+        forwarded.contains("for=127.0.0.1") && forwarded.contains("proto=http"),
+        "Forwarded: {forwarded}"
+    );
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{echo}");
+    assert_eq!(headers["x-forwarded-proto"], "http", "{echo}");
+
+    // An existing X-Forwarded-For chain is extended, not replaced.
+    let response = client()
+        .get(url(&node, "/echo"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .send()
+        .await
+        .expect("request");
+    let echo = json(&response.bytes().await.expect("body"));
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"], "203.0.113.7, 127.0.0.1",
+        "{echo}"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, "", "")).await;
+
+    let request = "GET /echo HTTP/1.1\r\n\
+        Host: localhost\r\n\
+        Connection: close, x-secret\r\n\
+        X-Secret: listed-in-connection\r\n\
+        Keep-Alive: timeout=5\r\n\
+        TE: trailers\r\n\
+        Upgrade: websocket\r\n\
+        Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\
+        Proxy-Connection: keep-alive\r\n\
+        X-Kept: yes\r\n\
+        \r\n";
+    let mut stream = raw_connect_and_send(common::listener(&node), request.as_bytes()).await;
+    let response = read_raw_response(&mut stream)
+        .await
+        .expect("a response from the node");
+    assert_eq!(response.status, 200, "{response:?}");
+    let echo = json(&response.body);
+    let headers = echo["headers"].as_object().expect("headers object");
+    for name in [
+        "x-secret",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(
+            !headers.contains_key(name),
+            "hop-by-hop header `{name}` reached the upstream: {echo}"
+        );
+    }
+    if let Some(connection) = headers.get("connection").and_then(|v| v.as_str()) {
+        assert!(
+            !connection.contains("x-secret"),
+            "the client's Connection header reached the upstream: {echo}"
+        );
+    }
+    assert_eq!(headers.get("x-kept").and_then(|v| v.as_str()), Some("yes"));
+}
+
+#[tokio::test]
+async fn request_body_streams_upstream_whole() {
+    const TOTAL: usize = 5 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(
+        upstream.addr,
+        "max_body_bytes = 8388608",
+        "",
+    ))
+    .await;
+
+    let chunks = futures_util::stream::iter(
+        (0..TOTAL / CHUNK).map(|i| Ok::<_, std::io::Error>(vec![(i % 251) as u8; CHUNK])),
+    );
+    let response = client()
+        .post(url(&node, "/upload/size"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let echo = json(&response.bytes().await.expect("body"));
+    assert_eq!(echo["bytes"], TOTAL as u64, "{echo}");
+    assert_eq!(echo["complete"], true, "{echo}");
+}
+
+#[tokio::test]
+async fn closed_upstream_port_is_a_json_502() {
+    let dead = closed_port().await;
+    let node = start_node(&proxy_config(dead, "", "connect_timeout = \"2s\"")).await;
+
+    let response = client()
+        .get(url(&node, "/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 502);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    assert!(response.headers().contains_key("x-request-id"));
+    assert_json_error(
+        &response.bytes().await.expect("body"),
+        502,
+        "upstream_unavailable",
+    );
+}
+
+#[tokio::test]
+async fn upstream_slower_than_first_byte_timeout_is_a_json_504() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(
+        upstream.addr,
+        "",
+        "first_byte_timeout = \"300ms\"",
+    ))
+    .await;
+
+    let started = Instant::now();
+    let response = client()
+        .get(url(&node, "/sleep?ms=5000"))
+        .send()
+        .await
+        .expect("request");
+    let elapsed = started.elapsed();
+    assert_eq!(response.status(), 504);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    assert_json_error(
+        &response.bytes().await.expect("body"),
+        504,
+        "upstream_timeout",
+    );
+    // Well before the upstream would have answered.
+    assert!(
+        elapsed < Duration::from_millis(4000),
+        "504 took {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_that_drops_the_connection_is_a_json_502() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, "", "")).await;
+
+    let response = client()
+        .get(url(&node, "/close"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 502);
+    assert_json_error(
+        &response.bytes().await.expect("body"),
+        502,
+        "upstream_unavailable",
+    );
+    assert!(upstream.requests() >= 1, "the upstream never saw the request");
+
+    // The node keeps serving through the same pool afterwards.
+    let response = client()
+        .get(url(&node, "/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+}

@@ -1,0 +1,103 @@
+//! Project automation, so that a fresh machine with only the Rust toolchain
+//! needs exactly one command for the demo and one for the tests:
+//!
+//! - `cargo xtask up`: prepare what the demo needs, then run `breakwater up`.
+//! - `cargo xtask test`: prepare what the tests need (rustup target, cargo
+//!   tools, Debian packages, test servers), then run the whole suite.
+//!
+//! Each step checks first and does nothing when already done, so a second run
+//! is fast.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "usage: cargo xtask <up|test> [-- extra arguments for breakwater up / nextest]";
+
+/// The WebAssembly target plugins are built for.
+const PLUGIN_TARGET: &str = "wasm32-wasip2";
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let task = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.skip_while(|a| a == "--").collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)
+        .with_context(|| format!("entering the workspace at {}", root.display()))?;
+    match task.as_str() {
+        "up" => up(&rest),
+        "test" => test(&rest),
+        _ => bail!("{USAGE}"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn up(extra: &[String]) -> anyhow::Result<()> {
+    let mut command = cargo();
+    command.args(["run", "--package", "breakwater-cli", "--bin", "breakwater", "--", "up"]);
+    command.args(extra);
+    run(&mut command)
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    ensure_rust_target(PLUGIN_TARGET)?;
+    ensure_cargo_tool("cargo-nextest", "cargo-nextest")?;
+    let mut nextest = cargo();
+    nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    nextest.args(extra);
+    run(&mut nextest)?;
+    // nextest does not run doc tests; the examples in doc comments are tests too.
+    run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{command:?}");
+    eprintln!("xtask: {shown}");
+    let status = command
+        .status()
+        .with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output_of(command: &mut Command) -> Option<String> {
+    let output = command.output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn ensure_rust_target(target: &str) -> anyhow::Result<()> {
+    let installed = output_of(Command::new("rustup").args(["target", "list", "--installed"]))
+        .is_some_and(|list| list.lines().any(|line| line.trim() == target));
+    if installed {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["target", "add", target]))
+}
+
+fn ensure_cargo_tool(binary: &str, package: &str) -> anyhow::Result<()> {
+    let present = Command::new(binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        || output_of(cargo().args(["--list"]))
+            .is_some_and(|list| list.lines().any(|l| l.trim() == binary.trim_start_matches("cargo-")));
+    if present {
+        return Ok(());
+    }
+    run(cargo().args(["install", "--locked", package]))
+}
