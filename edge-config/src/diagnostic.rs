@@ -127,15 +127,15 @@ pub(crate) fn fix_for_parse_error(message: &str) -> String {
             };
         }
     }
-    if let Some(rest) = message.strip_prefix("missing field ") {
-        if let Some(name) = backticked(rest).first() {
-            return format!("add `{name} = …` to this table");
-        }
+    if let Some(rest) = message.strip_prefix("missing field ")
+        && let Some(name) = backticked(rest).first()
+    {
+        return format!("add `{name} = …` to this table");
     }
-    if message.contains("invalid type") {
-        if let Some(expected) = message.split("expected ").nth(1) {
-            return fix_for_expected_type(expected.trim());
-        }
+    if message.contains("invalid type")
+        && let Some(expected) = message.split("expected ").nth(1)
+    {
+        return fix_for_expected_type(expected.trim());
     }
     if message.contains("basic string") || message.contains("literal string") {
         return "close the string with its quote before the end of the line".to_owned();
@@ -147,7 +147,16 @@ pub(crate) fn fix_for_parse_error(message: &str) -> String {
 }
 
 fn fix_for_expected_type(expected: &str) -> String {
-    let integer = ["u8", "u16", "u32", "u64", "usize", "i32", "i64", "an integer"];
+    let integer = [
+        "u8",
+        "u16",
+        "u32",
+        "u64",
+        "usize",
+        "i32",
+        "i64",
+        "an integer",
+    ];
     if integer.contains(&expected) {
         "write a whole number without quotes, e.g. 10485760".to_owned()
     } else if expected.contains("bool") {
@@ -178,7 +187,10 @@ mod tests {
     #[test]
     fn far_unknown_field_lists_valid_keys() {
         let fix = fix_for_parse_error("unknown field `zzzzzzzz`, expected `address` or `tls`");
-        assert_eq!(fix, "remove `zzzzzzzz`; valid keys here are: `address`, `tls`");
+        assert_eq!(
+            fix,
+            "remove `zzzzzzzz`; valid keys here are: `address`, `tls`"
+        );
     }
 
     #[test]

@@ -97,12 +97,8 @@ mod tests {
 
     #[test]
     fn local_example_is_valid() {
-        let config = parse(
-            LOCAL_EXAMPLE,
-            Path::new("local.toml"),
-            local_example_dir(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let config = parse(LOCAL_EXAMPLE, Path::new("local.toml"), local_example_dir())
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(!config.listeners.is_empty());
         assert!(config.sites[0].root.join("index.html").is_file());
     }

@@ -119,7 +119,11 @@ fn check_prefix(checker: &mut Checker<'_>, path: &[Step<'_>], prefix: &str) {
 
 fn check_sites(config: &EdgeConfig, checker: &mut Checker<'_>) {
     for (i, site) in config.sites.iter().enumerate() {
-        check_prefix(checker, &[Key("site"), Index(i), Key("prefix")], &site.prefix);
+        check_prefix(
+            checker,
+            &[Key("site"), Index(i), Key("prefix")],
+            &site.prefix,
+        );
         if !site.root.is_dir() {
             checker.report(
                 &[Key("site"), Index(i), Key("root")],
@@ -195,7 +199,11 @@ fn check_routes(config: &EdgeConfig, checker: &mut Checker<'_>) {
     let pool_names: Vec<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
     let site_prefixes: HashSet<&str> = config.sites.iter().map(|s| s.prefix.as_str()).collect();
     for (i, route) in config.routes.iter().enumerate() {
-        check_prefix(checker, &[Key("route"), Index(i), Key("prefix")], &route.prefix);
+        check_prefix(
+            checker,
+            &[Key("route"), Index(i), Key("prefix")],
+            &route.prefix,
+        );
         if site_prefixes.contains(route.prefix.as_str()) {
             checker.report(
                 &[Key("route"), Index(i), Key("prefix")],
@@ -213,7 +221,10 @@ fn check_routes(config: &EdgeConfig, checker: &mut Checker<'_>) {
             };
             checker.report(
                 &[Key("route"), Index(i), Key("pool")],
-                format!("route refers to pool `{}`, which is not defined", route.pool),
+                format!(
+                    "route refers to pool `{}`, which is not defined",
+                    route.pool
+                ),
                 fix,
             );
         }

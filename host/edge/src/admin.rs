@@ -36,9 +36,14 @@ async fn readyz(State(node): State<Arc<EdgeNode>>) -> impl IntoResponse {
 }
 
 async fn metrics() -> impl IntoResponse {
-    let body = crate::observe::prometheus().map(|h| h.render()).unwrap_or_default();
+    let body = crate::observe::prometheus()
+        .map(|h| h.render())
+        .unwrap_or_default();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
 }

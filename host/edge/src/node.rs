@@ -20,8 +20,8 @@ use crate::static_files::{StaticSite, StaticSiteError};
 
 /// What a path prefix leads to.
 enum Target {
-    Site(StaticSite),
-    Pool(UpstreamPool),
+    Site(Box<StaticSite>),
+    Pool(Box<UpstreamPool>),
 }
 
 struct Route {
@@ -46,7 +46,7 @@ impl EdgeNode {
             routes.push(Route {
                 prefix: site.prefix.clone(),
                 name: site.name.clone(),
-                target: Target::Site(StaticSite::new(site)?),
+                target: Target::Site(Box::new(StaticSite::new(site)?)),
             });
         }
         for route in &config.routes {
@@ -55,11 +55,11 @@ impl EdgeNode {
                 routes.push(Route {
                     prefix: route.prefix.clone(),
                     name: pool.name.clone(),
-                    target: Target::Pool(UpstreamPool::new(pool)),
+                    target: Target::Pool(Box::new(UpstreamPool::new(pool))),
                 });
             }
         }
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         Ok(Self {
             routes,
             limits: config.limits.clone(),

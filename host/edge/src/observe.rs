@@ -14,9 +14,7 @@ pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
         .get(REQUEST_ID)
         .filter(|v| {
             let bytes = v.as_bytes();
-            !bytes.is_empty()
-                && bytes.len() <= 128
-                && bytes.iter().all(|b| b.is_ascii_graphic())
+            !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
         })
         .cloned()
         .unwrap_or_else(|| {
@@ -128,10 +126,10 @@ impl http_body::Body for CountedBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.sent += data.len() as u64;
-            }
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.sent += data.len() as u64;
         }
         polled
     }

@@ -95,7 +95,8 @@ impl UpstreamPool {
         }
         prepare_request_headers(&mut request, client);
 
-        let sent = tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await;
+        let sent =
+            tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await;
         let failure = match sent {
             Ok(Ok(response)) => return prepare_response(response),
             Ok(Err(e)) => e,
@@ -123,7 +124,11 @@ impl UpstreamPool {
                 &format!("the request body was not received within {t:?}"),
             ),
             None => {
-                let kind = if failure.is_connect() { "connect" } else { "protocol" };
+                let kind = if failure.is_connect() {
+                    "connect"
+                } else {
+                    "protocol"
+                };
                 metrics::counter!("breakwater_edge_upstream_errors_total", "pool" => self.name.clone(), "kind" => kind).increment(1);
                 tracing::warn!(pool = %self.name, endpoint = %endpoint, error = %failure, "upstream request failed");
                 error_response(
@@ -188,10 +193,10 @@ fn prepare_request_headers(request: &mut Request<Body>, client: &ClientConnectio
     let authority = request.uri().authority().map(|a| a.as_str().to_owned());
     let headers = request.headers_mut();
     remove_hop_by_hop(headers);
-    if !headers.contains_key(header::HOST) {
-        if let Some(value) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
-            headers.insert(header::HOST, value);
-        }
+    if !headers.contains_key(header::HOST)
+        && let Some(value) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+    {
+        headers.insert(header::HOST, value);
     }
     append_via(headers, version);
 
@@ -202,18 +207,15 @@ fn prepare_request_headers(request: &mut Request<Body>, client: &ClientConnectio
         std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
     let mut forwarded = format!("for={node};proto={proto}");
-    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        if host.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
-            forwarded.push_str(&format!(";host=\"{host}\""));
-        }
+    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok())
+        && host.bytes().all(|b| b.is_ascii_graphic() && b != b'"')
+    {
+        forwarded.push_str(&format!(";host=\"{host}\""));
     }
     if let Ok(value) = HeaderValue::from_str(&forwarded) {
         headers.append(header::FORWARDED, value);
     }
-    let xff = match headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {ip}"),
         None => ip.to_string(),
     };
@@ -248,14 +250,17 @@ mod tests {
         let with_base: Uri = "http://10.0.0.1:80/api/".parse().unwrap();
         assert_eq!(
             upstream_uri(&with_base, &original).unwrap().to_string(),
-            "http://10.0.0.1/api/v1/models?x=1"
+            "http://10.0.0.1:80/api/v1/models?x=1"
         );
     }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.insert("x-kept", HeaderValue::from_static("1"));

@@ -239,7 +239,7 @@ async fn accept_loop(
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
-                                tokio::spawn(async move {
+                tokio::spawn(async move {
                     let Some(stream) = tls_handshake(acceptor, stream, handshake_timeout).await
                     else {
                         return;

@@ -187,12 +187,7 @@ async fn refused_within(addr: SocketAddr, limit: Duration) -> bool {
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_and_refuses_new_connections() {
     let upstream = start_upstream().await;
-    let node = start_node(&proxy_config(
-        upstream.addr,
-        "shutdown_grace = \"10s\"",
-        "",
-    ))
-    .await;
+    let node = start_node(&proxy_config(upstream.addr, "shutdown_grace = \"10s\"", "")).await;
     let addr = listener(&node);
     let admin = node.admin_addr().expect("admin listener");
     let http = client();

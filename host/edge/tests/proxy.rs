@@ -37,7 +37,9 @@ async fn sse_events_stream_through_one_by_one() {
     }
 
     let body: Vec<u8> = chunks.iter().flat_map(|(_, c)| c.iter().copied()).collect();
-    let expected: String = (0..5).map(|i| format!("id: {i}\ndata: event {i}\n\n")).collect();
+    let expected: String = (0..5)
+        .map(|i| format!("id: {i}\ndata: event {i}\n\n"))
+        .collect();
     assert_eq!(String::from_utf8_lossy(&body), expected);
     assert!(
         chunks.len() >= 5,
@@ -106,7 +108,10 @@ async fn request_id_from_the_client_is_passed_through() {
         Some("client-chosen-42")
     );
     let echo = json(&response.bytes().await.expect("body"));
-    assert_eq!(echo["headers"]["x-request-id"], "client-chosen-42", "{echo}");
+    assert_eq!(
+        echo["headers"]["x-request-id"], "client-chosen-42",
+        "{echo}"
+    );
 }
 
 #[tokio::test]
@@ -204,12 +209,7 @@ async fn request_body_streams_upstream_whole() {
     const TOTAL: usize = 5 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
     let upstream = start_upstream().await;
-    let node = start_node(&proxy_config(
-        upstream.addr,
-        "max_body_bytes = 8388608",
-        "",
-    ))
-    .await;
+    let node = start_node(&proxy_config(upstream.addr, "max_body_bytes = 8388608", "")).await;
 
     let chunks = futures_util::stream::iter(
         (0..TOTAL / CHUNK).map(|i| Ok::<_, std::io::Error>(vec![(i % 251) as u8; CHUNK])),
@@ -305,7 +305,10 @@ async fn upstream_that_drops_the_connection_is_a_json_502() {
         502,
         "upstream_unavailable",
     );
-    assert!(upstream.requests() >= 1, "the upstream never saw the request");
+    assert!(
+        upstream.requests() >= 1,
+        "the upstream never saw the request"
+    );
 
     // The node keeps serving through the same pool afterwards.
     let response = client()

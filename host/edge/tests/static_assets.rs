@@ -2,7 +2,9 @@
 //! variants, directories, traversal attempts and the hot-file cache.
 //!
 //! Each test serves a `StaticSite` from a small axum server on an ephemeral
-//! port, the way the node mounts a site at `/`.
+//! port, the way the node mounts a site at `/`. Unix only: the fixtures
+//! include symlinks.
+#![cfg(unix)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,7 +44,12 @@ impl Fixture {
         self.request(Method::GET, path, headers).await
     }
 
-    async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
         let mut req = self.client.request(method, self.url(path));
         for (name, value) in headers {
             req = req.header(*name, *value);
@@ -129,8 +136,12 @@ value = "public, max-age=60"
         .unwrap_or_else(|e| panic!("test config is valid: {e}"));
     let site = StaticSite::new(&config.sites[0]).expect("site builds");
 
-    let app = Router::new().fallback(serve_site).with_state(Arc::new(site));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = Router::new()
+        .fallback(serve_site)
+        .with_state(Arc::new(site));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("local addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
 
@@ -143,7 +154,10 @@ value = "public, max-age=60"
 }
 
 fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
-    response.headers().get(name).map(|v| v.to_str().expect("ASCII header"))
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().expect("ASCII header"))
 }
 
 fn etag_of(response: &reqwest::Response) -> String {
@@ -153,7 +167,10 @@ fn etag_of(response: &reqwest::Response) -> String {
 async fn error_code(response: reqwest::Response) -> String {
     let bytes = response.bytes().await.expect("error body");
     let body: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON error body");
-    body["error"]["code"].as_str().expect("error code").to_owned()
+    body["error"]["code"]
+        .as_str()
+        .expect("error code")
+        .to_owned()
 }
 
 #[tokio::test]
@@ -162,17 +179,27 @@ async fn full_get_carries_validators_type_and_length() {
     let r = f.get("/hello.txt", &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
     let etag = etag_of(&r);
-    assert!(etag.starts_with('"') && etag.ends_with('"'), "strong etag: {etag}");
+    assert!(
+        etag.starts_with('"') && etag.ends_with('"'),
+        "strong etag: {etag}"
+    );
     let modified = httpdate::parse_http_date(header(&r, "last-modified").expect("last-modified"))
         .expect("HTTP date");
     let on_disk = std::fs::metadata(f.root.join("hello.txt"))
         .and_then(|m| m.modified())
         .expect("mtime");
     assert!(on_disk.duration_since(modified).expect("not in the future") < Duration::from_secs(1));
-    assert_eq!(header(&r, "content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(
+        header(&r, "content-type"),
+        Some("text/plain; charset=utf-8")
+    );
     assert_eq!(header(&r, "content-length"), Some("12"));
     assert_eq!(header(&r, "accept-ranges"), Some("bytes"));
-    assert_eq!(header(&r, "cache-control"), None, "no rule matches hello.txt");
+    assert_eq!(
+        header(&r, "cache-control"),
+        None,
+        "no rule matches hello.txt"
+    );
     assert_eq!(header(&r, "vary"), None, "no compressed sibling");
     assert_eq!(header(&r, "content-encoding"), None);
     assert_eq!(r.text().await.expect("body"), HELLO);
@@ -235,7 +262,10 @@ async fn head_has_get_headers_and_no_body() {
         assert!(get.headers().get(name).is_some(), "GET has {name}");
         assert_eq!(get.headers().get(name), head.headers().get(name), "{name}");
     }
-    assert_eq!(header(&head, "content-length"), Some(APP_JS.len().to_string().as_str()));
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(APP_JS.len().to_string().as_str())
+    );
     assert!(head.bytes().await.expect("body").is_empty());
 
     // Range is defined for GET only: HEAD still describes the whole file.
@@ -243,7 +273,10 @@ async fn head_has_get_headers_and_no_body() {
         .request(Method::HEAD, "/big.bin", &[("range", "bytes=0-9")])
         .await;
     assert_eq!(head.status(), StatusCode::OK);
-    assert_eq!(header(&head, "content-length"), Some(BIG_LEN.to_string().as_str()));
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(BIG_LEN.to_string().as_str())
+    );
     assert_eq!(header(&head, "content-range"), None);
 }
 
@@ -263,7 +296,9 @@ async fn if_none_match_and_if_modified_since_give_304() {
     let f = start().await;
     let first = f.get("/index.html", &[]).await;
     let etag = etag_of(&first);
-    let last_modified = header(&first, "last-modified").expect("last-modified").to_owned();
+    let last_modified = header(&first, "last-modified")
+        .expect("last-modified")
+        .to_owned();
 
     let weak = format!("W/{etag}");
     let list = format!("\"other\", {etag}, \"third\"");
@@ -275,10 +310,14 @@ async fn if_none_match_and_if_modified_since_give_304() {
         assert_eq!(header(&r, "last-modified"), Some(last_modified.as_str()));
         assert!(r.bytes().await.expect("body").is_empty());
     }
-    let r = f.get("/index.html", &[("if-none-match", "\"other\", W/\"nope\"")]).await;
+    let r = f
+        .get("/index.html", &[("if-none-match", "\"other\", W/\"nope\"")])
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
 
-    let r = f.get("/index.html", &[("if-modified-since", &last_modified)]).await;
+    let r = f
+        .get("/index.html", &[("if-modified-since", &last_modified)])
+        .await;
     assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
     assert_eq!(header(&r, "etag"), Some(etag.as_str()));
     let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
@@ -287,9 +326,13 @@ async fn if_none_match_and_if_modified_since_give_304() {
     let earlier = httpdate::fmt_http_date(
         httpdate::parse_http_date(&last_modified).expect("date") - Duration::from_secs(10),
     );
-    let r = f.get("/index.html", &[("if-modified-since", &earlier)]).await;
+    let r = f
+        .get("/index.html", &[("if-modified-since", &earlier)])
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let r = f.get("/index.html", &[("if-modified-since", "not a date")]).await;
+    let r = f
+        .get("/index.html", &[("if-modified-since", "not a date")])
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
 
     // If-None-Match takes precedence: a miss there means 200 even though
@@ -297,17 +340,25 @@ async fn if_none_match_and_if_modified_since_give_304() {
     let r = f
         .get(
             "/index.html",
-            &[("if-none-match", "\"stale\""), ("if-modified-since", &last_modified)],
+            &[
+                ("if-none-match", "\"stale\""),
+                ("if-modified-since", &last_modified),
+            ],
         )
         .await;
     assert_eq!(r.status(), StatusCode::OK);
 
     // 304 for a file with variants keeps Vary, so caches key correctly.
     let js = f.get("/assets/app.js", &[]).await;
-    let r = f.get("/assets/app.js", &[("if-none-match", &etag_of(&js))]).await;
+    let r = f
+        .get("/assets/app.js", &[("if-none-match", &etag_of(&js))])
+        .await;
     assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
     assert_eq!(header(&r, "vary"), Some("accept-encoding"));
-    assert_eq!(header(&r, "cache-control"), Some("public, max-age=31536000, immutable"));
+    assert_eq!(
+        header(&r, "cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
 }
 
 #[tokio::test]
@@ -329,23 +380,42 @@ async fn single_suffix_and_open_ranges() {
             Some(format!("bytes {start}-{end}/100").as_str()),
             "{range}"
         );
-        assert_eq!(header(&r, "content-type"), Some("text/plain; charset=utf-8"));
+        assert_eq!(
+            header(&r, "content-type"),
+            Some("text/plain; charset=utf-8")
+        );
         let len = end - start + 1;
         assert_eq!(header(&r, "content-length"), Some(len.to_string().as_str()));
-        assert_eq!(&r.bytes().await.expect("body")[..], &content[start..=end], "{range}");
+        assert_eq!(
+            &r.bytes().await.expect("body")[..],
+            &content[start..=end],
+            "{range}"
+        );
     }
 }
 
 #[tokio::test]
 async fn unsatisfiable_and_malformed_ranges() {
     let f = start().await;
-    for range in ["bytes=100-", "bytes=500-600", "bytes=-0", "bytes=100-200, 300-"] {
+    for range in [
+        "bytes=100-",
+        "bytes=500-600",
+        "bytes=-0",
+        "bytes=100-200, 300-",
+    ] {
         let r = f.get("/digits.txt", &[("range", range)]).await;
         assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
         assert_eq!(header(&r, "content-range"), Some("bytes */100"), "{range}");
         assert_eq!(error_code(r).await, "range_not_satisfiable");
     }
-    for range in ["bytes=abc", "bytes=5-1", "lines=1-2", "bytes", "bytes=1-2-3", "bytes=0-1,x"] {
+    for range in [
+        "bytes=abc",
+        "bytes=5-1",
+        "lines=1-2",
+        "bytes",
+        "bytes=1-2-3",
+        "bytes=0-1,x",
+    ] {
         let r = f.get("/digits.txt", &[("range", range)]).await;
         assert_eq!(r.status(), StatusCode::OK, "malformed {range:?} is ignored");
         assert_eq!(header(&r, "content-range"), None);
@@ -358,7 +428,9 @@ async fn if_range_decides_between_partial_and_full() {
     let f = start().await;
     let first = f.get("/digits.txt", &[]).await;
     let etag = etag_of(&first);
-    let last_modified = header(&first, "last-modified").expect("last-modified").to_owned();
+    let last_modified = header(&first, "last-modified")
+        .expect("last-modified")
+        .to_owned();
     let weak = format!("W/{etag}");
     let old_date = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
 
@@ -370,7 +442,10 @@ async fn if_range_decides_between_partial_and_full() {
         (old_date.as_str(), StatusCode::OK),
     ] {
         let r = f
-            .get("/digits.txt", &[("range", "bytes=0-4"), ("if-range", if_range)])
+            .get(
+                "/digits.txt",
+                &[("range", "bytes=0-4"), ("if-range", if_range)],
+            )
             .await;
         assert_eq!(r.status(), want, "If-Range: {if_range}");
         let body = r.bytes().await.expect("body");
@@ -405,10 +480,15 @@ fn parse_multipart(body: &[u8], boundary: &str) -> Vec<Part> {
     let mut parts = Vec::new();
     loop {
         if rest.starts_with(b"--") {
-            assert!(rest == b"--\r\n" || rest == b"--", "trailing bytes after close delimiter");
+            assert!(
+                rest == b"--\r\n" || rest == b"--",
+                "trailing bytes after close delimiter"
+            );
             return parts;
         }
-        rest = rest.strip_prefix(b"\r\n".as_slice()).expect("CRLF after boundary");
+        rest = rest
+            .strip_prefix(b"\r\n".as_slice())
+            .expect("CRLF after boundary");
         let head_end = find(rest, b"\r\n\r\n").expect("part headers end");
         let head = std::str::from_utf8(&rest[..head_end]).expect("ASCII part headers");
         let mut content_type = String::new();
@@ -466,7 +546,11 @@ async fn multiple_ranges_are_multipart_and_coalesced() {
             ("bytes 95-99/100", &content[95..=99]),
         ]
     );
-    assert!(parts.iter().all(|p| p.content_type == "text/plain; charset=utf-8"));
+    assert!(
+        parts
+            .iter()
+            .all(|p| p.content_type == "text/plain; charset=utf-8")
+    );
 
     // Ranges that merge into one give a plain 206.
     let r = f.get("/digits.txt", &[("range", "bytes=0-9,5-14")]).await;
@@ -481,7 +565,10 @@ async fn large_files_stream_with_ranges() {
 
     let r = f.get("/big.bin", &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(header(&r, "content-length"), Some(BIG_LEN.to_string().as_str()));
+    assert_eq!(
+        header(&r, "content-length"),
+        Some(BIG_LEN.to_string().as_str())
+    );
     assert_eq!(header(&r, "content-type"), Some("application/octet-stream"));
     let body = r.bytes().await.expect("body");
     assert!(body[..] == content[..], "full large body intact");
@@ -503,7 +590,10 @@ async fn large_files_stream_with_ranges() {
     }
 
     let r = f
-        .get("/big.bin", &[("range", "bytes=900000-900099,10-19,500000-600000")])
+        .get(
+            "/big.bin",
+            &[("range", "bytes=900000-900099,10-19,500000-600000")],
+        )
         .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     let boundary = boundary_of(&r);
@@ -579,18 +669,25 @@ async fn precompressed_variants_by_accept_encoding() {
     assert_eq!(header(&r, "content-encoding"), Some("br"));
 
     // Only a gzip sibling: br clients get identity, still with Vary.
-    let r = f.get("/assets/style.css", &[("accept-encoding", "br")]).await;
+    let r = f
+        .get("/assets/style.css", &[("accept-encoding", "br")])
+        .await;
     assert_eq!(header(&r, "content-encoding"), None);
     assert_eq!(header(&r, "vary"), Some("accept-encoding"));
     assert_eq!(header(&r, "content-type"), Some("text/css; charset=utf-8"));
-    let r = f.get("/assets/style.css", &[("accept-encoding", "br, gzip")]).await;
+    let r = f
+        .get("/assets/style.css", &[("accept-encoding", "br, gzip")])
+        .await;
     assert_eq!(header(&r, "content-encoding"), Some("gzip"));
     assert_eq!(header(&r, "content-type"), Some("text/css; charset=utf-8"));
     assert_eq!(&r.bytes().await.expect("body")[..], STYLE_CSS_GZ);
 
     // Ranges apply to the chosen variant.
     let r = f
-        .get("/assets/app.js", &[("accept-encoding", "br"), ("range", "bytes=0-2")])
+        .get(
+            "/assets/app.js",
+            &[("accept-encoding", "br"), ("range", "bytes=0-2")],
+        )
         .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(header(&r, "content-encoding"), Some("br"));
@@ -601,7 +698,9 @@ async fn precompressed_variants_by_accept_encoding() {
     assert_eq!(&r.bytes().await.expect("body")[..], &APP_JS_BR[..3]);
 
     // No siblings: no Vary, whatever the client accepts.
-    let r = f.get("/hello.txt", &[("accept-encoding", "br, gzip")]).await;
+    let r = f
+        .get("/hello.txt", &[("accept-encoding", "br, gzip")])
+        .await;
     assert_eq!(header(&r, "content-encoding"), None);
     assert_eq!(header(&r, "vary"), None);
 }
@@ -613,7 +712,11 @@ async fn directories_redirect_and_serve_their_index() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client");
-    let r = no_redirects.get(f.url("/docs")).send().await.expect("request");
+    let r = no_redirects
+        .get(f.url("/docs"))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::MOVED_PERMANENTLY);
     assert_eq!(header(&r, "location"), Some("docs/"));
     let r = no_redirects
@@ -647,7 +750,13 @@ async fn directories_redirect_and_serve_their_index() {
 #[tokio::test]
 async fn hidden_files_are_not_found() {
     let f = start().await;
-    for path in ["/.env", "/.git/config", "/.git/", "/%2eenv", "/env-link.txt"] {
+    for path in [
+        "/.env",
+        "/.git/config",
+        "/.git/",
+        "/%2eenv",
+        "/env-link.txt",
+    ] {
         let r = f.get(path, &[]).await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
         assert!(!r.text().await.expect("body").contains(SECRET), "{path}");
@@ -716,7 +825,11 @@ async fn traversal_attempts_never_leak() {
     }
 
     // The lexical refusals say why, with a stable code.
-    for target in [b"/%2e%2e/secret.txt".as_slice(), b"/%252e%252e/secret.txt", b"/%c0%ae%c0%ae/x"] {
+    for target in [
+        b"/%2e%2e/secret.txt".as_slice(),
+        b"/%252e%252e/secret.txt",
+        b"/%c0%ae%c0%ae/x",
+    ] {
         let (status, response) = raw_get(f.addr, target).await;
         assert_eq!(status, 400);
         assert!(response.contains("\"bad_path\""), "{response}");
@@ -751,12 +864,19 @@ async fn edited_hot_files_are_never_served_stale() {
     assert_ne!(etag2, etag1);
     assert_eq!(r.text().await.expect("body"), "version two, longer\n");
     let r = f.get("/hot.txt", &[("if-none-match", &etag1)]).await;
-    assert_eq!(r.status(), StatusCode::OK, "old validator no longer matches");
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "old validator no longer matches"
+    );
 
     // Same length, new mtime. The mtime is set explicitly because two
     // writes within one clock tick can share a timestamp.
     std::fs::write(&path, "version TWO, longer\n").expect("rewrite");
-    let file = std::fs::File::options().write(true).open(&path).expect("open");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .expect("open");
     file.set_modified(SystemTime::now() + Duration::from_secs(5))
         .expect("set mtime");
     drop(file);
@@ -779,7 +899,9 @@ async fn edited_hot_files_are_never_served_stale() {
 async fn header_values_are_well_formed() {
     // Guards the exact wire form the rest of the node and caches rely on.
     let f = start().await;
-    let r = f.get("/assets/app.js", &[("accept-encoding", "gzip")]).await;
+    let r = f
+        .get("/assets/app.js", &[("accept-encoding", "gzip")])
+        .await;
     assert_eq!(
         r.headers().get(header::VARY),
         Some(&HeaderValue::from_static("accept-encoding"))

@@ -80,7 +80,11 @@ pub(crate) fn not_modified_since(if_modified_since: &str, modified: Option<Syste
 /// `If-Range`: should the range be honoured? An entity-tag must match with
 /// the strong comparison (weak tags never do); a date must equal the
 /// `Last-Modified` we would send.
-pub(crate) fn if_range_holds(if_range: &str, current_etag: &str, modified: Option<SystemTime>) -> bool {
+pub(crate) fn if_range_holds(
+    if_range: &str,
+    current_etag: &str,
+    modified: Option<SystemTime>,
+) -> bool {
     let value = if_range.trim();
     if value.starts_with('"') || value.starts_with("W/") {
         return match parse_tags(value) {
@@ -116,7 +120,10 @@ mod tests {
         assert!(plain.starts_with('"') && plain.ends_with('"'));
         assert_ne!(plain, etag(1024, Some(t), Encoding::Brotli));
         assert_ne!(plain, etag(1024, Some(t), Encoding::Gzip));
-        assert_ne!(plain, etag(1024, Some(t + Duration::from_nanos(1)), Encoding::Identity));
+        assert_ne!(
+            plain,
+            etag(1024, Some(t + Duration::from_nanos(1)), Encoding::Identity)
+        );
         assert_ne!(plain, etag(1025, Some(t), Encoding::Identity));
     }
 

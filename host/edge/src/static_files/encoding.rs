@@ -165,7 +165,11 @@ mod tests {
             (Some("deflate"), BOTH, Identity),
         ];
         for (header, available, want) in cases {
-            assert_eq!(negotiate(*header, available), *want, "{header:?} {available:?}");
+            assert_eq!(
+                negotiate(*header, available),
+                *want,
+                "{header:?} {available:?}"
+            );
         }
     }
 

@@ -30,6 +30,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{self, SeekFrom};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::body::Body;
@@ -55,8 +56,8 @@ pub struct StaticSite {
     name: String,
     /// Canonical (symlinks resolved), so that `starts_with` on canonical
     /// file paths is a real containment test.
-    root: PathBuf,
-    index: String,
+    root: Arc<Path>,
+    index: Arc<str>,
     cache_control: Vec<(GlobMatcher, HeaderValue)>,
     hot_file_max_bytes: u64,
     /// `None` when the configuration gives it no memory.
@@ -105,25 +106,36 @@ struct HotEntry {
 
 /// What a request path names on disk.
 enum Located {
-    File(Found),
+    File(Box<Opened>),
     /// A directory asked for without the trailing slash.
     Directory,
     NotFound,
 }
 
-struct Found {
+/// The variant chosen for a request, opened.
+struct Opened {
     /// Decoded path inside the site of the original (identity) file, index
     /// included: what `Cache-Control` globs and the MIME guess look at.
     relative: String,
-    /// Canonical path of each variant that exists, identity first.
-    variants: Vec<(Encoding, PathBuf)>,
+    /// A `.br` or `.gz` sibling exists, so responses vary by coding.
+    has_siblings: bool,
+    encoding: Encoding,
+    /// Canonical path of the opened variant: the hot-cache key.
+    path: PathBuf,
+    file: std::fs::File,
+    /// Taken from the open handle, so headers and bytes describe the same
+    /// file even if the path is replaced mid-request.
+    meta: std::fs::Metadata,
 }
 
 /// What the body of a 200/206 is made of, in order.
 enum Piece {
     Bytes(Bytes),
     /// A span of the opened file.
-    File { start: u64, len: u64 },
+    File {
+        start: u64,
+        len: u64,
+    },
 }
 
 impl Piece {
@@ -188,8 +200,8 @@ impl StaticSite {
         });
         Ok(Self {
             name: config.name.clone(),
-            root,
-            index: config.index.clone(),
+            root: root.into(),
+            index: config.index.as_str().into(),
             cache_control,
             hot_file_max_bytes: config.hot_file_max_bytes,
             hot,
@@ -218,96 +230,43 @@ impl StaticSite {
             }
             Err(PathError::Hidden) => return not_found(),
         };
-        match self.locate(&site_path).await {
-            Located::File(found) => self.respond(found, head, headers).await,
-            Located::Directory => redirect_to_directory(path_in_site),
-            Located::NotFound => not_found(),
-        }
-    }
-
-    async fn locate(&self, site_path: &SitePath) -> Located {
-        let mut relative = site_path.segments.clone();
-        if site_path.trailing_slash {
-            relative.push(self.index.clone());
-        }
-        let requested: PathBuf = self.root.join(relative.iter().collect::<PathBuf>());
-        let Some(canonical) = self.canonical_inside(&requested).await else {
-            return Located::NotFound;
-        };
-        let Ok(meta) = tokio::fs::metadata(&canonical).await else {
-            return Located::NotFound;
-        };
-        if meta.is_dir() && !site_path.trailing_slash {
-            return Located::Directory;
-        }
-        // Directories named by the index, FIFOs (an open would block),
-        // sockets and devices are not content.
-        if !meta.is_file() {
-            return Located::NotFound;
-        }
-
-        let mut variants = vec![(Encoding::Identity, canonical)];
-        for encoding in [Encoding::Brotli, Encoding::Gzip] {
-            let Some(suffix) = encoding.sibling_suffix() else {
-                continue;
-            };
-            let mut sibling = OsString::from(requested.as_os_str());
-            sibling.push(suffix);
-            if let Some(path) = self.canonical_inside(Path::new(&sibling)).await
-                && tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_file())
-            {
-                variants.push((encoding, path));
+        let root = Arc::clone(&self.root);
+        let index = Arc::clone(&self.index);
+        let accept = header_str(headers, &header::ACCEPT_ENCODING).map(str::to_owned);
+        let located = tokio::task::spawn_blocking(move || {
+            locate(&root, &index, &site_path, accept.as_deref())
+        })
+        .await;
+        match located {
+            Ok(Located::File(opened)) => self.respond(opened, head, headers).await,
+            Ok(Located::Directory) => redirect_to_directory(path_in_site),
+            Ok(Located::NotFound) => not_found(),
+            Err(error) => {
+                tracing::error!(site = %self.name, %error, "static file lookup task failed");
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the file lookup failed",
+                )
             }
         }
-        Located::File(Found {
-            relative: relative.join("/"),
-            variants,
-        })
     }
 
-    /// The canonical form of `path` if it exists and stays under the root
-    /// without passing through a hidden name.
-    ///
-    /// Escapes are answered 404, not 403: a symlink pointing out of the root
-    /// is the site's mistake, and a client should learn nothing about what
-    /// exists outside it, not even that something is there.
-    ///
-    /// Between this check and the `open` a writer of the site directory
-    /// could swap in a symlink; whoever can write the root can publish any
-    /// content anyway, so that race is outside the threat model.
-    async fn canonical_inside(&self, path: &Path) -> Option<PathBuf> {
-        let canonical = tokio::fs::canonicalize(path).await.ok()?;
-        let inside = canonical.strip_prefix(&self.root).ok()?;
-        // A symlink may legitimately point elsewhere inside the root, but
-        // not into `.git/` or at `.env`.
-        let hidden = inside.components().any(|c| match c {
-            Component::Normal(name) => name.as_encoded_bytes().starts_with(b"."),
-            _ => true,
-        });
-        (!hidden).then_some(canonical)
-    }
-
-    async fn respond(&self, found: Found, head: bool, headers: &HeaderMap) -> Response<Body> {
-        let available: Vec<Encoding> = found.variants.iter().map(|(e, _)| *e).collect();
-        let accept = header_str(headers, &header::ACCEPT_ENCODING);
-        let chosen = encoding::negotiate(accept, &available);
-        let Some((encoding, path)) = found
-            .variants
-            .into_iter()
-            .find(|(e, _)| *e == chosen)
-        else {
-            return not_found();
-        };
-
-        // Everything below describes the file behind this handle, so that
-        // a file replaced mid-request cannot pair one version's headers with
-        // another's bytes.
-        let Ok(mut file) = File::open(&path).await else {
-            return not_found();
-        };
-        let Ok(meta) = file.metadata().await else {
-            return not_found();
-        };
+    async fn respond(
+        &self,
+        opened: Box<Opened>,
+        head: bool,
+        headers: &HeaderMap,
+    ) -> Response<Body> {
+        let Opened {
+            relative,
+            has_siblings,
+            encoding,
+            path,
+            file,
+            meta,
+        } = *opened;
+        let mut file = File::from_std(file);
         let len = meta.len();
         let modified = meta.modified().ok();
         let etag = conditional::etag(len, modified, encoding);
@@ -315,12 +274,16 @@ impl StaticSite {
         let mut validators = HeaderMap::new();
         insert(&mut validators, header::ETAG, &etag);
         if let Some(m) = modified {
-            insert(&mut validators, header::LAST_MODIFIED, &httpdate::fmt_http_date(m));
+            insert(
+                &mut validators,
+                header::LAST_MODIFIED,
+                &httpdate::fmt_http_date(m),
+            );
         }
-        if let Some(value) = self.cache_control_for(&found.relative) {
+        if let Some(value) = self.cache_control_for(&relative) {
             validators.insert(header::CACHE_CONTROL, value.clone());
         }
-        if available.len() > 1 {
+        if has_siblings {
             // Caches must key on Accept-Encoding even for the identity
             // response, or they would hand it to a br client (or vice versa).
             validators.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
@@ -333,7 +296,7 @@ impl StaticSite {
             return response;
         }
 
-        let content_type = content_type(&found.relative);
+        let content_type = content_type(&relative);
         let mut response_headers = validators;
         response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         response_headers.insert(
@@ -413,7 +376,10 @@ impl StaticSite {
         let body = if head {
             Body::empty()
         } else if len <= self.hot_file_max_bytes {
-            match self.hot_bytes(&mut file, &path, encoding, len, modified).await {
+            match self
+                .hot_bytes(&mut file, &path, encoding, len, modified)
+                .await
+            {
                 Ok(bytes) => Body::from(assemble(&pieces, &bytes)),
                 Err(e) => return read_failed(&self.name, &path, &e),
             }
@@ -482,6 +448,91 @@ impl StaticSite {
     }
 }
 
+/// The file-system half of a request, run as one blocking-pool task rather
+/// than a pool hop per syscall: canonicalize, stat, look for siblings,
+/// negotiate the coding, open.
+fn locate(root: &Path, index: &str, site_path: &SitePath, accept: Option<&str>) -> Located {
+    let mut relative = site_path.segments.clone();
+    if site_path.trailing_slash {
+        relative.push(index.to_owned());
+    }
+    let requested: PathBuf = root.join(relative.iter().collect::<PathBuf>());
+    let Some(canonical) = canonical_inside(root, &requested) else {
+        return Located::NotFound;
+    };
+    let Ok(meta) = std::fs::metadata(&canonical) else {
+        return Located::NotFound;
+    };
+    if meta.is_dir() && !site_path.trailing_slash {
+        return Located::Directory;
+    }
+    // Directories named by the index, FIFOs (an open would block),
+    // sockets and devices are not content.
+    if !meta.is_file() {
+        return Located::NotFound;
+    }
+
+    let mut variants = vec![(Encoding::Identity, canonical)];
+    for encoding in [Encoding::Brotli, Encoding::Gzip] {
+        let Some(suffix) = encoding.sibling_suffix() else {
+            continue;
+        };
+        let mut sibling = OsString::from(requested.as_os_str());
+        sibling.push(suffix);
+        if let Some(path) = canonical_inside(root, Path::new(&sibling))
+            && std::fs::metadata(&path).is_ok_and(|m| m.is_file())
+        {
+            variants.push((encoding, path));
+        }
+    }
+    let has_siblings = variants.len() > 1;
+    let available: Vec<Encoding> = variants.iter().map(|(e, _)| *e).collect();
+    let chosen = encoding::negotiate(accept, &available);
+    let Some((encoding, path)) = variants.into_iter().find(|(e, _)| *e == chosen) else {
+        return Located::NotFound;
+    };
+    let Ok(file) = std::fs::File::open(&path) else {
+        return Located::NotFound;
+    };
+    let Ok(meta) = file.metadata() else {
+        return Located::NotFound;
+    };
+    // The path may have been swapped for a directory or FIFO since the stat.
+    if !meta.is_file() {
+        return Located::NotFound;
+    }
+    Located::File(Box::new(Opened {
+        relative: relative.join("/"),
+        has_siblings,
+        encoding,
+        path,
+        file,
+        meta,
+    }))
+}
+
+/// The canonical form of `path` if it exists and stays under the (canonical)
+/// root without passing through a hidden name.
+///
+/// Escapes are answered 404, not 403: a symlink pointing out of the root is
+/// the site's mistake, and a client should learn nothing about what exists
+/// outside it, not even that something is there.
+///
+/// Between this check and the `open` a writer of the site directory could
+/// swap in a symlink; whoever can write the root can publish any content
+/// anyway, so that race is outside the threat model.
+fn canonical_inside(root: &Path, path: &Path) -> Option<PathBuf> {
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let inside = canonical.strip_prefix(root).ok()?;
+    // A symlink may legitimately point elsewhere inside the root, but not
+    // into `.git/` or at `.env`.
+    let hidden = inside.components().any(|c| match c {
+        Component::Normal(name) => name.as_encoded_bytes().starts_with(b"."),
+        _ => true,
+    });
+    (!hidden).then_some(canonical)
+}
+
 /// If-None-Match wins over If-Modified-Since when both are present
 /// (RFC 9110 §13.2.2); a value that is not text matches nothing.
 fn is_not_modified(headers: &HeaderMap, etag: &str, modified: Option<SystemTime>) -> bool {
@@ -540,7 +591,9 @@ fn assemble(pieces: &[Piece], content: &Bytes) -> Bytes {
 fn slice(content: &Bytes, start: u64, len: u64) -> Bytes {
     let size = content.len();
     let start = usize::try_from(start).unwrap_or(size).min(size);
-    let end = start.saturating_add(usize::try_from(len).unwrap_or(size)).min(size);
+    let end = start
+        .saturating_add(usize::try_from(len).unwrap_or(size))
+        .min(size);
     content.slice(start..end)
 }
 
@@ -561,8 +614,8 @@ fn stream_pieces(file: File, pieces: Vec<Piece>) -> Body {
     let stream = futures_util::stream::try_unfold(state, |mut st| async move {
         loop {
             if st.remaining > 0 {
-                let want = usize::try_from(st.remaining.min(STREAM_CHUNK as u64))
-                    .unwrap_or(STREAM_CHUNK);
+                let want =
+                    usize::try_from(st.remaining.min(STREAM_CHUNK as u64)).unwrap_or(STREAM_CHUNK);
                 let mut buf = vec![0; want];
                 let n = st.file.read(&mut buf).await?;
                 if n == 0 {
@@ -682,6 +735,92 @@ fn read_failed(site: &str, path: &Path, error: &io::Error) -> Response<Body> {
 mod tests {
     use super::*;
 
+    fn site(root: &Path, hot_file_max_bytes: u64) -> StaticSite {
+        let config = SiteConfig {
+            name: "t".into(),
+            prefix: "/".into(),
+            root: root.to_path_buf(),
+            index: "index.html".into(),
+            cache_control: Vec::new(),
+            hot_file_max_bytes,
+            hot_cache_bytes: 1 << 20,
+        };
+        StaticSite::new(&config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn hot_keys(site: &StaticSite) -> Vec<PathBuf> {
+        let hot = site.hot.as_ref().expect("hot cache configured");
+        hot.run_pending_tasks();
+        hot.iter().map(|(k, _)| k.path.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn small_files_are_kept_in_memory_and_large_ones_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("small.txt"), b"small").expect("write");
+        std::fs::write(dir.path().join("large.bin"), vec![7u8; 2048]).expect("write");
+        let site = site(dir.path(), 1024);
+        let none = HeaderMap::new();
+        for path in ["small.txt", "large.bin"] {
+            let r = site.serve(&Method::GET, &none, path).await;
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+        // HEAD and 304 answer from metadata alone and cache nothing new.
+        let r = site.serve(&Method::HEAD, &none, "small.txt").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let keys = hot_keys(&site);
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(keys[0].ends_with("small.txt"));
+
+        // Large files stream; the hot cache never holds them.
+        let r = site
+            .serve(&Method::GET, &none, "large.bin")
+            .await
+            .into_body();
+        let bytes = axum::body::to_bytes(r, usize::MAX).await.expect("body");
+        assert_eq!(bytes.len(), 2048);
+        assert_eq!(hot_keys(&site).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_config_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = SiteConfig {
+            name: "t".into(),
+            prefix: "/".into(),
+            root: dir.path().join("missing"),
+            index: "index.html".into(),
+            cache_control: Vec::new(),
+            hot_file_max_bytes: 1,
+            hot_cache_bytes: 1,
+        };
+        assert!(matches!(
+            StaticSite::new(&config),
+            Err(StaticSiteError::Root { .. })
+        ));
+        config.root = dir.path().to_path_buf();
+        config.index = "../index.html".into();
+        assert!(matches!(
+            StaticSite::new(&config),
+            Err(StaticSiteError::Index { .. })
+        ));
+        config.index = "index.html".into();
+        config.cache_control = vec![edge_config::CacheControlRule {
+            pattern: "a/{b".into(),
+            value: "max-age=1".into(),
+        }];
+        assert!(matches!(
+            StaticSite::new(&config),
+            Err(StaticSiteError::Pattern { .. })
+        ));
+        config.cache_control[0].pattern = "*.css".into();
+        config.cache_control[0].value = "bad\nvalue".into();
+        assert!(matches!(
+            StaticSite::new(&config),
+            Err(StaticSiteError::CacheControlValue { .. })
+        ));
+    }
+
     #[test]
     fn text_types_carry_a_charset() {
         assert_eq!(content_type("a/style.css"), "text/css; charset=utf-8");
@@ -700,7 +839,10 @@ mod tests {
 
     #[test]
     fn multipart_layout() {
-        let ranges = [ByteRange { start: 0, end: 1 }, ByteRange { start: 5, end: 6 }];
+        let ranges = [
+            ByteRange { start: 0, end: 1 },
+            ByteRange { start: 5, end: 6 },
+        ];
         let ct = HeaderValue::from_static("text/plain");
         let pieces = multipart_pieces(&ranges, 10, &ct, "B");
         let body = assemble(&pieces, &Bytes::from_static(b"0123456789"));

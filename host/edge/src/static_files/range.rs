@@ -154,11 +154,26 @@ mod tests {
     #[test]
     fn single_ranges() {
         assert_eq!(parse("bytes=0-9", 100), RangeOutcome::Ranges(vec![r(0, 9)]));
-        assert_eq!(parse("bytes=90-", 100), RangeOutcome::Ranges(vec![r(90, 99)]));
-        assert_eq!(parse("bytes=-10", 100), RangeOutcome::Ranges(vec![r(90, 99)]));
-        assert_eq!(parse("bytes=-500", 100), RangeOutcome::Ranges(vec![r(0, 99)]));
-        assert_eq!(parse("bytes=50-500", 100), RangeOutcome::Ranges(vec![r(50, 99)]));
-        assert_eq!(parse("Bytes = 1-1", 100), RangeOutcome::Ranges(vec![r(1, 1)]));
+        assert_eq!(
+            parse("bytes=90-", 100),
+            RangeOutcome::Ranges(vec![r(90, 99)])
+        );
+        assert_eq!(
+            parse("bytes=-10", 100),
+            RangeOutcome::Ranges(vec![r(90, 99)])
+        );
+        assert_eq!(
+            parse("bytes=-500", 100),
+            RangeOutcome::Ranges(vec![r(0, 99)])
+        );
+        assert_eq!(
+            parse("bytes=50-500", 100),
+            RangeOutcome::Ranges(vec![r(50, 99)])
+        );
+        assert_eq!(
+            parse("Bytes = 1-1", 100),
+            RangeOutcome::Ranges(vec![r(1, 1)])
+        );
     }
 
     #[test]
@@ -180,7 +195,10 @@ mod tests {
     #[test]
     fn unsatisfiable() {
         assert_eq!(parse("bytes=100-", 100), RangeOutcome::Unsatisfiable);
-        assert_eq!(parse("bytes=100-200,300-", 100), RangeOutcome::Unsatisfiable);
+        assert_eq!(
+            parse("bytes=100-200,300-", 100),
+            RangeOutcome::Unsatisfiable
+        );
         assert_eq!(parse("bytes=-0", 100), RangeOutcome::Unsatisfiable);
         assert_eq!(parse("bytes=0-", 0), RangeOutcome::Unsatisfiable);
         assert_eq!(parse("bytes=-5", 0), RangeOutcome::Unsatisfiable);
