@@ -1,1 +1,207 @@
+//! Harness for end-to-end tests against the real `breakwater` binary: build
+//! it once per test process, run it as a child that is killed on drop, find
+//! free ports, wait for a socket to accept, and a slow upstream.
 
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Upper bound for anything a test waits on; generous for a loaded machine.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `breakwater` binary, built (or found up to date) once per test process.
+pub fn breakwater_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = workspace_root();
+        let cargo = std::env::var_os("CARGO")
+            .or_else(|| option_env!("CARGO").map(Into::into))
+            .unwrap_or_else(|| "cargo".into());
+        let output = Command::new(cargo)
+            .args(["build", "-p", "breakwater-cli", "--bin", "breakwater"])
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cargo build");
+        assert!(
+            output.status.success(),
+            "cargo build of the breakwater binary failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => root.join(dir),
+            None => root.join("target"),
+        };
+        let bin = target.join("debug").join("breakwater");
+        assert!(bin.is_file(), "no binary at {}", bin.display());
+        bin
+    })
+}
+
+/// A `breakwater` command with `args`, run from the workspace root.
+pub fn breakwater(args: &[&str]) -> Command {
+    let mut command = Command::new(breakwater_bin());
+    command
+        .args(args)
+        .current_dir(workspace_root())
+        .stdin(Stdio::null());
+    command
+}
+
+/// A child process killed (and reaped) when dropped, so that a failing test
+/// never leaves a node running. Its stderr goes to a file that
+/// [`ChildGuard::stderr`] reads back for failure messages.
+pub struct ChildGuard {
+    child: Child,
+    stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildGuard {
+    /// Spawns `command` with stdout and stderr captured to a file.
+    pub fn spawn(mut command: Command) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir for the child's output");
+        let stderr_path = dir.path().join("output.log");
+        let log = std::fs::File::create(&stderr_path).expect("create the child's log");
+        let log2 = log.try_clone().expect("clone the log handle");
+        let child = command
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .spawn()
+            .expect("spawn breakwater");
+        Self {
+            child,
+            stderr_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the child wrote to stdout and stderr so far.
+    pub fn stderr(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(&self.stderr_path) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// The exit status, if the child has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("query the child's status")
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+    }
+
+    /// Waits up to `limit` for the child to exit.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `addr` accepts a TCP connection; panics with the child's
+    /// output if it exits first or does not get there within [`PATIENCE`].
+    pub fn wait_until_accepts(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "breakwater exited ({status}) before accepting on {addr}:\n{}",
+                    self.stderr()
+                );
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "breakwater did not accept on {addr} within {PATIENCE:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// Whether `127.0.0.1:port` can be bound right now.
+pub fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// An upstream that answers every request `200 slept` after `delay`, one
+/// request per connection. Runs on the caller's tokio runtime.
+pub async fn start_slow_upstream(delay: Duration) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the upstream");
+    let addr = listener.local_addr().expect("upstream addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+                          Content-Length: 5\r\nConnection: close\r\n\r\nslept",
+                    )
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}

@@ -192,8 +192,9 @@ async fn accept_loop(
     node: Arc<EdgeNode>,
     stop: CancellationToken,
     grace: Duration,
-    // A TLS handshake gets as long as a request head would.
-    handshake_timeout: Duration,
+    // Both the TLS handshake and the first request get as long as a request
+    // head would.
+    header_read_timeout: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder);
@@ -215,40 +216,36 @@ async fn accept_loop(
             peer,
             tls: tls.is_some(),
         });
+        // Cancelled by the first request, which ends the connection's
+        // "must speak within header_read_timeout" period.
+        let first_request = CancellationToken::new();
         let service = {
             let node = node.clone();
+            let first_request = first_request.clone();
             hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                first_request.cancel();
                 let node = node.clone();
                 let client = client.clone();
                 async move { Ok::<_, Infallible>(node.handle(request, client).await) }
             })
         };
+        let connection = Connection {
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            first_request,
+            first_request_timeout: header_read_timeout,
+            peer,
+        };
         match &tls {
             None => {
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(connection.serve(TokioIo::new(stream), service));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let Some(stream) = tls_handshake(acceptor, stream, handshake_timeout).await
-                    else {
-                        return;
-                    };
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(connection).await {
-                        tracing::debug!(%peer, error = %e, "TLS connection ended with an error");
+                    if let Some(stream) = tls_handshake(acceptor, stream, header_read_timeout).await
+                    {
+                        connection.serve(TokioIo::new(stream), service).await;
                     }
                 });
             }
@@ -259,6 +256,52 @@ async fn accept_loop(
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight");
+        }
+    }
+}
+
+/// One accepted connection, after TLS if any.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    first_request: CancellationToken,
+    first_request_timeout: Duration,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 or h2 on `io`. A client that sends no complete
+    /// request within the timeout is dropped: hyper's own header timeout only
+    /// starts once it has told HTTP/1.1 from h2, and a silent socket never
+    /// lets it, so without this an idle client would hold a descriptor forever.
+    async fn serve<I, S>(self, io: I, service: S)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                hyper::Request<Incoming>,
+                Response = hyper::Response<axum::body::Body>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        let connection = self.watcher.watch(connection);
+        tokio::pin!(connection);
+        let outcome = tokio::select! {
+            outcome = &mut connection => outcome,
+            () = self.first_request.cancelled() => connection.await,
+            () = tokio::time::sleep(self.first_request_timeout) => {
+                metrics::counter!("breakwater_edge_idle_connections_closed_total").increment(1);
+                tracing::debug!(peer = %self.peer, "no request within the header timeout; closing");
+                return;
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
         }
     }
 }

@@ -33,6 +33,9 @@ fn tls_setup(upstream: SocketAddr) -> TlsSetup {
 address = "127.0.0.1:0"
 tls = {{ cert = "{}", key = "{}" }}
 
+[limits]
+header_read_timeout = "500ms"
+
 [[route]]
 prefix = "/"
 pool = "upstream"
@@ -102,6 +105,43 @@ async fn tls_listener_still_speaks_http1() {
     assert_eq!(response.version(), reqwest::Version::HTTP_11);
     let echo = json(&response.bytes().await.expect("body"));
     assert_eq!(echo["headers"]["via"], "1.1 breakwater", "{echo}");
+}
+
+#[tokio::test]
+async fn tls_connection_silent_after_the_handshake_is_closed() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+
+    let upstream = start_upstream().await;
+    let setup = tls_setup(upstream.addr);
+    let node = start_node(&setup.config).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(setup.cert_pem.as_bytes()).expect("PEM certificate"))
+        .expect("root certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(listener(&node))
+        .await
+        .expect("connect");
+    let server_name = ServerName::try_from("localhost").expect("server name");
+    let mut tls = tokio::time::timeout(PATIENCE, connector.connect(server_name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+
+    // Handshake done, then not one byte of HTTP: header_read_timeout is 500 ms.
+    assert!(
+        common::closed_within(&mut tls, Duration::from_secs(4)).await,
+        "a TLS connection that sent no request is still open after 4 s"
+    );
 }
 
 #[tokio::test]

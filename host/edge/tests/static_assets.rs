@@ -1,21 +1,15 @@
 //! Static assets over real sockets: validators, ranges, precompressed
 //! variants, directories, traversal attempts and the hot-file cache.
 //!
-//! Each test serves a `StaticSite` from a small axum server on an ephemeral
-//! port, the way the node mounts a site at `/`. Unix only: the fixtures
-//! include symlinks.
+//! Each test starts a real edge node on an ephemeral port with one site
+//! mounted at `/`. Unix only: the fixtures include symlinks.
 #![cfg(unix)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::State;
-use breakwater_edge::static_files::StaticSite;
-use http::{HeaderMap, Method, Response, Uri};
+use http::Method;
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,6 +24,8 @@ const BIG_LEN: usize = 1024 * 1024;
 
 struct Fixture {
     _dir: tempfile::TempDir,
+    /// Runs until the test's runtime ends.
+    _node: breakwater_edge::RunningNode,
     root: PathBuf,
     addr: SocketAddr,
     client: reqwest::Client,
@@ -73,17 +69,6 @@ fn write(root: &Path, relative: &str, content: &[u8]) {
         std::fs::create_dir_all(parent).expect("create fixture dir");
     }
     std::fs::write(path, content).expect("write fixture");
-}
-
-async fn serve_site(
-    State(site): State<Arc<StaticSite>>,
-    method: Method,
-    headers: HeaderMap,
-    uri: Uri,
-) -> Response<Body> {
-    let path = uri.path();
-    let path = path.strip_prefix('/').unwrap_or(path);
-    site.serve(&method, &headers, path).await
 }
 
 async fn start() -> Fixture {
@@ -134,19 +119,12 @@ value = "public, max-age=60"
 "#;
     let config = edge_config::parse(toml, Path::new("test.toml"), base)
         .unwrap_or_else(|e| panic!("test config is valid: {e}"));
-    let site = StaticSite::new(&config.sites[0]).expect("site builds");
-
-    let app = Router::new()
-        .fallback(serve_site)
-        .with_state(Arc::new(site));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let node = breakwater_edge::start(config).await.expect("node starts");
+    let addr = node.listener_addrs()[0];
 
     Fixture {
         _dir: dir,
+        _node: node,
         root,
         addr,
         client: reqwest::Client::new(),

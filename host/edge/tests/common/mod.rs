@@ -415,7 +415,10 @@ fn parse_until_close(buf: &[u8]) -> Option<RawResponse> {
 /// Waits until the peer closes `stream` (read returns 0 or an error),
 /// discarding anything it sends first. Returns `false` if it is still open
 /// after `limit`.
-pub async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+pub async fn closed_within(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> bool {
     tokio::time::timeout(limit, async {
         let mut chunk = [0u8; 4096];
         loop {

@@ -1,0 +1,67 @@
+//! `breakwater up` smoke test: the demo site on :8080 with ETags. Skipped
+//! when port 8080 or 9901 is taken.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, port_is_free};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_the_demo_site_with_etags() {
+    if !port_is_free(8080) || !port_is_free(9901) {
+        eprintln!("skipped: 127.0.0.1:8080 or :9901 is in use");
+        return;
+    }
+    let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    let mut node = ChildGuard::spawn(breakwater(&["up"]));
+    tokio::task::block_in_place(|| node.wait_until_accepts(addr));
+
+    let client = reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .expect("client");
+    let response = client
+        .get(format!("http://{addr}/"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET /: {e}\n{}", node.stderr()));
+    assert_eq!(response.status(), 200, "{}", node.stderr());
+    let etag = response
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .expect("an ETag on the demo page")
+        .to_owned();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/html"),
+        "content-type {content_type}"
+    );
+    let page = response.text().await.expect("body");
+    assert!(
+        page.to_ascii_lowercase().contains("<html"),
+        "not a page: {page}"
+    );
+
+    let revalidated = client
+        .get(format!("http://{addr}/"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("conditional GET /");
+    assert_eq!(revalidated.status(), 304);
+    assert!(
+        revalidated.bytes().await.expect("body").is_empty(),
+        "a 304 has no body"
+    );
+
+    node.sigterm();
+    let status = tokio::task::block_in_place(|| node.wait_timeout(Duration::from_secs(15)))
+        .unwrap_or_else(|| panic!("breakwater up still runs after SIGTERM:\n{}", node.stderr()));
+    assert!(status.success(), "exited with {status}:\n{}", node.stderr());
+}
