@@ -9,7 +9,11 @@ use breakwater_edge::LogFormat;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "breakwater", version, about = "An edge platform that keeps AI services standing")]
+#[command(
+    name = "breakwater",
+    version,
+    about = "An edge platform that keeps AI services standing"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
@@ -61,7 +65,9 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { file },
         } => return check_config(&file),
         Command::Edge { config } => load(&config).and_then(run_edge),
-        Command::Up { config: Some(config) } => load(&config).and_then(run_edge),
+        Command::Up {
+            config: Some(config),
+        } => load(&config).and_then(run_edge),
         Command::Up { config: None } => edge_config::parse(
             edge_config::LOCAL_EXAMPLE,
             Path::new("edge-config/examples/local.toml"),
