@@ -17,11 +17,21 @@ pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
             !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
         })
         .cloned()
-        .unwrap_or_else(|| {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            // A simple UUID is 32 hex digits: always a valid header value.
-            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid"))
-        })
+        .unwrap_or_else(next_request_id)
+}
+
+/// 32 hex digits: a random per-process prefix and a counter. Ids must be
+/// unique, not unpredictable, and a random id per request cost a
+/// `getrandom` syscall on the hot path.
+fn next_request_id() -> HeaderValue {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Hex digits only: always a valid header value.
+    HeaderValue::from_str(&format!("{prefix:016x}{n:016x}"))
+        .unwrap_or(HeaderValue::from_static("invalid"))
 }
 
 /// Latency buckets from 100 µs to 60 s: static hits sit at the low end,
