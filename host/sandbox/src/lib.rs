@@ -1,0 +1,545 @@
+//! The Breakwater plugin sandbox: runs untrusted WebAssembly components
+//! against the ABI in `sdk/wit`, safely and fast.
+//!
+//! - One [`Sandbox`] per node: one Wasmtime engine with the pooling
+//!   allocator and epoch interruption, an epoch ticker thread, the node's
+//!   shared key-value store and token buckets.
+//! - [`Sandbox::load`] reads a plugin, checks its sha256 pin, compiles it
+//!   once (optionally through a cache of precompiled `.cwasm` files), checks
+//!   that it imports only the capabilities granted to it, pre-instantiates
+//!   it and validates its configuration with one `init` call.
+//! - [`LoadedPlugin::on_request`] and [`LoadedPlugin::on_response`] run
+//!   each call in a **fresh instance** with a CPU deadline and a memory cap;
+//!   a failure is a [`CallError`] with a [`FailureKind`], counted in
+//!   `breakwater_plugin_failures_total{plugin,kind}`, for the node to handle
+//!   by the plugin's [`OnFailure`] policy.
+//!
+//! ```no_run
+//! use breakwater_sandbox::{Capability, PluginSpec, Request, Sandbox, SandboxConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let sandbox = Sandbox::new(SandboxConfig::default())?;
+//! let mut spec = PluginSpec::new("router", "plugins/router.wasm", "<sha256 of the file>");
+//! spec.grants.insert(Capability::Log);
+//! let router = sandbox.load(spec)?;
+//! let decision = router.on_request(&Request {
+//!     method: "GET".into(),
+//!     host: "example.com".into(),
+//!     path: "/".into(),
+//!     headers: vec![],
+//!     client_ip: "192.0.2.1".into(),
+//!     request_id: "r-1".into(),
+//!     body: None,
+//! })?;
+//! # let _ = decision;
+//! # Ok(())
+//! # }
+//! ```
+
+mod artifact;
+mod capability;
+mod engine;
+mod error;
+mod host;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Engine, Store, Trap};
+
+pub use artifact::sha256_hex;
+pub use capability::Capability;
+pub use error::{CallError, FailureKind, LoadError, OnFailure, SandboxError};
+
+use host::HostState;
+use host::counters::Counters;
+use host::kv::KvNamespace;
+use host::metrics::SeriesLimit;
+
+/// The host side of the ABI, generated from `sdk/wit`.
+#[allow(missing_docs, clippy::all)]
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../sdk/wit",
+        world: "plugin",
+    });
+}
+
+pub use bindings::{
+    Request, RequestChanges, RequestDecision, Response, ResponseChanges, ResponseDecision,
+    ResponseHead,
+};
+
+/// The largest body a plugin may answer with; bigger answers are refused
+/// as an [`FailureKind::InvalidDecision`].
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// The least CPU deadline of the `init` call that validates a plugin's
+/// configuration at load.
+const LOAD_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Per-plugin resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU time for one call (instantiation, `init` and the phase). The
+    /// call is stopped between this and this plus one epoch tick.
+    pub cpu_deadline: Duration,
+    /// All of an instance's linear memory together.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            cpu_deadline: Duration::from_millis(2),
+            memory_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Node-wide sandbox settings.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Instances that may exist at once, across all plugins: the size of
+    /// the pooling allocator. A call beyond it fails with
+    /// [`FailureKind::Instantiate`].
+    pub max_concurrent_instances: u32,
+    /// The most memory any plugin may be given (one pool slot).
+    pub max_memory_bytes: usize,
+    /// Limits for plugins that do not set their own.
+    pub default_limits: Limits,
+    /// How often the epoch advances: the granularity of CPU deadlines.
+    pub epoch_tick: Duration,
+    /// Where precompiled components are cached; none compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+    /// Where the plugin key-value store lives; none keeps it in a temporary
+    /// directory removed with the sandbox.
+    pub kv_path: Option<PathBuf>,
+    /// The largest key a plugin may use in `kv`.
+    pub kv_max_key_bytes: usize,
+    /// The largest value a plugin may store in `kv`.
+    pub kv_max_value_bytes: usize,
+    /// Token buckets kept on the node, across plugins.
+    pub max_counter_keys: usize,
+    /// Metric series (name and label set) each plugin may create.
+    pub max_metric_series: usize,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            max_concurrent_instances: 256,
+            max_memory_bytes: 64 << 20,
+            default_limits: Limits::default(),
+            epoch_tick: Duration::from_millis(1),
+            cache_dir: None,
+            kv_path: None,
+            kv_max_key_bytes: 512,
+            kv_max_value_bytes: 64 * 1024,
+            max_counter_keys: 1 << 20,
+            max_metric_series: 256,
+        }
+    }
+}
+
+/// One plugin as configured: where it is, its pin, what it may do.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// A name unique on the node: the metric label, the kv namespace.
+    pub name: String,
+    /// The component file.
+    pub path: PathBuf,
+    /// The sha256 of the file, in hex (an optional `sha256:` prefix is
+    /// accepted).
+    pub sha256: String,
+    /// The configuration passed to the plugin's `init`, usually JSON.
+    pub config: String,
+    /// The host capabilities the plugin may import.
+    pub grants: BTreeSet<Capability>,
+    /// What the node does with a request when the plugin fails.
+    pub on_failure: OnFailure,
+    /// Limits; none takes the sandbox's defaults.
+    pub limits: Option<Limits>,
+}
+
+impl PluginSpec {
+    /// A spec with an empty configuration, no grants, fail-closed and the
+    /// default limits.
+    pub fn new(
+        name: impl Into<String>,
+        path: impl Into<PathBuf>,
+        sha256: impl Into<String>,
+    ) -> Self {
+        PluginSpec {
+            name: name.into(),
+            path: path.into(),
+            sha256: sha256.into(),
+            config: String::new(),
+            grants: BTreeSet::new(),
+            on_failure: OnFailure::default(),
+            limits: None,
+        }
+    }
+}
+
+/// The sandbox of one node. Cheap to share behind an `Arc`; loading and
+/// calling take `&self`.
+pub struct Sandbox {
+    engine: Engine,
+    config: SandboxConfig,
+    counters: Arc<Counters>,
+    kv: OnceLock<sled::Db>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sandbox {
+    /// Builds the engine and starts its epoch ticker.
+    pub fn new(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir).map_err(|source| SandboxError::Cache {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let engine = engine::build(&config)?;
+        engine::start_ticker(&engine, config.epoch_tick)?;
+        Ok(Sandbox {
+            engine,
+            counters: Arc::new(Counters::new(config.max_counter_keys)),
+            config,
+            kv: OnceLock::new(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Loads a plugin: pin check, compile (or cache), import check,
+    /// pre-instantiation, and one `init` call to validate its configuration.
+    pub fn load(&self, spec: PluginSpec) -> Result<LoadedPlugin, LoadError> {
+        let name = spec.name.as_str();
+        if !valid_plugin_name(name) {
+            return Err(LoadError::Config {
+                plugin: name.to_owned(),
+                message: "a plugin name is 1 to 64 characters from a-z, 0-9, `-` and `_`"
+                    .to_owned(),
+            });
+        }
+        let limits = spec.limits.unwrap_or(self.config.default_limits);
+        if limits.memory_bytes > self.config.max_memory_bytes {
+            return Err(LoadError::Config {
+                plugin: name.to_owned(),
+                message: format!(
+                    "memory limit {} bytes is above the sandbox's maximum of {}",
+                    limits.memory_bytes, self.config.max_memory_bytes
+                ),
+            });
+        }
+        let bytes = artifact::read_pinned(name, &spec.path, &spec.sha256)?;
+        let sha256 = sha256_hex(&bytes);
+        let component = artifact::compile(
+            name,
+            &self.engine,
+            &spec.path,
+            &sha256,
+            &bytes,
+            self.config.cache_dir.as_deref(),
+        )?;
+        capability::check_imports(name, &self.engine, &component, &spec.grants)?;
+
+        let link_error = |e: wasmtime::Error| LoadError::Link {
+            plugin: name.to_owned(),
+            message: format!("{e:#}"),
+        };
+        let linker = self.linker(&spec.grants).map_err(link_error)?;
+        let pre = linker.instantiate_pre(&component).map_err(link_error)?;
+        let pre = bindings::PluginPre::new(pre).map_err(link_error)?;
+
+        let kv = if spec.grants.contains(&Capability::Kv) {
+            let namespace = KvNamespace::open(
+                self.kv()?,
+                name,
+                self.config.kv_max_key_bytes,
+                self.config.kv_max_value_bytes,
+            );
+            Some(namespace.map_err(|e| LoadError::Kv(e.to_string()))?)
+        } else {
+            None
+        };
+        let plugin = LoadedPlugin {
+            shared: Arc::new(PluginShared {
+                name: spec.name.clone(),
+                kv,
+                counters: Arc::clone(&self.counters),
+                series: SeriesLimit::new(self.config.max_metric_series),
+                started: self.started,
+            }),
+            pre,
+            config: spec.config,
+            on_failure: spec.on_failure,
+            limits,
+            deadline_ticks: deadline_ticks(limits.cpu_deadline, self.config.epoch_tick),
+            sha256,
+        };
+        // The first instance of a plugin is slower than the rest (fresh pool
+        // slots fault their pages in), and a node loads plugins while it is
+        // busy: the load-time check runs under a generous deadline.
+        let load_ticks = deadline_ticks(
+            limits.cpu_deadline.max(LOAD_DEADLINE),
+            self.config.epoch_tick,
+        );
+        match plugin.call(load_ticks, |_, _| Ok(())) {
+            Ok(()) => Ok(plugin),
+            Err(error) if error.kind == FailureKind::Init => Err(LoadError::Config {
+                plugin: spec.name,
+                message: error.message,
+            }),
+            Err(source) => Err(LoadError::Init {
+                plugin: spec.name,
+                source,
+            }),
+        }
+    }
+
+    /// A linker with WASI (inert, see [`capability`]) and exactly the
+    /// granted host interfaces: even a component that slipped past the
+    /// import check could not link an ungranted one.
+    fn linker(&self, grants: &BTreeSet<Capability>) -> wasmtime::Result<Linker<HostState>> {
+        use bindings::breakwater::plugin::{clock, counters, kv, log, metrics};
+        type Data = HasSelf<HostState>;
+        let mut linker = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        for grant in grants {
+            match grant {
+                Capability::Log => log::add_to_linker::<_, Data>(&mut linker, |s| s)?,
+                Capability::Clock => clock::add_to_linker::<_, Data>(&mut linker, |s| s)?,
+                Capability::Kv => kv::add_to_linker::<_, Data>(&mut linker, |s| s)?,
+                Capability::Counters => counters::add_to_linker::<_, Data>(&mut linker, |s| s)?,
+                Capability::Metrics => metrics::add_to_linker::<_, Data>(&mut linker, |s| s)?,
+            }
+        }
+        Ok(linker)
+    }
+
+    fn kv(&self) -> Result<&sled::Db, LoadError> {
+        if let Some(db) = self.kv.get() {
+            return Ok(db);
+        }
+        let config = match &self.config.kv_path {
+            Some(path) => sled::Config::new().path(path),
+            None => sled::Config::new().temporary(true),
+        };
+        let db = config.open().map_err(|e| LoadError::Kv(e.to_string()))?;
+        // Two loads racing here both opened a handle; the loser's is dropped.
+        Ok(self.kv.get_or_init(|| db))
+    }
+}
+
+/// Names label metrics and key the kv store, so they stay plain.
+fn valid_plugin_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Epoch ticks to allow for `deadline`: rounded up, plus one because the
+/// current tick may be about to end.
+fn deadline_ticks(deadline: Duration, tick: Duration) -> u64 {
+    let tick = tick.as_nanos().max(1);
+    let ticks = deadline.as_nanos().div_ceil(tick);
+    u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+/// What every instance of one plugin shares: its name and its handles on
+/// the node's capabilities.
+pub(crate) struct PluginShared {
+    pub(crate) name: String,
+    pub(crate) kv: Option<KvNamespace>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) series: SeriesLimit,
+    pub(crate) started: Instant,
+}
+
+/// A loaded plugin, ready to be called from any thread. Each call gets a
+/// fresh instance.
+pub struct LoadedPlugin {
+    shared: Arc<PluginShared>,
+    pre: bindings::PluginPre<HostState>,
+    config: String,
+    on_failure: OnFailure,
+    limits: Limits,
+    deadline_ticks: u64,
+    sha256: String,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.shared.name)
+            .field("sha256", &self.sha256)
+            .field("on_failure", &self.on_failure)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedPlugin {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The sha256 of the loaded artifact.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// What the node does with a request when this plugin fails.
+    pub fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    /// The limits each call runs under.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Runs the request phase in a fresh instance.
+    pub fn on_request(&self, req: &Request) -> Result<RequestDecision, CallError> {
+        let decision = self.call(self.deadline_ticks, |plugin, store| {
+            plugin.call_on_request(store, req)
+        })?;
+        match &decision {
+            RequestDecision::Respond(response) => self.check_response(response)?,
+            RequestDecision::Continue | RequestDecision::ContinueWith(_) => {}
+        }
+        Ok(decision)
+    }
+
+    /// Runs the response phase in a fresh instance.
+    pub fn on_response(
+        &self,
+        req: &Request,
+        resp: &ResponseHead,
+    ) -> Result<ResponseDecision, CallError> {
+        let decision = self.call(self.deadline_ticks, |plugin, store| {
+            plugin.call_on_response(store, req, resp)
+        })?;
+        match &decision {
+            ResponseDecision::Respond(response) => self.check_response(response)?,
+            ResponseDecision::Continue | ResponseDecision::ContinueWith(_) => {}
+        }
+        Ok(decision)
+    }
+
+    fn check_response(&self, response: &Response) -> Result<(), CallError> {
+        let problem = if !(100..=999).contains(&response.status) {
+            format!("status {} is not an HTTP status", response.status)
+        } else if response.body.len() > MAX_RESPONSE_BODY {
+            format!(
+                "body of {} bytes is over the {MAX_RESPONSE_BODY} byte limit",
+                response.body.len()
+            )
+        } else {
+            return Ok(());
+        };
+        Err(self.failure(FailureKind::InvalidDecision, problem))
+    }
+
+    /// One call: a fresh store and instance, `init` with the configuration,
+    /// then `phase`, under the deadline and the memory cap.
+    fn call<R>(
+        &self,
+        deadline_ticks: u64,
+        phase: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        let started = Instant::now();
+        let state = HostState::new(Arc::clone(&self.shared), self.limits.memory_bytes);
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|state| state);
+        store.set_epoch_deadline(deadline_ticks);
+        store.epoch_deadline_trap();
+
+        let instance = match self.pre.instantiate(&mut store) {
+            Ok(instance) => instance,
+            Err(error) => return Err(self.classify(&store, &error, FailureKind::Instantiate)),
+        };
+        let outcome = match instance.call_init(&mut store, &self.config) {
+            Ok(Ok(())) => phase(&instance, &mut store),
+            Ok(Err(message)) => return Err(self.failure(FailureKind::Init, message)),
+            Err(error) => Err(error),
+        };
+        metrics::histogram!("breakwater_plugin_call_seconds", "plugin" => self.shared.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        outcome.map_err(|error| self.classify(&store, &error, FailureKind::Trap))
+    }
+
+    /// Names a failure: a deadline, a refused memory grow, or `otherwise`.
+    fn classify(
+        &self,
+        store: &Store<HostState>,
+        error: &wasmtime::Error,
+        otherwise: FailureKind,
+    ) -> CallError {
+        let kind = if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            FailureKind::Deadline
+        } else if store.data().memory_refused {
+            FailureKind::Memory
+        } else {
+            otherwise
+        };
+        let stderr = store.data().stderr();
+        let mut message = format!("{error:#}");
+        if !stderr.is_empty() {
+            message.push_str("; stderr: ");
+            message.push_str(&stderr);
+        }
+        self.failure(kind, message)
+    }
+
+    fn failure(&self, kind: FailureKind, message: String) -> CallError {
+        metrics::counter!(
+            "breakwater_plugin_failures_total",
+            "plugin" => self.shared.name.clone(),
+            "kind" => kind.label(),
+        )
+        .increment(1);
+        CallError {
+            plugin: self.shared.name.clone(),
+            kind,
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_names_are_plain() {
+        assert!(valid_plugin_name("rate-limit_2"));
+        assert!(!valid_plugin_name(""));
+        assert!(!valid_plugin_name("Router"));
+        assert!(!valid_plugin_name("a/b"));
+        assert!(!valid_plugin_name(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn deadline_rounds_up_and_allows_the_current_tick() {
+        let ms = Duration::from_millis(1);
+        assert_eq!(deadline_ticks(2 * ms, ms), 3);
+        assert_eq!(deadline_ticks(Duration::from_micros(1500), ms), 3);
+        assert_eq!(deadline_ticks(Duration::ZERO, ms), 1);
+    }
+}

@@ -1,0 +1,147 @@
+//! A plugin is untrusted code in a box: fresh instance per call, CPU
+//! deadline, memory cap, typed failures. These run the real components.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use breakwater_sandbox::{FailureKind, Limits, OnFailure, RequestDecision};
+use common::{get, sandbox, spec};
+
+fn header<'d>(decision: &'d RequestDecision, name: &str) -> Option<&'d str> {
+    match decision {
+        RequestDecision::ContinueWith(changes) => changes
+            .set_headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str()),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_global_in_one_request_is_unseen_by_the_next() {
+    let sandbox = sandbox();
+    let plugin = sandbox
+        .load(spec("count", "fixture_misbehave", r#"{"mode":"count"}"#))
+        .expect("load");
+    for _ in 0..5 {
+        let decision = plugin.on_request(&get("/")).expect("call");
+        assert_eq!(header(&decision, "x-count"), Some("1"), "{decision:?}");
+    }
+    // Concurrent calls reuse pool slots in any order; none sees another's state.
+    let plugin = Arc::new(plugin);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let plugin = Arc::clone(&plugin);
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    let decision = plugin.on_request(&get("/")).expect("call");
+                    assert_eq!(header(&decision, "x-count"), Some("1"), "{decision:?}");
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("no thread saw a leaked global");
+    }
+}
+
+#[test]
+fn an_infinite_loop_stops_at_its_deadline_while_others_are_served() {
+    let sandbox = Arc::new(sandbox());
+    let mut spin = spec("spin", "fixture_misbehave", r#"{"mode":"spin"}"#);
+    // The production default: 2 ms.
+    spin.limits = Some(Limits::default());
+    let spin = sandbox.load(spin).expect("load spin");
+    let good = Arc::new(
+        sandbox
+            .load(spec("good", "template", ""))
+            .expect("load template"),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let (good, stop, served) = (Arc::clone(&good), Arc::clone(&stop), Arc::clone(&served));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                good.on_request(&get("/"))
+                    .expect("the good plugin keeps working");
+                served.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    for _ in 0..5 {
+        let started = Instant::now();
+        let error = spin
+            .on_request(&get("/"))
+            .expect_err("a loop cannot finish");
+        let took = started.elapsed();
+        eprintln!("the loop was stopped after {took:?}");
+        assert_eq!(error.kind, FailureKind::Deadline, "{error}");
+        // The deadline is 2 ms (3 epoch ticks at most); the margin is for a
+        // loaded test machine.
+        assert!(took < Duration::from_millis(50), "stopped after {took:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    worker.join().expect("worker");
+    assert!(
+        served.load(Ordering::Relaxed) > 0,
+        "the good plugin served nothing"
+    );
+}
+
+#[test]
+fn a_memory_bomb_is_stopped_at_the_cap() {
+    let sandbox = sandbox();
+    let plugin = sandbox
+        .load(spec("bomb", "fixture_misbehave", r#"{"mode":"alloc"}"#))
+        .expect("load");
+    assert_eq!(plugin.limits().memory_bytes, 16 << 20);
+    let error = plugin.on_request(&get("/")).expect_err("memory is capped");
+    assert_eq!(error.kind, FailureKind::Memory, "{error}");
+    // The node goes on: the next call gets a fresh instance and fails the same way.
+    let again = plugin.on_request(&get("/")).expect_err("memory is capped");
+    assert_eq!(again.kind, FailureKind::Memory);
+}
+
+#[test]
+fn a_trap_is_a_typed_error_carrying_the_panic_message() {
+    let sandbox = sandbox();
+    let mut spec = spec("trap", "fixture_misbehave", r#"{"mode":"trap"}"#);
+    spec.on_failure = OnFailure::Open;
+    let plugin = sandbox.load(spec).expect("load");
+    assert_eq!(plugin.on_failure(), OnFailure::Open);
+    let error = plugin.on_request(&get("/")).expect_err("it traps");
+    assert_eq!(error.kind, FailureKind::Trap, "{error}");
+    assert_eq!(error.kind.label(), "trap");
+    assert!(error.message.contains("traps on purpose"), "{error}");
+}
+
+#[test]
+fn an_oversized_answer_is_refused() {
+    let sandbox = sandbox();
+    let plugin = sandbox
+        .load(spec("huge", "fixture_misbehave", r#"{"mode":"huge"}"#))
+        .expect("load");
+    let error = plugin
+        .on_request(&get("/"))
+        .expect_err("body over the limit");
+    assert_eq!(error.kind, FailureKind::InvalidDecision, "{error}");
+}
+
+#[test]
+fn an_ok_plugin_continues() {
+    let sandbox = sandbox();
+    let plugin = sandbox
+        .load(spec("ok", "fixture_misbehave", r#"{"mode":"ok"}"#))
+        .expect("load");
+    assert!(matches!(
+        plugin.on_request(&get("/")).expect("call"),
+        RequestDecision::Continue
+    ));
+}
