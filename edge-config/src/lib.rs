@@ -73,6 +73,9 @@ impl EdgeConfig {
         for site in &mut self.sites {
             site.root = base_dir.join(&site.root);
         }
+        for plugin in &mut self.plugins {
+            plugin.path = base_dir.join(&plugin.path);
+        }
     }
 
     /// The pool named `name`.

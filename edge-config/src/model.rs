@@ -31,6 +31,10 @@ pub struct EdgeConfig {
     /// Upstream pools (`[[pool]]`).
     #[serde(default, rename = "pool")]
     pub pools: Vec<PoolConfig>,
+    /// WebAssembly plugins (`[[plugin]]`), run by the sites and routes that
+    /// list them.
+    #[serde(default, rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
 }
 
 /// Identity of this node.
@@ -138,6 +142,9 @@ pub struct SiteConfig {
     /// Memory budget for those files.
     #[serde(default = "default_hot_cache_bytes")]
     pub hot_cache_bytes: u64,
+    /// Plugin chain, by `[[plugin]]` name, run in order on each request.
+    #[serde(default)]
+    pub plugins: Vec<String>,
 }
 
 /// `Cache-Control` for paths matching a glob such as `*.css` or `assets/**`.
@@ -154,6 +161,55 @@ pub struct CacheControlRule {
 pub struct RouteConfig {
     pub prefix: String,
     pub pool: String,
+    /// Plugin chain, by `[[plugin]]` name, run in order on each request.
+    #[serde(default)]
+    pub plugins: Vec<String>,
+}
+
+/// A WebAssembly plugin: its artifact, pin, capabilities and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Unique on the node: the metrics label and the kv namespace.
+    pub name: String,
+    /// The component file; relative paths start at the config file's directory.
+    pub path: PathBuf,
+    /// The artifact's sha256 in hex; any other content refuses to load.
+    pub sha256: String,
+    /// Host capabilities the plugin may import: `log`, `clock`, `kv`,
+    /// `counters`, `metrics`.
+    #[serde(default)]
+    pub grants: Vec<String>,
+    /// What a request gets when the plugin traps or overruns its limits.
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+    /// The plugin's own configuration, handed to its `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// CPU time per call; default 2 ms.
+    #[serde(default, with = "humantime_serde::option")]
+    pub cpu_deadline: Option<Duration>,
+    /// Linear memory cap; default 16 MiB.
+    #[serde(default)]
+    pub memory_bytes: Option<usize>,
+}
+
+impl PluginConfig {
+    /// [`PluginConfig::config`] as the JSON document the plugin's `init` reads.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+/// What a request gets when its plugin fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Skip the plugin, as if it had said "continue".
+    Open,
+    /// Answer 500 with a JSON error.
+    #[default]
+    Closed,
 }
 
 /// A set of interchangeable upstream endpoints.

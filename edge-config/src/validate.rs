@@ -61,6 +61,7 @@ pub(crate) fn validate(config: &EdgeConfig, text: &str, map: &SourceMap<'_>) -> 
     check_sites(config, &mut checker);
     check_pools(config, &mut checker);
     check_routes(config, &mut checker);
+    check_plugins(config, &mut checker);
     checker.problems
 }
 
@@ -225,6 +226,55 @@ fn check_routes(config: &EdgeConfig, checker: &mut Checker<'_>) {
                     "route refers to pool `{}`, which is not defined",
                     route.pool
                 ),
+                fix,
+            );
+        }
+    }
+}
+
+fn check_plugins(config: &EdgeConfig, checker: &mut Checker<'_>) {
+    let mut names = HashSet::new();
+    for (i, plugin) in config.plugins.iter().enumerate() {
+        if !names.insert(plugin.name.as_str()) {
+            checker.report(
+                &[Key("plugin"), Index(i), Key("name")],
+                format!("plugin `{}` is defined twice", plugin.name),
+                "give each `[[plugin]]` a distinct name",
+            );
+        }
+        if !plugin.path.is_file() {
+            checker.report(
+                &[Key("plugin"), Index(i), Key("path")],
+                format!("plugin file {} does not exist", plugin.path.display()),
+                "build the plugins (`cargo xtask up` does) or point `path` at a .wasm component",
+            );
+        }
+    }
+    let defined: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
+    let chains = config
+        .sites
+        .iter()
+        .enumerate()
+        .map(|(i, site)| ("site", i, &site.plugins))
+        .chain(
+            config
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, route)| ("route", i, &route.plugins)),
+        );
+    for (table, i, chain) in chains {
+        for (j, name) in chain.iter().enumerate() {
+            if defined.contains(&name.as_str()) {
+                continue;
+            }
+            let fix = match nearest(name, defined.iter().copied()) {
+                Some(near) => format!("replace `{name}` with `{near}`"),
+                None => format!("define it: add `[[plugin]]` with `name = \"{name}\"`, its path and sha256"),
+            };
+            checker.report(
+                &[Key(table), Index(i), Key("plugins"), Index(j)],
+                format!("plugin `{name}` is not defined"),
                 fix,
             );
         }

@@ -20,6 +20,7 @@ pub mod error;
 mod limits;
 mod node;
 mod observe;
+mod plugins;
 mod proxy;
 mod server;
 pub mod static_files;

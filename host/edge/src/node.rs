@@ -15,13 +15,17 @@ use hyper::body::Incoming;
 use crate::error::error_response;
 use crate::limits::{LimitedBody, request_head_bytes};
 use crate::observe::{CountedBody, InFlight, REQUEST_ID, request_id};
+use crate::plugins::{self, PluginChain, RequestOutcome};
 use crate::proxy::{ClientConnection, UpstreamPool};
-use crate::static_files::{StaticSite, StaticSiteError};
+use crate::server::EdgeError;
+use crate::static_files::StaticSite;
+use breakwater_sandbox::{Sandbox, SandboxConfig};
+use std::collections::HashMap;
 
 /// What a path prefix leads to.
 enum Target {
     Site(Box<StaticSite>),
-    Pool(Box<UpstreamPool>),
+    Pool(Arc<UpstreamPool>),
 }
 
 struct Route {
@@ -29,41 +33,78 @@ struct Route {
     /// Metrics label: the site's or the pool's name.
     name: String,
     target: Target,
+    plugins: Arc<PluginChain>,
 }
 
 /// The node's request handling state, shared by every listener.
 pub(crate) struct EdgeNode {
     /// Longest prefix first, so the first match is the most specific.
     routes: Vec<Route>,
+    /// Every pool by name, for plugins that choose one.
+    pools: HashMap<String, Arc<UpstreamPool>>,
     limits: LimitsConfig,
     draining: AtomicBool,
+    /// Keeps the engine, its epoch ticker and the plugin kv store alive.
+    _sandbox: Option<Sandbox>,
 }
 
 impl EdgeNode {
-    pub(crate) fn new(config: &EdgeConfig) -> Result<Self, StaticSiteError> {
+    pub(crate) fn new(config: &EdgeConfig) -> Result<Self, EdgeError> {
+        let pools: HashMap<String, Arc<UpstreamPool>> = config
+            .pools
+            .iter()
+            .map(|pool| (pool.name.clone(), Arc::new(UpstreamPool::new(pool))))
+            .collect();
+        let sandbox = if config.plugins.is_empty() {
+            None
+        } else {
+            Some(Sandbox::new(SandboxConfig::default())?)
+        };
+        let mut loaded = HashMap::new();
+        if let Some(sandbox) = &sandbox {
+            for plugin in &config.plugins {
+                loaded.insert(
+                    plugin.name.clone(),
+                    Arc::new(plugins::load(sandbox, plugin)?),
+                );
+            }
+        }
+        // edge-config guarantees every name in a chain is defined.
+        let chain = |names: &[String]| {
+            Arc::new(PluginChain::new(
+                names
+                    .iter()
+                    .filter_map(|n| loaded.get(n).cloned())
+                    .collect(),
+            ))
+        };
         let mut routes = Vec::new();
         for site in &config.sites {
             routes.push(Route {
                 prefix: site.prefix.clone(),
                 name: site.name.clone(),
                 target: Target::Site(Box::new(StaticSite::new(site)?)),
+                plugins: chain(&site.plugins),
             });
         }
         for route in &config.routes {
             // edge-config guarantees the pool exists.
-            if let Some(pool) = config.pool(&route.pool) {
+            if let Some(pool) = pools.get(&route.pool) {
                 routes.push(Route {
                     prefix: route.prefix.clone(),
-                    name: pool.name.clone(),
-                    target: Target::Pool(Box::new(UpstreamPool::new(pool))),
+                    name: route.pool.clone(),
+                    target: Target::Pool(pool.clone()),
+                    plugins: chain(&route.plugins),
                 });
             }
         }
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         Ok(Self {
             routes,
+            pools,
             limits: config.limits.clone(),
             draining: AtomicBool::new(false),
+            _sandbox: sandbox,
         })
     }
 
@@ -175,10 +216,66 @@ impl EdgeNode {
                 ),
             );
         };
-        let response = match &route.target {
+        if route.plugins.is_empty() {
+            let rest = rest.to_owned();
+            let response = self
+                .serve_target(&route.target, parts, body, client, &rest)
+                .await;
+            return (route.name.clone(), response);
+        }
+
+        let (parts, outcome) = route.plugins.run_request_phase(parts, client.peer).await;
+        let (pool, view) = match outcome {
+            RequestOutcome::Respond(response) => return (route.name.clone(), response),
+            RequestOutcome::Continue { pool, view } => (pool, view),
+        };
+        let chosen;
+        let target = match pool {
+            None => &route.target,
+            Some(name) => match self.pools.get(&name) {
+                Some(pool) => {
+                    chosen = Target::Pool(pool.clone());
+                    &chosen
+                }
+                None => {
+                    return (
+                        route.name.clone(),
+                        error_response(
+                            StatusCode::BAD_GATEWAY,
+                            "unknown_pool",
+                            &format!("a plugin chose pool `{name}`, which is not configured"),
+                        ),
+                    );
+                }
+            },
+        };
+        // A plugin may have rewritten the path: the site sees the new one.
+        let path = parts.uri.path().to_owned();
+        let rest = path
+            .strip_prefix(route.prefix.as_str())
+            .unwrap_or(path.as_str())
+            .to_owned();
+        let response = self.serve_target(target, parts, body, client, &rest).await;
+        let response = route.plugins.run_response_phase(view, response).await;
+        (route.name.clone(), response)
+    }
+
+    async fn serve_target(
+        &self,
+        target: &Target,
+        parts: Parts,
+        body: Incoming,
+        client: &ClientConnection,
+        path_in_route: &str,
+    ) -> Response<Body> {
+        match target {
             Target::Site(site) => {
-                site.serve(&parts.method, &parts.headers, rest.trim_start_matches('/'))
-                    .await
+                site.serve(
+                    &parts.method,
+                    &parts.headers,
+                    path_in_route.trim_start_matches('/'),
+                )
+                .await
             }
             Target::Pool(pool) => {
                 let (limited, trip) = LimitedBody::new(
@@ -189,7 +286,6 @@ impl EdgeNode {
                 let request = Request::from_parts(parts, Body::new(limited));
                 pool.forward(request, client, &trip).await
             }
-        };
-        (route.name.clone(), response)
+        }
     }
 }

@@ -39,6 +39,10 @@ pub enum EdgeError {
     },
     #[error("static site: {0}")]
     Site(#[from] StaticSiteError),
+    #[error("plugin sandbox: {0}")]
+    Sandbox(#[from] breakwater_sandbox::SandboxError),
+    #[error("plugin: {0}")]
+    Plugin(#[from] breakwater_sandbox::LoadError),
 }
 
 /// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].

@@ -223,6 +223,11 @@ impl Sandbox {
         })
     }
 
+    /// The limits a plugin gets when its spec sets none.
+    pub fn default_limits(&self) -> Limits {
+        self.config.default_limits
+    }
+
     /// Loads a plugin: pin check, compile (or cache), import check,
     /// pre-instantiation, and one `init` call to validate its configuration.
     pub fn load(&self, spec: PluginSpec) -> Result<LoadedPlugin, LoadError> {

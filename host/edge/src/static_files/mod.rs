@@ -736,6 +736,7 @@ mod tests {
             cache_control: Vec::new(),
             hot_file_max_bytes,
             hot_cache_bytes: 1 << 20,
+            plugins: Vec::new(),
         };
         StaticSite::new(&config).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -785,6 +786,7 @@ mod tests {
             cache_control: Vec::new(),
             hot_file_max_bytes: 1,
             hot_cache_bytes: 1,
+            plugins: Vec::new(),
         };
         assert!(matches!(
             StaticSite::new(&config),

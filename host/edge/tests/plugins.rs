@@ -1,0 +1,206 @@
+//! The plugin phases through a real node and real compiled components: a
+//! plugin's changes reach the upstream and the client, its answers replace
+//! the upstream's, and a failing plugin follows its open/closed policy while
+//! the node keeps serving.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{assert_json_error, client, start_node, start_upstream, url};
+
+/// A component built from `plugins/` by `cargo xtask test`.
+fn component(name: &str) -> (PathBuf, String) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; `cargo xtask test` builds the plugins first",
+            path.display()
+        )
+    });
+    (path, breakwater_sandbox::sha256_hex(&bytes))
+}
+
+/// A node proxying `/` to `upstream` through the plugin chain `chain`, with
+/// `plugins` holding the `[[plugin]]` tables.
+fn config(upstream: std::net::SocketAddr, chain: &str, plugins: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+
+[[route]]
+prefix = "/"
+pool = "upstream"
+plugins = [{chain}]
+
+[[pool]]
+name = "upstream"
+endpoints = ["http://{upstream}"]
+
+{plugins}
+"#
+    )
+}
+
+fn plugin_table(name: &str, component_name: &str, on_failure: &str, config: &str) -> String {
+    let (path, sha256) = component(component_name);
+    let deadline = if config.contains("spin") { "2ms" } else { "500ms" };
+    format!(
+        r#"
+[[plugin]]
+name = "{name}"
+path = "{}"
+sha256 = "{sha256}"
+on_failure = "{on_failure}"
+config = {config}
+# Epochs count wall time: honest plugins get room on a loaded test machine;
+# the endless one is stopped at the real 2 ms default.
+cpu_deadline = "{deadline}"
+"#,
+        path.display()
+    )
+}
+
+#[tokio::test]
+async fn template_stamps_both_ways_and_denies_configured_prefixes() {
+    let upstream = start_upstream().await;
+    let plugins = plugin_table(
+        "template",
+        "template",
+        "closed",
+        r#"{ header = "x-stamp", value = "edge", deny_prefixes = ["/admin"] }"#,
+    );
+    let node = start_node(&config(upstream.addr, r#""template""#, &plugins)).await;
+
+    let response = client()
+        .get(url(&node, "/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-stamp")
+            .and_then(|v| v.to_str().ok()),
+        Some("edge"),
+        "on-response stamps the response"
+    );
+    let echo = common::json(&response.bytes().await.expect("body"));
+    assert_eq!(
+        echo["headers"]["x-stamp"], "edge",
+        "on-request stamps the upstream request: {echo}"
+    );
+
+    let before = upstream.requests();
+    let denied = client()
+        .get(url(&node, "/admin/users"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(denied.status(), 403);
+    let body = common::json(&denied.bytes().await.expect("body"));
+    assert_eq!(body["error"], "forbidden", "{body}");
+    assert_eq!(
+        upstream.requests(),
+        before,
+        "a plugin answer never reaches the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_trapping_plugin_fails_open_or_closed_by_policy_and_the_node_keeps_serving() {
+    let upstream = start_upstream().await;
+    let plugins = format!(
+        "{}{}",
+        plugin_table(
+            "trap-open",
+            "fixture_misbehave",
+            "open",
+            r#"{ mode = "trap" }"#
+        ),
+        plugin_table(
+            "trap-closed",
+            "fixture_misbehave",
+            "closed",
+            r#"{ mode = "trap" }"#
+        )
+    );
+    let open = start_node(&config(upstream.addr, r#""trap-open""#, &plugins)).await;
+    let closed = start_node(&config(upstream.addr, r#""trap-closed""#, &plugins)).await;
+
+    for _ in 0..3 {
+        let response = client()
+            .get(url(&open, "/echo"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "fail-open skips the plugin");
+
+        let response = client()
+            .get(url(&closed, "/echo"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 500, "fail-closed answers 500");
+        assert_json_error(&response.bytes().await.expect("body"), 500, "plugin_failed");
+    }
+}
+
+#[tokio::test]
+async fn an_endless_plugin_is_stopped_at_its_deadline() {
+    let upstream = start_upstream().await;
+    let plugins = plugin_table(
+        "spin",
+        "fixture_misbehave",
+        "closed",
+        r#"{ mode = "spin" }"#,
+    );
+    let node = start_node(&config(upstream.addr, r#""spin""#, &plugins)).await;
+
+    let started = Instant::now();
+    let response = client()
+        .get(url(&node, "/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 500);
+    // The default deadline is 2 ms; a loaded machine gets a wide margin.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_plugin_whose_bytes_do_not_match_its_pin_refuses_to_start() {
+    let upstream = start_upstream().await;
+    let (path, _) = component("template");
+    let plugins = format!(
+        r#"
+[[plugin]]
+name = "template"
+path = "{}"
+sha256 = "{}"
+"#,
+        path.display(),
+        "0".repeat(64)
+    );
+    let text = config(upstream.addr, r#""template""#, &plugins);
+    let config = edge_config::parse(
+        &text,
+        std::path::Path::new("test.toml"),
+        std::path::Path::new("."),
+    )
+    .expect("valid configuration");
+    let error = match breakwater_edge::start(config).await {
+        Ok(_) => panic!("a node with a mismatched plugin pin started"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("sha256"), "{error}");
+}
