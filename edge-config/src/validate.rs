@@ -270,7 +270,9 @@ fn check_plugins(config: &EdgeConfig, checker: &mut Checker<'_>) {
             }
             let fix = match nearest(name, defined.iter().copied()) {
                 Some(near) => format!("replace `{name}` with `{near}`"),
-                None => format!("define it: add `[[plugin]]` with `name = \"{name}\"`, its path and sha256"),
+                None => format!(
+                    "define it: add `[[plugin]]` with `name = \"{name}\"`, its path and sha256"
+                ),
             };
             checker.report(
                 &[Key(table), Index(i), Key("plugins"), Index(j)],

@@ -48,7 +48,11 @@ endpoints = ["http://{upstream}"]
 
 fn plugin_table(name: &str, component_name: &str, on_failure: &str, config: &str) -> String {
     let (path, sha256) = component(component_name);
-    let deadline = if config.contains("spin") { "2ms" } else { "500ms" };
+    let deadline = if config.contains("spin") {
+        "2ms"
+    } else {
+        "500ms"
+    };
     format!(
         r#"
 [[plugin]]
