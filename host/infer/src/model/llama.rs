@@ -1,0 +1,650 @@
+//! The llama family (Llama, SmolLM2, …): pre-norm decoder blocks of
+//! grouped-query attention with rotary positions and a SwiGLU MLP.
+//!
+//! The forward pass below is meant to be read next to the math; every
+//! kernel it calls lives in [`crate::backend::cpu`].
+
+use rayon::prelude::*;
+
+use super::ModelError;
+use crate::backend::cpu::{self, CpuBackend, Input};
+use crate::backend::{Matrix, load_vector};
+use crate::gguf::{Gguf, GgufError};
+use crate::quant::dequantize_row;
+
+/// Positions from which a token's attention heads run in parallel.
+const PARALLEL_ATTENTION_FROM: usize = 128;
+
+/// Hyperparameters, from the GGUF `llama.*` keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Model width (`embedding_length`).
+    pub dim: usize,
+    /// MLP width (`feed_forward_length`).
+    pub hidden_dim: usize,
+    /// Decoder blocks (`block_count`).
+    pub n_layers: usize,
+    /// Query heads (`attention.head_count`).
+    pub n_heads: usize,
+    /// Key/value heads (`attention.head_count_kv`); fewer than `n_heads`
+    /// means grouped-query attention.
+    pub n_kv_heads: usize,
+    /// Tokens in the vocabulary.
+    pub vocab_size: usize,
+    /// Longest sequence the model was trained for (`context_length`).
+    pub context_length: usize,
+    /// RoPE base frequency (`rope.freq_base`).
+    pub rope_theta: f32,
+    /// Leading dimensions of each head that RoPE rotates
+    /// (`rope.dimension_count`, default the head size).
+    pub rope_dim: usize,
+    /// Positions are multiplied by this before rotation: `1 / factor` under
+    /// linear RoPE scaling, else 1.
+    pub rope_position_scale: f32,
+    /// RMSNorm epsilon (`attention.layer_norm_rms_epsilon`).
+    pub rms_eps: f32,
+}
+
+impl LlamaConfig {
+    /// Reads the configuration of a `llama` GGUF.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, ModelError> {
+        let arch = gguf.str("general.architecture")?;
+        if arch != "llama" {
+            return Err(ModelError::UnsupportedArchitecture(arch.to_owned()));
+        }
+        let key = |k: &str| format!("llama.{k}");
+        let dim = gguf.usize(&key("embedding_length"))?;
+        let n_heads = gguf.usize(&key("attention.head_count"))?;
+        let n_kv_heads = match gguf.get(&key("attention.head_count_kv")) {
+            Some(_) => gguf.usize(&key("attention.head_count_kv"))?,
+            None => n_heads,
+        };
+        if dim == 0
+            || n_heads == 0
+            || n_kv_heads == 0
+            || dim % n_heads != 0
+            || n_heads % n_kv_heads != 0
+        {
+            return Err(ModelError::BadConfig(format!(
+                "{dim} dims over {n_heads} heads and {n_kv_heads} kv heads"
+            )));
+        }
+        let head_dim = dim / n_heads;
+        let rope_dim = match gguf.get(&key("rope.dimension_count")) {
+            Some(_) => gguf.usize(&key("rope.dimension_count"))?,
+            None => head_dim,
+        };
+        if rope_dim > head_dim || rope_dim % 2 != 0 {
+            return Err(ModelError::BadConfig(format!(
+                "rope over {rope_dim} of {head_dim} head dims"
+            )));
+        }
+        let vocab_size = gguf
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1))
+            .map(|&v| v as usize)
+            .ok_or_else(|| GgufError::MissingTensor("token_embd.weight".into()))?;
+        let rope_position_scale = match gguf.get(&key("rope.scaling.type")).and_then(|v| v.as_str())
+        {
+            None | Some("none") => 1.0,
+            Some("linear") => 1.0 / gguf.f32(&key("rope.scaling.factor"))?,
+            Some(other) => {
+                return Err(ModelError::BadConfig(format!(
+                    "rope scaling {other:?} is not supported (linear is)"
+                )));
+            }
+        };
+        let config = Self {
+            dim,
+            hidden_dim: gguf.usize(&key("feed_forward_length"))?,
+            n_layers: gguf.usize(&key("block_count"))?,
+            n_heads,
+            n_kv_heads,
+            vocab_size,
+            context_length: gguf.usize(&key("context_length"))?,
+            rope_theta: match gguf.get(&key("rope.freq_base")) {
+                Some(_) => gguf.f32(&key("rope.freq_base"))?,
+                None => 10_000.0,
+            },
+            rope_dim,
+            rope_position_scale,
+            rms_eps: gguf.f32(&key("attention.layer_norm_rms_epsilon"))?,
+        };
+        if !(config.rope_position_scale.is_finite() && config.rope_position_scale > 0.0) {
+            return Err(ModelError::BadConfig(
+                "rope scaling factor must be positive".into(),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Values per attention head.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+
+    /// Width of the key and value projections.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim()
+    }
+}
+
+/// One decoder block's weights.
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+}
+
+/// A llama-family model whose weights stay memory-mapped in their file
+/// format.
+#[derive(Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    token_embd: Matrix,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    /// The unembedding; the embedding matrix itself when the two are tied.
+    output: Matrix,
+    /// Per-frequency divisors of RoPE angles (Llama 3's `rope_freqs`), if any.
+    rope_freq_factors: Option<Vec<f32>>,
+}
+
+impl Llama {
+    /// Loads a model from a parsed GGUF file, checking every tensor's shape.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, ModelError> {
+        let c = LlamaConfig::from_gguf(gguf)?;
+        let (dim, kv_dim, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
+        if dim % crate::quant::QK != 0 || hidden % crate::quant::QK != 0 || hidden == 0 {
+            return Err(ModelError::BadConfig(format!(
+                "widths {dim} and {hidden} must be positive multiples of 32"
+            )));
+        }
+        let layers = (0..c.n_layers)
+            .map(|l| {
+                let m = |name: &str, cols, rows| {
+                    Matrix::load(gguf, &format!("blk.{l}.{name}.weight"), cols, Some(rows))
+                };
+                Ok(Layer {
+                    attn_norm: load_vector(gguf, &format!("blk.{l}.attn_norm.weight"), dim)?,
+                    wq: m("attn_q", dim, dim)?,
+                    wk: m("attn_k", dim, kv_dim)?,
+                    wv: m("attn_v", dim, kv_dim)?,
+                    wo: m("attn_output", dim, dim)?,
+                    ffn_norm: load_vector(gguf, &format!("blk.{l}.ffn_norm.weight"), dim)?,
+                    w_gate: m("ffn_gate", dim, hidden)?,
+                    w_up: m("ffn_up", dim, hidden)?,
+                    w_down: m("ffn_down", hidden, dim)?,
+                })
+            })
+            .collect::<Result<Vec<_>, GgufError>>()?;
+        let token_embd = Matrix::load(gguf, "token_embd.weight", dim, Some(c.vocab_size))?;
+        let output = match gguf.tensor("output.weight") {
+            Some(_) => Matrix::load(gguf, "output.weight", dim, Some(c.vocab_size))?,
+            None => token_embd.clone(),
+        };
+        let rope_freq_factors = match gguf.tensor("rope_freqs.weight") {
+            Some(_) => Some(load_vector(gguf, "rope_freqs.weight", c.rope_dim / 2)?),
+            None => None,
+        };
+        Ok(Self {
+            output_norm: load_vector(gguf, "output_norm.weight", dim)?,
+            config: c,
+            token_embd,
+            layers,
+            output,
+            rope_freq_factors,
+        })
+    }
+
+    /// The model's hyperparameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// A fresh sequence state whose KV cache holds up to `max_tokens`
+    /// (capped at the model's context length).
+    pub fn new_state(&self, max_tokens: usize) -> State {
+        State::new(&self.config, max_tokens.min(self.config.context_length))
+    }
+
+    /// Feeds `token` at the next position of `state` and returns the logits
+    /// for the token after it.
+    pub fn forward<'s>(
+        &self,
+        backend: &CpuBackend,
+        token: u32,
+        state: &'s mut State,
+    ) -> Result<&'s [f32], ModelError> {
+        self.forward_tokens(backend, &[token], state)
+    }
+
+    /// Feeds `tokens` (a prompt, or a chunk of one) at the next positions of
+    /// `state` in one pass, each weight read once for all of them, and
+    /// returns the logits after the last. Gives the same logits as feeding
+    /// them one by one.
+    pub fn forward_tokens<'s>(
+        &self,
+        backend: &CpuBackend,
+        tokens: &[u32],
+        state: &'s mut State,
+    ) -> Result<&'s [f32], ModelError> {
+        let mut batch = std::mem::take(&mut state.batch);
+        let result = self.forward_batch(backend, &mut batch, &mut [Step { tokens, state }]);
+        state.batch = batch;
+        result.map(|()| state.logits())
+    }
+
+    /// One step of continuous batching: feeds each sequence its tokens (one
+    /// for a decoding sequence, a chunk for a prompt) in a single pass over
+    /// the weights. Afterwards each state's [`State::logits`] are those after
+    /// its last token, exactly as if it had been fed alone.
+    ///
+    /// Nothing is fed unless every step is valid.
+    pub fn forward_batch(
+        &self,
+        backend: &CpuBackend,
+        b: &mut Batch,
+        steps: &mut [Step<'_>],
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        for step in steps.iter() {
+            if step.tokens.is_empty() {
+                return Err(ModelError::NoTokens);
+            }
+            if step.state.len + step.tokens.len() > step.state.capacity {
+                return Err(ModelError::ContextFull {
+                    capacity: step.state.capacity,
+                });
+            }
+            if let Some(&token) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    token,
+                    vocab_size: c.vocab_size,
+                });
+            }
+        }
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let (dim, head_dim, kv_dim) = (c.dim, c.head_dim(), c.kv_dim());
+        // Row i of the batch is token `pos` of sequence `seq`.
+        b.rows.clear();
+        for (seq, step) in steps.iter().enumerate() {
+            let pos0 = step.state.len;
+            b.rows
+                .extend((0..step.tokens.len()).map(|i| (seq, pos0 + i)));
+        }
+        let n = b.rows.len();
+        b.reserve(c, n, steps.len());
+
+        // x = embedding[token], one row per token
+        let tokens = steps.iter().flat_map(|s| s.tokens.iter());
+        for (x, &token) in b.x.chunks_exact_mut(dim).zip(tokens) {
+            dequantize_row(self.token_embd.ty, self.token_embd.row(token as usize), x);
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention: q, k, v = W·rmsnorm(x)
+            b.norm_into_inputs(&layer.attn_norm, c.rms_eps);
+            let (tq, tk, tv) = (
+                &mut b.t1[..n * dim],
+                &mut b.t2[..n * kv_dim],
+                &mut b.t3[..n * kv_dim],
+            );
+            backend.matmul_many(
+                &b.inputs[..n],
+                &mut [
+                    (&layer.wq, &mut *tq),
+                    (&layer.wk, &mut *tk),
+                    (&layer.wv, &mut *tv),
+                ],
+            );
+            transpose(tq, n, &mut b.q);
+            transpose(tk, n, &mut b.k);
+            transpose(tv, n, &mut b.v);
+
+            // Rotate q and k by their positions; k and v join their
+            // sequence's cache.
+            let rows = b.rows.iter().zip(b.q.chunks_exact_mut(dim));
+            for ((&(seq, pos), q), (k, v)) in
+                rows.zip(b.k.chunks_exact_mut(kv_dim).zip(b.v.chunks_exact(kv_dim)))
+            {
+                self.rope(q, pos, &mut b.rope_cos_sin);
+                self.rope(k, pos, &mut b.rope_cos_sin);
+                let state = &mut *steps[seq].state;
+                let at = (l * state.capacity + pos) * kv_dim;
+                state.key_cache[at..at + kv_dim].copy_from_slice(k);
+                state.value_cache[at..at + kv_dim].copy_from_slice(v);
+            }
+
+            // Each query head attends over the cached keys of its kv group up
+            // to its own position: att = softmax(q·K / √d), xb = att·V
+            let geometry = Attention {
+                head_dim,
+                kv_dim,
+                group: c.n_heads / c.n_kv_heads,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                layer: l,
+            };
+            let steps: &[Step<'_>] = steps;
+            let max_len = b.rows.iter().map(|&(_, pos)| pos + 1).max().unwrap_or(1);
+            let threads = backend.threads();
+            if n > 1 {
+                // Several tokens: each thread takes a share of them.
+                let per = n.div_ceil(threads);
+                if b.att.len() < threads * max_len {
+                    b.att.resize(threads * max_len, 0.0);
+                }
+                let (xb, q, rows, att) = (&mut b.xb, &b.q, &b.rows, &mut b.att);
+                backend.install(|| {
+                    xb.par_chunks_mut(per * dim)
+                        .zip(q.par_chunks(per * dim))
+                        .zip(rows.par_chunks(per))
+                        .zip(att.par_chunks_mut(max_len))
+                        .for_each(|(((out, q), rows), att)| {
+                            let tokens = out.chunks_exact_mut(dim).zip(q.chunks_exact(dim));
+                            for ((out, q), &(seq, pos)) in tokens.zip(rows) {
+                                let state = &*steps[seq].state;
+                                let heads = out.chunks_exact_mut(head_dim).enumerate();
+                                for (h, out) in heads {
+                                    geometry.head(state, h, q, out, &mut att[..=pos]);
+                                }
+                            }
+                        });
+                });
+            } else {
+                let (seq, pos) = b.rows[0];
+                let state = &*steps[seq].state;
+                let (q, out) = (&b.q[..dim], &mut b.xb[..dim]);
+                if b.att.len() < c.n_heads * max_len {
+                    b.att.resize(c.n_heads * max_len, 0.0);
+                }
+                let heads = out.chunks_exact_mut(head_dim);
+                // Over a short past the heads are too little work to be
+                // worth waking the other threads for.
+                if pos < PARALLEL_ATTENTION_FROM {
+                    for (h, out) in heads.enumerate() {
+                        geometry.head(state, h, q, out, &mut b.att[..=pos]);
+                    }
+                } else {
+                    let att = &mut b.att;
+                    backend.install(|| {
+                        out.par_chunks_exact_mut(head_dim)
+                            .zip(att.par_chunks_mut(max_len))
+                            .enumerate()
+                            .for_each(|(h, (out, att))| {
+                                geometry.head(state, h, q, out, &mut att[..=pos]);
+                            });
+                    });
+                }
+            }
+
+            // x += Wo·xb
+            b.set_inputs_from_xb();
+            let to = &mut b.t1[..n * dim];
+            backend.matmul_many(&b.inputs[..n], &mut [(&layer.wo, &mut *to)]);
+            add_transposed(&mut b.x, to, n);
+
+            // MLP: x += W_down·(silu(W_gate·h) * W_up·h), h = rmsnorm(x)
+            b.norm_into_inputs(&layer.ffn_norm, c.rms_eps);
+            let (tg, tu) = (&mut b.t1[..n * c.hidden_dim], &mut b.t2[..n * c.hidden_dim]);
+            backend.matmul_many(
+                &b.inputs[..n],
+                &mut [(&layer.w_gate, &mut *tg), (&layer.w_up, &mut *tu)],
+            );
+            transpose(tg, n, &mut b.hb);
+            transpose(tu, n, &mut b.hb2);
+            for (input, (gate, up)) in b.hidden_inputs.iter_mut().zip(
+                b.hb.chunks_exact_mut(c.hidden_dim)
+                    .zip(b.hb2.chunks_exact(c.hidden_dim)),
+            ) {
+                cpu::swiglu(gate, up);
+                input.set(gate);
+            }
+            let td = &mut b.t1[..n * dim];
+            backend.matmul_many(&b.hidden_inputs[..n], &mut [(&layer.w_down, &mut *td)]);
+            add_transposed(&mut b.x, td, n);
+        }
+
+        // logits = W_out·rmsnorm(x), for each sequence's last token only
+        let mut last_row = 0;
+        for (i, step) in steps.iter().enumerate() {
+            last_row += step.tokens.len();
+            let x = &b.x[(last_row - 1) * dim..last_row * dim];
+            cpu::rmsnorm(&mut b.xb[..dim], x, &self.output_norm, c.rms_eps);
+            b.inputs[i].set(&b.xb[..dim]);
+        }
+        let m = steps.len();
+        let tl = &mut b.logits_t[..m * c.vocab_size];
+        backend.matmul_many(&b.inputs[..m], &mut [(&self.output, &mut *tl)]);
+        for (i, step) in steps.iter_mut().enumerate() {
+            for (logit, row) in step.state.logits.iter_mut().zip(tl.chunks_exact(m)) {
+                *logit = row[i];
+            }
+            step.state.len += step.tokens.len();
+        }
+        Ok(())
+    }
+
+    /// Rotary position embedding, ggml's "normal" variant: consecutive pairs
+    /// `(x[2i], x[2i+1])` of the first `rope_dim` values of every head turn
+    /// by `pos · θ^(-2i/rope_dim)`.
+    fn rope(&self, x: &mut [f32], pos: usize, cos_sin: &mut [(f32, f32)]) {
+        let c = &self.config;
+        let position = pos as f32 * c.rope_position_scale;
+        for (i, cs) in cos_sin.iter_mut().enumerate() {
+            let mut angle = position * c.rope_theta.powf(-2.0 * i as f32 / c.rope_dim as f32);
+            if let Some(factors) = &self.rope_freq_factors {
+                angle /= factors[i];
+            }
+            *cs = (angle.cos(), angle.sin());
+        }
+        for head in x.chunks_exact_mut(c.head_dim()) {
+            for (pair, &(cos, sin)) in head[..c.rope_dim].chunks_exact_mut(2).zip(cos_sin.iter()) {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * cos - x1 * sin;
+                pair[1] = x0 * sin + x1 * cos;
+            }
+        }
+    }
+}
+
+/// The shape of one layer's attention.
+#[derive(Clone, Copy)]
+struct Attention {
+    head_dim: usize,
+    kv_dim: usize,
+    /// Query heads per kv head.
+    group: usize,
+    /// `1 / √head_dim`
+    scale: f32,
+    layer: usize,
+}
+
+impl Attention {
+    /// Query head `h` of a token (`q` is the token's whole query vector)
+    /// attends over the first `att.len()` positions of `state`'s cache, the
+    /// token's own included: `out = softmax(q·K/√d)·V`.
+    fn head(&self, state: &State, h: usize, q: &[f32], out: &mut [f32], att: &mut [f32]) {
+        let (hd, kv_dim) = (self.head_dim, self.kv_dim);
+        let base = self.layer * state.capacity * kv_dim;
+        let kv_off = (h / self.group) * hd;
+        let q = &q[h * hd..(h + 1) * hd];
+        for (t, a) in att.iter_mut().enumerate() {
+            let at = base + t * kv_dim + kv_off;
+            *a = cpu::dot(q, &state.key_cache[at..at + hd]) * self.scale;
+        }
+        cpu::softmax(att);
+        out.fill(0.0);
+        for (t, &a) in att.iter().enumerate() {
+            let at = base + t * kv_dim + kv_off;
+            cpu::axpy(out, a, &state.value_cache[at..at + hd]);
+        }
+    }
+}
+
+/// `dst[i][r] = src[r][i]` for `n` columns: the matmul's row-major batch
+/// output back to one vector per token.
+fn transpose(src: &[f32], n: usize, dst: &mut [f32]) {
+    let rows = src.len() / n;
+    for (r, row) in src.chunks_exact(n).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            dst[i * rows + r] = v;
+        }
+    }
+}
+
+/// `x[i][r] += y[r][i]`: a residual add from a batch matmul output.
+fn add_transposed(x: &mut [f32], y: &[f32], n: usize) {
+    let rows = y.len() / n;
+    for (r, row) in y.chunks_exact(n).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            x[i * rows + r] += v;
+        }
+    }
+}
+
+/// One sequence's KV cache and the scratch buffers of its forward pass,
+/// allocated once (and grown to the longest chunk fed) so that a decode
+/// step allocates nothing.
+#[derive(Debug)]
+pub struct State {
+    len: usize,
+    capacity: usize,
+    /// `[layer][position][kv_dim]`
+    key_cache: Vec<f32>,
+    value_cache: Vec<f32>,
+    logits: Vec<f32>,
+    batch: Batch,
+}
+
+/// One sequence's part in a [`Llama::forward_batch`] step.
+#[derive(Debug)]
+pub struct Step<'a> {
+    /// The tokens to feed: one while decoding, a chunk of the prompt while
+    /// prefilling.
+    pub tokens: &'a [u32],
+    /// The sequence they extend.
+    pub state: &'a mut State,
+}
+
+/// Scratch space of a batched step: per-token activations `[token][width]`
+/// and matmul outputs `[row][token]` before they are transposed back.
+/// Reused across steps, it grows to the largest batch and then allocates no
+/// more.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// `(sequence, position)` of each token row.
+    rows: Vec<(usize, usize)>,
+    x: Vec<f32>,
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    hb: Vec<f32>,
+    hb2: Vec<f32>,
+    t1: Vec<f32>,
+    t2: Vec<f32>,
+    t3: Vec<f32>,
+    logits_t: Vec<f32>,
+    inputs: Vec<Input>,
+    hidden_inputs: Vec<Input>,
+    /// `[head][position]`, reused token by token.
+    att: Vec<f32>,
+    rope_cos_sin: Vec<(f32, f32)>,
+}
+
+impl Batch {
+    /// Sizes the buffers for `n` tokens of `seqs` sequences; buffers whose
+    /// length the kernels read are set exactly, the rest only grow.
+    fn reserve(&mut self, c: &LlamaConfig, n: usize, seqs: usize) {
+        let grow = |v: &mut Vec<f32>, len: usize| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        };
+        let wide = c.dim.max(c.hidden_dim);
+        self.x.resize(n * c.dim, 0.0);
+        self.xb.resize(n * c.dim, 0.0);
+        self.q.resize(n * c.dim, 0.0);
+        self.k.resize(n * c.kv_dim(), 0.0);
+        self.v.resize(n * c.kv_dim(), 0.0);
+        self.hb.resize(n * c.hidden_dim, 0.0);
+        self.hb2.resize(n * c.hidden_dim, 0.0);
+        grow(&mut self.t1, n * wide);
+        grow(&mut self.t2, n * wide);
+        grow(&mut self.t3, n * c.kv_dim());
+        grow(&mut self.logits_t, seqs * c.vocab_size);
+        if self.inputs.len() < n {
+            self.inputs.resize_with(n, Input::default);
+            self.hidden_inputs.resize_with(n, Input::default);
+        }
+        self.rope_cos_sin.resize(c.rope_dim / 2, (0.0, 0.0));
+    }
+
+    /// `inputs[i] = rmsnorm(x[i]) · weight` for every token.
+    fn norm_into_inputs(&mut self, weight: &[f32], eps: f32) {
+        let dim = weight.len();
+        for ((input, x), xb) in self
+            .inputs
+            .iter_mut()
+            .zip(self.x.chunks_exact(dim))
+            .zip(self.xb.chunks_exact_mut(dim))
+        {
+            cpu::rmsnorm(xb, x, weight, eps);
+            input.set(xb);
+        }
+    }
+
+    /// `inputs[i] = xb[i]` for every token.
+    fn set_inputs_from_xb(&mut self) {
+        let dim = self.xb.len() / self.rows.len();
+        for (input, xb) in self.inputs.iter_mut().zip(self.xb.chunks_exact(dim)) {
+            input.set(xb);
+        }
+    }
+}
+
+impl State {
+    fn new(c: &LlamaConfig, capacity: usize) -> Self {
+        let cache = c.n_layers * capacity * c.kv_dim();
+        let mut batch = Batch::default();
+        batch.reserve(c, 1, 1);
+        batch.att.resize(c.n_heads * capacity, 0.0);
+        Self {
+            len: 0,
+            capacity,
+            key_cache: vec![0.0; cache],
+            value_cache: vec![0.0; cache],
+            logits: vec![0.0; c.vocab_size],
+            batch,
+        }
+    }
+    /// The logits after the last token fed.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    /// Tokens fed so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token has been fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens the KV cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
