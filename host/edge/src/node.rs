@@ -118,12 +118,12 @@ impl EdgeNode {
 
     /// The route for `path`: a prefix ending in `/` matches anything under
     /// it; any other prefix matches itself and what follows a `/` after it.
-    fn route_for<'a>(&'a self, path: &'a str) -> Option<(&'a Route, &'a str)> {
-        self.routes.iter().find_map(|route| {
-            let rest = path.strip_prefix(route.prefix.as_str())?;
-            let on_boundary =
-                route.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/');
-            on_boundary.then_some((route, rest))
+    fn route_for(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| {
+            path.strip_prefix(route.prefix.as_str())
+                .is_some_and(|rest| {
+                    route.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/')
+                })
         })
     }
 
@@ -205,8 +205,7 @@ impl EdgeNode {
                 ),
             );
         }
-        let path = parts.uri.path().to_owned();
-        let Some((route, rest)) = self.route_for(&path) else {
+        let Some(route) = self.route_for(parts.uri.path()) else {
             return (
                 unrouted(),
                 error_response(
@@ -217,9 +216,8 @@ impl EdgeNode {
             );
         };
         if route.plugins.is_empty() {
-            let rest = rest.to_owned();
             let response = self
-                .serve_target(&route.target, parts, body, client, &rest)
+                .serve_target(&route.target, &route.prefix, parts, body, client)
                 .await;
             return (route.name.clone(), response);
         }
@@ -250,12 +248,9 @@ impl EdgeNode {
             },
         };
         // A plugin may have rewritten the path: the site sees the new one.
-        let path = parts.uri.path().to_owned();
-        let rest = path
-            .strip_prefix(route.prefix.as_str())
-            .unwrap_or(path.as_str())
-            .to_owned();
-        let response = self.serve_target(target, parts, body, client, &rest).await;
+        let response = self
+            .serve_target(target, &route.prefix, parts, body, client)
+            .await;
         let response = route.plugins.run_response_phase(view, response).await;
         (route.name.clone(), response)
     }
@@ -263,17 +258,21 @@ impl EdgeNode {
     async fn serve_target(
         &self,
         target: &Target,
+        route_prefix: &str,
         parts: Parts,
         body: Incoming,
         client: &ClientConnection,
-        path_in_route: &str,
     ) -> Response<Body> {
         match target {
             Target::Site(site) => {
+                let path = parts.uri.path();
+                // A plugin's rewrite may have left the prefix: then the
+                // whole path is the path in the site.
+                let in_site = path.strip_prefix(route_prefix).unwrap_or(path);
                 site.serve(
                     &parts.method,
                     &parts.headers,
-                    path_in_route.trim_start_matches('/'),
+                    in_site.trim_start_matches('/'),
                 )
                 .await
             }
