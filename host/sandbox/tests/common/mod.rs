@@ -11,7 +11,14 @@ use breakwater_sandbox::{
     Capability, Limits, LoadedPlugin, PluginSpec, Request, Sandbox, SandboxConfig, sha256_hex,
 };
 
-const COMPONENTS: &[&str] = &["template", "waf", "fixture_misbehave", "fixture_host_calls"];
+const COMPONENTS: &[&str] = &[
+    "template",
+    "waf",
+    "fixture_misbehave",
+    "fixture_host_calls",
+    "rate_limit",
+    "router",
+];
 
 fn plugins_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins")

@@ -1,0 +1,346 @@
+//! The bundled `rate-limit` plugin through the real host, with the
+//! `counters` capability granted: bursts, sustained rates, the 429 and its
+//! headers, key isolation, costs, and configurations refused at load.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use breakwater_sandbox::{Capability, LoadError, LoadedPlugin, Request, RequestDecision, Sandbox};
+use common::{get, sandbox, spec};
+
+fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> {
+    let mut spec = spec("rate-limit", "rate_limit", config);
+    spec.grants.insert(Capability::Counters);
+    sandbox.load(spec)
+}
+
+fn load(sandbox: &Sandbox, config: &str) -> LoadedPlugin {
+    try_load(sandbox, config).expect("load rate-limit")
+}
+
+fn with_header(mut req: Request, name: &str, value: &str) -> Request {
+    req.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    req.headers.push((name.to_owned(), value.to_owned()));
+    req
+}
+
+fn from_ip(mut req: Request, ip: &str) -> Request {
+    req.client_ip = ip.to_owned();
+    req
+}
+
+/// A refused request's answer.
+struct Refusal {
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Refusal {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no `{name}` header in {:?}", self.headers))
+    }
+
+    /// `retry_after_ms` from the JSON body.
+    fn retry_after_ms(&self) -> u64 {
+        let rest = self
+            .body
+            .split_once(r#""retry_after_ms":"#)
+            .unwrap_or_else(|| panic!("no retry_after_ms in {}", self.body))
+            .1;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().expect("retry_after_ms is a number")
+    }
+}
+
+/// Calls the plugin: `None` when the request continues unchanged, the 429
+/// otherwise (anything else fails the test).
+#[track_caller]
+fn call(plugin: &LoadedPlugin, req: &Request) -> Option<Refusal> {
+    match plugin.on_request(req).expect("call") {
+        RequestDecision::Continue => None,
+        RequestDecision::Respond(response) => {
+            assert_eq!(response.status, 429);
+            let refusal = Refusal {
+                headers: response.headers,
+                body: String::from_utf8(response.body).expect("utf-8 body"),
+            };
+            assert_eq!(refusal.header("content-type"), "application/json");
+            Some(refusal)
+        }
+        other => panic!("unexpected decision {other:?}"),
+    }
+}
+
+#[track_caller]
+fn allowed(plugin: &LoadedPlugin, req: &Request) -> bool {
+    call(plugin, req).is_none()
+}
+
+/// How many of `n` back-to-back requests are allowed.
+fn allowed_of(plugin: &LoadedPlugin, req: &Request, n: usize) -> usize {
+    (0..n).filter(|_| allowed(plugin, req)).count()
+}
+
+/// Tiers refilling so slowly that no token comes back during a test.
+const SLOW: &str = r#"{
+    "tiers": {
+        "free": { "rate_per_second": 0.001, "burst": 3 },
+        "pro": { "rate_per_second": 0.001, "burst": 5 }
+    },
+    "keys": { "k-free": "free", "k-pro": "pro", "k-free-2": "free" },
+    "anonymous": { "rate_per_second": 0.001, "burst": 2 }
+}"#;
+
+#[test]
+fn the_burst_is_honoured_exactly() {
+    let sandbox = sandbox();
+    let plugin = load(&sandbox, SLOW);
+    let free = with_header(get("/v1/models"), "x-api-key", "k-free");
+    for _ in 0..3 {
+        assert!(allowed(&plugin, &free));
+    }
+    assert!(!allowed(&plugin, &free));
+    assert!(!allowed(&plugin, &free));
+
+    let pro = with_header(get("/v1/models"), "x-api-key", "k-pro");
+    assert_eq!(allowed_of(&plugin, &pro, 10), 5);
+
+    let anonymous = get("/v1/models");
+    assert_eq!(allowed_of(&plugin, &anonymous, 10), 2);
+}
+
+#[test]
+fn a_tier_rate_holds_within_five_percent_over_two_seconds() {
+    let sandbox = sandbox();
+    let (rate, burst) = (100.0, 20);
+    let plugin = load(
+        &sandbox,
+        &format!(
+            r#"{{"tiers":{{"t":{{"rate_per_second":{rate},"burst":{burst}}}}},"keys":{{"k":"t"}}}}"#
+        ),
+    );
+    let req = with_header(get("/v1/chat/completions"), "authorization", "Bearer k");
+    let window = Duration::from_secs(2);
+    let started = Instant::now();
+    let mut sent = 0_u32;
+    let mut allowed_count = 0_u32;
+    while started.elapsed() < window {
+        sent += 1;
+        if allowed(&plugin, &req) {
+            allowed_count += 1;
+        }
+    }
+    let expected = rate * window.as_secs_f64() + f64::from(burst);
+    let error = (f64::from(allowed_count) - expected).abs() / expected;
+    assert!(
+        sent > allowed_count,
+        "the loop must outrun the rate to test it ({sent} sent)"
+    );
+    assert!(
+        error <= 0.05,
+        "{allowed_count} of {sent} allowed in 2 s, expected {expected} within 5%"
+    );
+}
+
+#[test]
+fn the_429_says_when_to_retry() {
+    let sandbox = sandbox();
+    let plugin = load(
+        &sandbox,
+        r#"{
+            "tiers": { "slow": { "rate_per_second": 0.5, "burst": 1 }, "fast": { "rate_per_second": 2, "burst": 2 } },
+            "keys": { "k-slow": "slow", "k-fast": "fast" }
+        }"#,
+    );
+
+    let mut slow = with_header(get("/v1/models"), "x-api-key", "k-slow");
+    slow.request_id = "req-slow".to_owned();
+    assert!(allowed(&plugin, &slow));
+    let refusal = call(&plugin, &slow).expect("second request refused");
+    // One token every 2 s: the next is due in just under 2000 ms.
+    let retry_ms = refusal.retry_after_ms();
+    assert!((1500..=2000).contains(&retry_ms), "{retry_ms}");
+    assert_eq!(
+        refusal.body,
+        format!(
+            r#"{{"error":"rate_limited","retry_after_ms":{retry_ms},"request_id":"req-slow"}}"#
+        )
+    );
+    assert_eq!(refusal.header("retry-after"), "2");
+    assert_eq!(refusal.header("ratelimit-policy"), r#""slow";q=1;w=2"#);
+    assert_eq!(refusal.header("ratelimit"), r#""slow";r=0;t=2"#);
+    assert_eq!(refusal.header("ratelimit-limit"), "1");
+    assert_eq!(refusal.header("ratelimit-remaining"), "0");
+    assert_eq!(refusal.header("ratelimit-reset"), "2");
+
+    // Two tokens a second: retry in about 500 ms, and `Retry-After` is
+    // rounded up to a whole second.
+    let fast = with_header(get("/v1/models"), "x-api-key", "k-fast");
+    assert_eq!(allowed_of(&plugin, &fast, 2), 2);
+    let refusal = call(&plugin, &fast).expect("third request refused");
+    let retry_ms = refusal.retry_after_ms();
+    assert!((250..=500).contains(&retry_ms), "{retry_ms}");
+    assert_eq!(refusal.header("retry-after"), "1");
+    assert_eq!(refusal.header("ratelimit-policy"), r#""fast";q=2;w=1"#);
+
+    // Waiting as told is enough.
+    std::thread::sleep(Duration::from_millis(retry_ms + 20));
+    assert!(allowed(&plugin, &fast));
+}
+
+#[test]
+fn keys_are_isolated_from_each_other_and_from_anonymous_ips() {
+    let sandbox = sandbox();
+    let plugin = load(&sandbox, SLOW);
+    let free = with_header(get("/v1/models"), "x-api-key", "k-free");
+    let free_2 = with_header(get("/v1/models"), "x-api-key", "k-free-2");
+    assert_eq!(allowed_of(&plugin, &free, 10), 3);
+    // Another key of the same tier has a bucket of its own.
+    assert_eq!(allowed_of(&plugin, &free_2, 10), 3);
+    // Anonymous traffic from the same IP is unaffected by the keys.
+    assert_eq!(allowed_of(&plugin, &get("/v1/models"), 10), 2);
+    // Each anonymous IP has its own bucket.
+    let other_ip = from_ip(get("/v1/models"), "198.51.100.20");
+    assert_eq!(allowed_of(&plugin, &other_ip, 10), 2);
+    // A key keeps its bucket whichever IP it comes from.
+    assert!(!allowed(&plugin, &from_ip(free.clone(), "203.0.113.9")));
+    // The anonymous 429 names its tier.
+    let refusal = call(&plugin, &get("/v1/models")).expect("refused");
+    assert_eq!(
+        refusal.header("ratelimit-policy"),
+        r#""anonymous";q=2;w=2000"#
+    );
+}
+
+#[test]
+fn an_unknown_key_is_limited_as_anonymous() {
+    let sandbox = sandbox();
+    let plugin = load(&sandbox, SLOW);
+    let invented = with_header(get("/v1/models"), "x-api-key", "k-invented");
+    assert_eq!(allowed_of(&plugin, &invented, 10), 2);
+    // It drew from the IP's anonymous bucket, now empty.
+    assert!(!allowed(&plugin, &get("/v1/models")));
+    let other_invented = with_header(get("/v1/models"), "authorization", "Bearer nope");
+    assert!(!allowed(&plugin, &other_invented));
+}
+
+#[test]
+fn bearer_tokens_and_the_key_header_both_name_keys() {
+    let sandbox = sandbox();
+    let plugin = load(&sandbox, SLOW);
+    let bearer = with_header(get("/v1/models"), "Authorization", "Bearer k-pro");
+    let header = with_header(get("/v1/models"), "X-Api-Key", "k-pro");
+    // Both name the same key, so they share its bucket of 5.
+    assert_eq!(allowed_of(&plugin, &bearer, 3), 3);
+    assert_eq!(allowed_of(&plugin, &header, 5), 2);
+    // Anonymous traffic from the same IP still has its own.
+    assert_eq!(allowed_of(&plugin, &get("/"), 5), 2);
+
+    // A configured header replaces `x-api-key`.
+    let plugin = load(
+        &sandbox,
+        r#"{
+            "tiers": { "t": { "rate_per_second": 0.001, "burst": 1 } },
+            "keys": { "k-custom": "t" },
+            "key_header": "x-customer-key"
+        }"#,
+    );
+    let custom = with_header(get("/"), "x-customer-key", "k-custom");
+    assert_eq!(allowed_of(&plugin, &custom, 3), 1);
+    // No anonymous limit is configured: the old header is now just
+    // anonymous traffic, which is unlimited.
+    let old = with_header(get("/"), "x-api-key", "k-custom");
+    assert_eq!(allowed_of(&plugin, &old, 5), 5);
+}
+
+#[test]
+fn the_cost_header_takes_several_tokens() {
+    let sandbox = sandbox();
+    let plugin = load(
+        &sandbox,
+        r#"{
+            "tiers": { "t": { "rate_per_second": 0.001, "burst": 10 } },
+            "keys": { "k1": "t", "k2": "t", "k3": "t" },
+            "cost_header": "x-request-cost"
+        }"#,
+    );
+    let key = |key: &str, cost: &str| {
+        with_header(
+            with_header(get("/v1/chat/completions"), "x-api-key", key),
+            "x-request-cost",
+            cost,
+        )
+    };
+    assert!(allowed(&plugin, &key("k1", "4")));
+    assert!(allowed(&plugin, &key("k1", "4")));
+    let refusal = call(&plugin, &key("k1", "4")).expect("4 of 2 left");
+    assert_eq!(refusal.header("ratelimit-remaining"), "2");
+    assert!(allowed(&plugin, &key("k1", "2")));
+    assert!(!allowed(&plugin, &key("k1", "1")));
+
+    // A cost above the burst is capped at the burst, so it empties the bucket.
+    assert!(allowed(&plugin, &key("k2", "1000")));
+    assert!(!allowed(&plugin, &key("k2", "1")));
+
+    // Zero or garbage cost one token.
+    assert_eq!(allowed_of(&plugin, &key("k3", "0"), 5), 5);
+    assert_eq!(allowed_of(&plugin, &key("k3", "lots"), 10), 5);
+}
+
+#[test]
+fn only_the_listed_path_prefixes_are_limited() {
+    let sandbox = sandbox();
+    let plugin = load(
+        &sandbox,
+        r#"{ "anonymous": { "rate_per_second": 0.001, "burst": 1 }, "path_prefixes": ["/v1/"] }"#,
+    );
+    assert_eq!(allowed_of(&plugin, &get("/healthz"), 5), 5);
+    assert_eq!(allowed_of(&plugin, &get("/v1/models?x=1"), 5), 1);
+    assert!(allowed(&plugin, &get("/v2/v1/models")));
+}
+
+#[test]
+fn bad_configurations_refuse_to_load() {
+    let sandbox = sandbox();
+    for config in [
+        r#"{"no_such_field":1}"#,
+        r#"{"anonymous":{"rate_per_second":1,"burst":1,"window":3}}"#,
+        r#"{"tiers":{"t":{"rate_per_second":1,"burst":1}},"keys":{"k":"missing"}}"#,
+        r#"{"tiers":{"t":{"rate_per_second":0,"burst":1}}}"#,
+        r#"{"tiers":{"t":{"rate_per_second":-2,"burst":1}}}"#,
+        r#"{"anonymous":{"rate_per_second":0,"burst":5}}"#,
+        r#"{"tiers":{"t":{"rate_per_second":1,"burst":0}}}"#,
+        r#"{"tiers":{"\"q\"":{"rate_per_second":1,"burst":1}}}"#,
+        r#"{"path_prefixes":[]}"#,
+        "not json",
+    ] {
+        let error = try_load(&sandbox, config).expect_err(config);
+        assert!(
+            matches!(error, LoadError::Config { .. }),
+            "{config}: {error}"
+        );
+    }
+}
+
+#[test]
+fn loading_without_the_counters_grant_is_refused() {
+    let sandbox = sandbox();
+    let error = sandbox
+        .load(spec("rate-limit", "rate_limit", SLOW))
+        .expect_err("loading without grants must fail");
+    assert!(
+        matches!(
+            error,
+            LoadError::NotGranted {
+                capability: "counters",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
