@@ -18,6 +18,7 @@ const COMPONENTS: &[&str] = &[
     "fixture_host_calls",
     "rate_limit",
     "router",
+    "cache_policy",
 ];
 
 fn plugins_dir() -> PathBuf {

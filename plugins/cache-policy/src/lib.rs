@@ -1,0 +1,456 @@
+//! Decides how the edge cache treats a request: its cache key, its TTL, or
+//! a bypass.
+//!
+//! Configuration (every field optional; the defaults are shown):
+//!
+//! ```json
+//! {
+//!   "drop_query_params": ["utm_*", "fbclid", "gclid"],
+//!   "vary_headers": [],
+//!   "routes": [],
+//!   "default_ttl": null,
+//!   "bypass_cookies": [],
+//!   "ai_paths": ["/v1/chat/completions", "/v1/completions"]
+//! }
+//! ```
+//!
+//! A fuller example:
+//!
+//! ```json
+//! {
+//!   "vary_headers": ["Accept-Language"],
+//!   "routes": [
+//!     { "path_prefix": "/static/", "ttl": 86400 },
+//!     { "path_prefix": "/v1/", "ttl": 300, "shareable": true },
+//!     { "path_prefix": "/", "ttl": 60 }
+//!   ],
+//!   "bypass_cookies": ["session"]
+//! }
+//! ```
+//!
+//! - `drop_query_params`: query parameter names left out of the key,
+//!   compared exactly (case-sensitively); a trailing `*` matches any name
+//!   with that prefix (`utm_*`).
+//! - `vary_headers`: request headers whose values are part of the key.
+//! - `routes`: tried in order on the path without its query; the first whose
+//!   `path_prefix` (a plain string prefix) matches gives the TTL in seconds
+//!   (`ttl`, a non-negative integer) and whether requests carrying
+//!   `Authorization` may share the cache (`shareable`, default false).
+//!   Without a match, `default_ttl` applies, and without that no TTL is set
+//!   (the cache's own rules decide).
+//! - `bypass_cookies`: cookie names whose presence bypasses the cache.
+//! - `ai_paths`: paths (without query, exact) of OpenAI-style completion
+//!   endpoints whose `POST` bodies may be cached.
+//!
+//! Decisions, in this order:
+//! 1. A method other than `GET` and `HEAD` bypasses, except `POST` to an
+//!    `ai_paths` entry (step 4).
+//! 2. `Authorization` present bypasses unless the matched route is
+//!    `shareable`.
+//! 3. A cookie named in `bypass_cookies` bypasses.
+//! 4. `POST` to an AI path: the JSON body (only when the host buffered it;
+//!    absent, malformed or not an object bypasses) is cacheable when its
+//!    `temperature` is the number 0 (absent means the API default of 1, so
+//!    not cacheable), or when the client sends `Cache-Control: max-age=N`,
+//!    whose N then is the TTL. `Cache-Control: no-store` or `no-cache`
+//!    always bypasses. The key hashes the canonical JSON of the fields that
+//!    decide the answer (see [`KEYED_FIELDS`]).
+//! 5. Otherwise the request continues with its key and TTL.
+//!
+//! Key formats, fields joined by `|`:
+//! - `GET|host|/path?a=1&b=2|accept-language=en` — the method; the host
+//!   lower-cased; the path with the query's dropped parameters removed and
+//!   the rest sorted by name then value (each kept as sent, not decoded;
+//!   no `?` when none remains); and, only when `vary_headers` is set, each
+//!   header as `name=value` in the configured order, joined by `&`, with the
+//!   name lower-cased, every value of the header joined by `,` as sent, and
+//!   `%`, `&`, `=` and `|` in values percent-encoded; a header that is absent
+//!   is written as its bare name.
+//! - `POST|host|/v1/chat/completions|<sha256 hex>` — the same normalized
+//!   host and path, then the hex SHA-256 of the canonical body: an object of
+//!   the keyed fields present in the body, object keys sorted at every depth,
+//!   no whitespace, numbers with an integral value written as integers
+//!   (`0.0` and `0` are the same). The vary headers follow as for `GET`.
+//!
+//! It imports no host capability, so it loads with none granted.
+
+use std::time::Duration;
+
+use breakwater_sdk::{Plugin, Request, RequestChanges, RequestDecision, export_plugin};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The body fields that decide a completion's answer, and so its key:
+/// the input, the model, the sampling parameters and the output's shape
+/// (`stream` too, since a streamed answer has another wire format).
+const KEYED_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "prompt",
+    "suffix",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "n",
+    "stream",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+];
+
+/// The plugin's configuration; unknown fields refuse the load.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Config {
+    drop_query_params: Vec<String>,
+    vary_headers: Vec<String>,
+    routes: Vec<Route>,
+    default_ttl: Option<u64>,
+    bypass_cookies: Vec<String>,
+    ai_paths: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            drop_query_params: ["utm_*", "fbclid", "gclid"].map(String::from).to_vec(),
+            vary_headers: Vec::new(),
+            routes: Vec::new(),
+            default_ttl: None,
+            bypass_cookies: Vec::new(),
+            ai_paths: ["/v1/chat/completions", "/v1/completions"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+/// A route: its TTL in seconds and whether authorized requests may share.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Route {
+    path_prefix: String,
+    ttl: u64,
+    #[serde(default)]
+    shareable: bool,
+}
+
+/// A query parameter name to drop.
+enum ParamPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl ParamPattern {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            ParamPattern::Exact(exact) => name == exact,
+            ParamPattern::Prefix(prefix) => name.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+struct CachePolicy {
+    drop: Vec<ParamPattern>,
+    /// Lower-cased.
+    vary_headers: Vec<String>,
+    routes: Vec<Route>,
+    default_ttl: Option<u64>,
+    bypass_cookies: Vec<String>,
+    ai_paths: Vec<String>,
+}
+
+impl Plugin for CachePolicy {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        let drop = config
+            .drop_query_params
+            .into_iter()
+            .map(|name| match name.strip_suffix('*') {
+                Some(prefix) => ParamPattern::Prefix(prefix.to_owned()),
+                None => ParamPattern::Exact(name),
+            })
+            .collect();
+        for route in &config.routes {
+            if route.path_prefix.is_empty() {
+                return Err(
+                    "a route's `path_prefix` is empty; use \"/\" to match every path".into(),
+                );
+            }
+        }
+        Ok(CachePolicy {
+            drop,
+            vary_headers: config
+                .vary_headers
+                .iter()
+                .map(|name| name.to_ascii_lowercase())
+                .collect(),
+            routes: config.routes,
+            default_ttl: config.default_ttl,
+            bypass_cookies: config.bypass_cookies,
+            ai_paths: config.ai_paths,
+        })
+    }
+
+    fn on_request(&self, req: &Request) -> RequestDecision {
+        match self.decide(req) {
+            Some((key, ttl)) => {
+                let mut changes = RequestChanges::default().cache_key(&key);
+                if let Some(seconds) = ttl {
+                    changes = changes.cache_ttl(Duration::from_secs(seconds));
+                }
+                RequestDecision::ContinueWith(changes)
+            }
+            None => RequestDecision::ContinueWith(RequestChanges::default().bypass_cache()),
+        }
+    }
+}
+
+impl CachePolicy {
+    /// The key and TTL in seconds, or none to bypass.
+    fn decide(&self, req: &Request) -> Option<(String, Option<u64>)> {
+        let method = req.method.to_ascii_uppercase();
+        let path = req.path_only();
+        let ai = method == "POST" && self.ai_paths.iter().any(|p| p == path);
+        if !(ai || method == "GET" || method == "HEAD") {
+            return None;
+        }
+        let route = self
+            .routes
+            .iter()
+            .find(|r| path.starts_with(&r.path_prefix));
+        if req.header("authorization").is_some() && !route.is_some_and(|r| r.shareable) {
+            return None;
+        }
+        if self.has_bypass_cookie(req) {
+            return None;
+        }
+        let route_ttl = route.map(|r| r.ttl).or(self.default_ttl);
+        let mut key = format!(
+            "{method}|{}|{}",
+            req.host.to_ascii_lowercase(),
+            self.target(req)
+        );
+        let ttl = if ai {
+            let (digest, ttl) = ai_digest(req, route_ttl)?;
+            key.push('|');
+            key.push_str(&digest);
+            ttl
+        } else {
+            route_ttl
+        };
+        if !self.vary_headers.is_empty() {
+            key.push('|');
+            key.push_str(&self.vary_part(req));
+        }
+        Some((key, ttl))
+    }
+
+    fn has_bypass_cookie(&self, req: &Request) -> bool {
+        if self.bypass_cookies.is_empty() {
+            return false;
+        }
+        values(req, "cookie")
+            .flat_map(|value| value.split(';'))
+            .map(|pair| pair.split_once('=').map_or(pair, |(name, _)| name).trim())
+            .any(|name| self.bypass_cookies.iter().any(|c| c == name))
+    }
+
+    /// The path with the query normalized: dropped parameters removed, the
+    /// rest sorted by name then value.
+    fn target(&self, req: &Request) -> String {
+        let path = req.path_only();
+        let mut params: Vec<(&str, Option<&str>)> = req
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|piece| !piece.is_empty())
+            .map(|piece| match piece.split_once('=') {
+                Some((name, value)) => (name, Some(value)),
+                None => (piece, None),
+            })
+            .filter(|(name, _)| !self.drop.iter().any(|p| p.matches(name)))
+            .collect();
+        if params.is_empty() {
+            return path.to_owned();
+        }
+        params.sort();
+        let query: Vec<String> = params
+            .iter()
+            .map(|(name, value)| match value {
+                Some(value) => format!("{name}={value}"),
+                None => (*name).to_owned(),
+            })
+            .collect();
+        format!("{path}?{}", query.join("&"))
+    }
+
+    fn vary_part(&self, req: &Request) -> String {
+        let parts: Vec<String> = self
+            .vary_headers
+            .iter()
+            .map(|name| {
+                let vals: Vec<&str> = values(req, name).collect();
+                if vals.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{name}={}", escape(&vals.join(",")))
+                }
+            })
+            .collect();
+        parts.join("&")
+    }
+}
+
+/// Every value of header `name`, in the order sent.
+fn values<'r>(req: &'r Request, name: &'r str) -> impl Iterator<Item = &'r str> + 'r {
+    req.headers
+        .iter()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Percent-encodes the characters that separate the key's parts.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '&' => out.push_str("%26"),
+            '=' => out.push_str("%3D"),
+            '|' => out.push_str("%7C"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The client's `Cache-Control` request: `Err` to bypass, `Ok(Some(n))`
+/// for `max-age=n`.
+fn client_cache_control(req: &Request) -> Result<Option<u64>, ()> {
+    let mut max_age = None;
+    for directive in values(req, "cache-control").flat_map(|v| v.split(',')) {
+        let directive = directive.trim();
+        let (name, value) = directive.split_once('=').unwrap_or((directive, ""));
+        let name = name.trim().to_ascii_lowercase();
+        match name.as_str() {
+            "no-store" | "no-cache" => return Err(()),
+            "max-age" => {
+                max_age = Some(
+                    value
+                        .trim()
+                        .trim_matches('"')
+                        .parse::<u64>()
+                        .map_err(|_| ())?,
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(max_age)
+}
+
+/// The hex digest of the canonical body and the TTL, or none to bypass.
+fn ai_digest(req: &Request, route_ttl: Option<u64>) -> Option<(String, Option<u64>)> {
+    let max_age = client_cache_control(req).ok()?;
+    let Value::Object(body) = serde_json::from_slice::<Value>(req.body.as_deref()?).ok()? else {
+        return None;
+    };
+    let deterministic = body
+        .get("temperature")
+        .and_then(Value::as_f64)
+        .is_some_and(|t| t == 0.0);
+    let ttl = match max_age {
+        Some(seconds) => Some(seconds),
+        None if deterministic => route_ttl,
+        None => return None,
+    };
+    let mut canonical = String::new();
+    canonical.push('{');
+    let mut fields: Vec<(&str, &Value)> = KEYED_FIELDS
+        .iter()
+        .filter_map(|name| body.get(*name).map(|value| (*name, value)))
+        .collect();
+    fields.sort_by_key(|(name, _)| *name);
+    for (i, (name, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            canonical.push(',');
+        }
+        write_string(&mut canonical, name);
+        canonical.push(':');
+        write_canonical(&mut canonical, value);
+    }
+    canonical.push('}');
+    let digest = Sha256::digest(canonical.as_bytes());
+    let hex = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Some((hex, ttl))
+}
+
+fn write_string(out: &mut String, text: &str) {
+    // Serializing a string cannot fail.
+    out.push_str(&serde_json::to_string(text).unwrap_or_default());
+}
+
+/// Canonical JSON: object keys sorted, no whitespace, integral numbers as
+/// integers.
+fn write_canonical(out: &mut String, value: &Value) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                out.push_str(&i.to_string());
+            } else if let Some(u) = n.as_u64() {
+                out.push_str(&u.to_string());
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                    // Exact: the value is an integer below 2^53.
+                    #[allow(clippy::cast_possible_truncation)]
+                    out.push_str(&(f as i64).to_string());
+                } else {
+                    out.push_str(&f.to_string());
+                }
+            }
+        }
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by_key(|(k, _)| k.as_str());
+            out.push('{');
+            for (i, (k, v)) in entries.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_string(out, k);
+                out.push(':');
+                write_canonical(out, v);
+            }
+            out.push('}');
+        }
+    }
+}
+
+export_plugin!(CachePolicy);
