@@ -1,5 +1,6 @@
-//! `breakwater up` smoke test: the demo site on :8080 with ETags. Skipped
-//! when port 8080 or 9901 is taken.
+//! `breakwater up` smoke test: the demo site on :8080 with ETags, and the
+//! demo plugin chain (waf, rate limit). Skipped when port 8080 or 9901 is
+//! taken.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,6 +59,40 @@ async fn up_serves_the_demo_site_with_etags() {
     assert!(
         revalidated.bytes().await.expect("body").is_empty(),
         "a 304 has no body"
+    );
+
+    // The demo's plugin chain: the waf refuses scanners and obvious SQL
+    // injection, and anonymous /v1/ traffic is limited to bursts of 20.
+    let scanner = client
+        .get(format!("http://{addr}/"))
+        .header("user-agent", "sqlmap/1.7.2")
+        .send()
+        .await
+        .expect("GET / as a scanner");
+    assert_eq!(scanner.status(), 403, "{}", node.stderr());
+    let injection = client
+        .get(format!("http://{addr}/?id=1%27%20OR%20%271%27=%271"))
+        .send()
+        .await
+        .expect("GET / with SQL injection");
+    assert_eq!(injection.status(), 403);
+
+    let mut limited = None;
+    for _ in 0..60 {
+        let response = client
+            .get(format!("http://{addr}/v1/models"))
+            .send()
+            .await
+            .expect("GET /v1/models");
+        if response.status() == 429 {
+            limited = Some(response);
+            break;
+        }
+    }
+    let limited = limited.expect("anonymous /v1/ traffic is rate limited within 60 requests");
+    assert!(
+        limited.headers().contains_key("retry-after"),
+        "a 429 says when to retry"
     );
 
     node.sigterm();

@@ -67,13 +67,14 @@ fn main() -> ExitCode {
         Command::Edge { config } => load(&config).and_then(run_edge),
         Command::Up {
             config: Some(config),
-        } => load(&config).and_then(run_edge),
+        } => load(&config).and_then(pin_local_plugins).and_then(run_edge),
         Command::Up { config: None } => edge_config::parse(
             edge_config::LOCAL_EXAMPLE,
             Path::new("edge-config/examples/local.toml"),
             edge_config::local_example_dir(),
         )
-        .context("the embedded demo configuration")
+        .context("the embedded demo configuration (`cargo xtask up` builds its plugins)")
+        .and_then(pin_local_plugins)
         .and_then(run_edge),
     };
     match result {
@@ -103,6 +104,20 @@ fn check_config(file: &Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The local POP runs the plugins this checkout just built, so it pins each
+/// plugin left without a digest to the artifact on disk. Only `up` does
+/// this: `breakwater edge` requires every pin, and refuses a mismatch.
+fn pin_local_plugins(
+    mut config: edge_config::EdgeConfig,
+) -> anyhow::Result<edge_config::EdgeConfig> {
+    for plugin in config.plugins.iter_mut().filter(|p| p.sha256.is_empty()) {
+        let bytes = std::fs::read(&plugin.path)
+            .with_context(|| format!("reading plugin {}", plugin.path.display()))?;
+        plugin.sha256 = breakwater_sandbox::sha256_hex(&bytes);
+    }
+    Ok(config)
 }
 
 fn load(path: &Path) -> anyhow::Result<edge_config::EdgeConfig> {
