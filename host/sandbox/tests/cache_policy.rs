@@ -5,7 +5,7 @@
 mod common;
 
 use breakwater_sandbox::{LoadError, LoadedPlugin, Request, RequestDecision, Sandbox};
-use common::{get, sandbox, spec};
+use common::{get, sandbox, spec, with_header, with_host};
 
 fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> {
     // The plugin imports nothing, so it is loaded with no grants at all.
@@ -14,16 +14,6 @@ fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> 
 
 fn load(sandbox: &Sandbox, config: &str) -> LoadedPlugin {
     try_load(sandbox, config).expect("load cache-policy")
-}
-
-fn with_header(mut req: Request, name: &str, value: &str) -> Request {
-    req.headers.push((name.to_owned(), value.to_owned()));
-    req
-}
-
-fn with_host(mut req: Request, host: &str) -> Request {
-    req.host = host.to_owned();
-    req
 }
 
 fn post(path: &str, body: &str) -> Request {

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use breakwater_sandbox::{Capability, LoadError, LoadedPlugin, Request, RequestDecision, Sandbox};
-use common::{get, sandbox, spec};
+use common::{get, replace_header, sandbox, spec};
 
 fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> {
     let mut spec = spec("rate-limit", "rate_limit", config);
@@ -17,12 +17,6 @@ fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> 
 
 fn load(sandbox: &Sandbox, config: &str) -> LoadedPlugin {
     try_load(sandbox, config).expect("load rate-limit")
-}
-
-fn with_header(mut req: Request, name: &str, value: &str) -> Request {
-    req.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-    req.headers.push((name.to_owned(), value.to_owned()));
-    req
 }
 
 fn from_ip(mut req: Request, ip: &str) -> Request {
@@ -100,14 +94,14 @@ const SLOW: &str = r#"{
 fn the_burst_is_honoured_exactly() {
     let sandbox = sandbox();
     let plugin = load(&sandbox, SLOW);
-    let free = with_header(get("/v1/models"), "x-api-key", "k-free");
+    let free = replace_header(get("/v1/models"), "x-api-key", "k-free");
     for _ in 0..3 {
         assert!(allowed(&plugin, &free));
     }
     assert!(!allowed(&plugin, &free));
     assert!(!allowed(&plugin, &free));
 
-    let pro = with_header(get("/v1/models"), "x-api-key", "k-pro");
+    let pro = replace_header(get("/v1/models"), "x-api-key", "k-pro");
     assert_eq!(allowed_of(&plugin, &pro, 10), 5);
 
     let anonymous = get("/v1/models");
@@ -124,7 +118,7 @@ fn a_tier_rate_holds_within_five_percent_over_two_seconds() {
             r#"{{"tiers":{{"t":{{"rate_per_second":{rate},"burst":{burst}}}}},"keys":{{"k":"t"}}}}"#
         ),
     );
-    let req = with_header(get("/v1/chat/completions"), "authorization", "Bearer k");
+    let req = replace_header(get("/v1/chat/completions"), "authorization", "Bearer k");
     let window = Duration::from_secs(2);
     let started = Instant::now();
     let mut sent = 0_u32;
@@ -158,7 +152,7 @@ fn the_429_says_when_to_retry() {
         }"#,
     );
 
-    let mut slow = with_header(get("/v1/models"), "x-api-key", "k-slow");
+    let mut slow = replace_header(get("/v1/models"), "x-api-key", "k-slow");
     slow.request_id = "req-slow".to_owned();
     assert!(allowed(&plugin, &slow));
     let refusal = call(&plugin, &slow).expect("second request refused");
@@ -180,7 +174,7 @@ fn the_429_says_when_to_retry() {
 
     // Two tokens a second: retry in about 500 ms, and `Retry-After` is
     // rounded up to a whole second.
-    let fast = with_header(get("/v1/models"), "x-api-key", "k-fast");
+    let fast = replace_header(get("/v1/models"), "x-api-key", "k-fast");
     assert_eq!(allowed_of(&plugin, &fast, 2), 2);
     let refusal = call(&plugin, &fast).expect("third request refused");
     let retry_ms = refusal.retry_after_ms();
@@ -197,8 +191,8 @@ fn the_429_says_when_to_retry() {
 fn keys_are_isolated_from_each_other_and_from_anonymous_ips() {
     let sandbox = sandbox();
     let plugin = load(&sandbox, SLOW);
-    let free = with_header(get("/v1/models"), "x-api-key", "k-free");
-    let free_2 = with_header(get("/v1/models"), "x-api-key", "k-free-2");
+    let free = replace_header(get("/v1/models"), "x-api-key", "k-free");
+    let free_2 = replace_header(get("/v1/models"), "x-api-key", "k-free-2");
     assert_eq!(allowed_of(&plugin, &free, 10), 3);
     // Another key of the same tier has a bucket of its own.
     assert_eq!(allowed_of(&plugin, &free_2, 10), 3);
@@ -221,11 +215,11 @@ fn keys_are_isolated_from_each_other_and_from_anonymous_ips() {
 fn an_unknown_key_is_limited_as_anonymous() {
     let sandbox = sandbox();
     let plugin = load(&sandbox, SLOW);
-    let invented = with_header(get("/v1/models"), "x-api-key", "k-invented");
+    let invented = replace_header(get("/v1/models"), "x-api-key", "k-invented");
     assert_eq!(allowed_of(&plugin, &invented, 10), 2);
     // It drew from the IP's anonymous bucket, now empty.
     assert!(!allowed(&plugin, &get("/v1/models")));
-    let other_invented = with_header(get("/v1/models"), "authorization", "Bearer nope");
+    let other_invented = replace_header(get("/v1/models"), "authorization", "Bearer nope");
     assert!(!allowed(&plugin, &other_invented));
 }
 
@@ -233,8 +227,8 @@ fn an_unknown_key_is_limited_as_anonymous() {
 fn bearer_tokens_and_the_key_header_both_name_keys() {
     let sandbox = sandbox();
     let plugin = load(&sandbox, SLOW);
-    let bearer = with_header(get("/v1/models"), "Authorization", "Bearer k-pro");
-    let header = with_header(get("/v1/models"), "X-Api-Key", "k-pro");
+    let bearer = replace_header(get("/v1/models"), "Authorization", "Bearer k-pro");
+    let header = replace_header(get("/v1/models"), "X-Api-Key", "k-pro");
     // Both name the same key, so they share its bucket of 5.
     assert_eq!(allowed_of(&plugin, &bearer, 3), 3);
     assert_eq!(allowed_of(&plugin, &header, 5), 2);
@@ -250,11 +244,11 @@ fn bearer_tokens_and_the_key_header_both_name_keys() {
             "key_header": "x-customer-key"
         }"#,
     );
-    let custom = with_header(get("/"), "x-customer-key", "k-custom");
+    let custom = replace_header(get("/"), "x-customer-key", "k-custom");
     assert_eq!(allowed_of(&plugin, &custom, 3), 1);
     // No anonymous limit is configured: the old header is now just
     // anonymous traffic, which is unlimited.
-    let old = with_header(get("/"), "x-api-key", "k-custom");
+    let old = replace_header(get("/"), "x-api-key", "k-custom");
     assert_eq!(allowed_of(&plugin, &old, 5), 5);
 }
 
@@ -270,8 +264,8 @@ fn the_cost_header_takes_several_tokens() {
         }"#,
     );
     let key = |key: &str, cost: &str| {
-        with_header(
-            with_header(get("/v1/chat/completions"), "x-api-key", key),
+        replace_header(
+            replace_header(get("/v1/chat/completions"), "x-api-key", key),
             "x-request-cost",
             cost,
         )

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use breakwater_sandbox::{LoadError, LoadedPlugin, Request, RequestDecision, Sandbox};
-use common::{get, sandbox, spec};
+use common::{get, sandbox, spec, with_header, with_host};
 
 fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> {
     // The router imports nothing, so it is loaded with no grants at all.
@@ -16,16 +16,6 @@ fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> 
 
 fn load(sandbox: &Sandbox, config: &str) -> LoadedPlugin {
     try_load(sandbox, config).expect("load router")
-}
-
-fn with_header(mut req: Request, name: &str, value: &str) -> Request {
-    req.headers.push((name.to_owned(), value.to_owned()));
-    req
-}
-
-fn with_host(mut req: Request, host: &str) -> Request {
-    req.host = host.to_owned();
-    req
 }
 
 fn with_method(mut req: Request, method: &str) -> Request {

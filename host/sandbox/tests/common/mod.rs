@@ -110,3 +110,23 @@ pub fn get(path: &str) -> Request {
         body: None,
     }
 }
+
+/// `req` with one more `name: value` header, after any of that name (a
+/// repeated header).
+pub fn with_header(mut req: Request, name: &str, value: &str) -> Request {
+    req.headers.push((name.to_owned(), value.to_owned()));
+    req
+}
+
+/// `req` with `name: value` replacing any header of that name.
+pub fn replace_header(mut req: Request, name: &str, value: &str) -> Request {
+    req.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    req.headers.push((name.to_owned(), value.to_owned()));
+    req
+}
+
+/// `req` addressed to `host`.
+pub fn with_host(mut req: Request, host: &str) -> Request {
+    req.host = host.to_owned();
+    req
+}
