@@ -74,7 +74,13 @@ impl EdgeConfig {
             site.root = base_dir.join(&site.root);
         }
         for plugin in &mut self.plugins {
-            plugin.path = base_dir.join(&plugin.path);
+            if let Some(path) = &mut plugin.path {
+                *path = base_dir.join(&*path);
+            }
+        }
+        self.plugin_store.cache_dir = base_dir.join(&self.plugin_store.cache_dir);
+        if let Some(disk) = &mut self.cache.disk_path {
+            *disk = base_dir.join(&*disk);
         }
     }
 

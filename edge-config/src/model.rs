@@ -35,10 +35,16 @@ pub struct EdgeConfig {
     /// list them.
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
+    /// The response cache used by routes with `cache = true`.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Where plugins given by `url` are fetched from and cached.
+    #[serde(default)]
+    pub plugin_store: PluginStoreConfig,
 }
 
 /// Identity of this node.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     #[serde(default = "default_node_name")]
@@ -58,7 +64,7 @@ impl Default for NodeConfig {
 
 /// One data-plane socket. Plain listeners speak HTTP/1.1 and h2c (prior
 /// knowledge); TLS listeners negotiate h2 or HTTP/1.1 by ALPN.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// `host:port`; port 0 picks a free port.
@@ -68,7 +74,7 @@ pub struct ListenerConfig {
 }
 
 /// PEM files for a TLS listener; relative paths are relative to the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
@@ -76,7 +82,7 @@ pub struct TlsConfig {
 }
 
 /// The admin listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub address: String,
@@ -89,7 +95,7 @@ pub struct AdminConfig {
 }
 
 /// Request limits: each one answered with its own status (431, 413, 408).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Request line plus headers, in bytes; beyond it: 431.
@@ -108,6 +114,17 @@ pub struct LimitsConfig {
     /// How long in-flight requests may run after SIGTERM.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Plugin phases (one request's on-request or on-response chain) that
+    /// may run at once; each occupies a blocking thread while it runs.
+    /// Default: one per CPU. The CPU deadline is counted by the wall clock
+    /// (epoch interruption), so more phases than cores would share a core
+    /// and trip each other's deadlines under load.
+    #[serde(default = "default_plugin_concurrency")]
+    pub plugin_concurrency: usize,
+    /// How long a request waits for a plugin slot; beyond it: 503 with
+    /// `Retry-After`. Zero sheds at once when every slot is busy.
+    #[serde(default = "default_plugin_queue_timeout", with = "humantime_serde")]
+    pub plugin_queue_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -118,12 +135,14 @@ impl Default for LimitsConfig {
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
             shutdown_grace: default_shutdown_grace(),
+            plugin_concurrency: default_plugin_concurrency(),
+            plugin_queue_timeout: default_plugin_queue_timeout(),
         }
     }
 }
 
 /// A directory served as static assets under a path prefix.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     pub name: String,
@@ -148,7 +167,7 @@ pub struct SiteConfig {
 }
 
 /// `Cache-Control` for paths matching a glob such as `*.css` or `assets/**`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheControlRule {
     pub pattern: String,
@@ -156,7 +175,7 @@ pub struct CacheControlRule {
 }
 
 /// Requests whose path starts with `prefix` go to `pool`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub prefix: String,
@@ -164,17 +183,88 @@ pub struct RouteConfig {
     /// Plugin chain, by `[[plugin]]` name, run in order on each request.
     #[serde(default)]
     pub plugins: Vec<String>,
+    /// Whether answers on this route go through the response cache.
+    #[serde(default)]
+    pub cache: bool,
+    /// How long a stale answer may be served while one refresh runs behind
+    /// it, when the upstream's `Cache-Control` does not say.
+    #[serde(default, with = "humantime_serde::option")]
+    pub stale_while_revalidate: Option<Duration>,
+    /// How long a stale answer may stand in for an upstream error, when the
+    /// upstream's `Cache-Control` does not say.
+    #[serde(default, with = "humantime_serde::option")]
+    pub stale_if_error: Option<Duration>,
+}
+
+/// The response cache: a memory tier and an optional disk tier, each with
+/// a byte budget and a ceiling on how long it keeps an entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Memory tier budget: stored bodies and headers, in bytes.
+    #[serde(default = "default_cache_memory_bytes")]
+    pub memory_bytes: u64,
+    /// Longest time the memory tier keeps an entry, fresh or not.
+    #[serde(default = "default_cache_memory_ttl_max", with = "humantime_serde")]
+    pub memory_ttl_max: Duration,
+    /// Directory of the disk tier; none keeps the cache in memory only.
+    /// Relative paths start at the config file's directory.
+    #[serde(default)]
+    pub disk_path: Option<PathBuf>,
+    /// Disk tier budget, in bytes of stored entries.
+    #[serde(default = "default_cache_disk_bytes")]
+    pub disk_bytes: u64,
+    /// Longest time the disk tier keeps an entry, fresh or not.
+    #[serde(default = "default_cache_disk_ttl_max", with = "humantime_serde")]
+    pub disk_ttl_max: Duration,
+    /// How long concurrent misses for one key wait for the first one's
+    /// answer before going upstream themselves.
+    #[serde(default = "default_cache_coalesce_wait", with = "humantime_serde")]
+    pub coalesce_wait: Duration,
+    /// Largest body the cache records; larger answers pass through.
+    #[serde(default = "default_cache_max_object_bytes")]
+    pub max_object_bytes: u64,
+    /// How long an entry is kept past its last use (fresh, within a stale
+    /// window, or revalidatable), to be served should the origin become
+    /// unreachable (RFC 9111 §4.2.4; like Varnish's grace and nginx's
+    /// `inactive`). Within the tiers' ceilings and byte budgets.
+    #[serde(default = "default_cache_keep_stale", with = "humantime_serde")]
+    pub keep_stale: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            memory_bytes: default_cache_memory_bytes(),
+            memory_ttl_max: default_cache_memory_ttl_max(),
+            disk_path: None,
+            disk_bytes: default_cache_disk_bytes(),
+            disk_ttl_max: default_cache_disk_ttl_max(),
+            coalesce_wait: default_cache_coalesce_wait(),
+            max_object_bytes: default_cache_max_object_bytes(),
+            keep_stale: default_cache_keep_stale(),
+        }
+    }
 }
 
 /// A WebAssembly plugin: its artifact, pin, capabilities and limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Unique on the node: the metrics label and the kv namespace.
     pub name: String,
-    /// The component file; relative paths start at the config file's directory.
-    pub path: PathBuf,
+    /// The component file; relative paths start at the config file's
+    /// directory. Exactly one of `path` and `url` is set; once the node has
+    /// fetched a `url` plugin, `path` names its verified cache entry.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// The component in object storage: `s3://bucket/key.wasm` (see
+    /// [`PluginStoreConfig`]) or `file:///absolute/path.wasm`.
+    #[serde(default)]
+    pub url: Option<String>,
     /// The artifact's sha256 in hex; any other content refuses to load.
+    /// Required for `url` plugins; only `breakwater up` fills an empty pin
+    /// of a `path` plugin from the local build.
     pub sha256: String,
     /// Host capabilities the plugin may import: `log`, `clock`, `kv`,
     /// `counters`, `metrics`.
@@ -201,6 +291,76 @@ impl PluginConfig {
     }
 }
 
+/// Where `[[plugin]]` tables with a `url` come from and where their
+/// artifacts are kept. Unset S3 settings fall back to the standard AWS
+/// environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginStoreConfig {
+    /// Content-addressed cache of fetched artifacts (`<sha256>.wasm`); an
+    /// artifact there is used without the network. Relative paths start at
+    /// the config file's directory.
+    #[serde(default = "default_plugin_cache_dir")]
+    pub cache_dir: PathBuf,
+    /// Base URL of the S3-compatible service, e.g. `https://s3.example.com`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region requests are signed for.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Access key id; give it with `secret_access_key`, or neither.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret access key (prefer `AWS_SECRET_ACCESS_KEY` in the environment).
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// Allow a plain-http endpoint that is not on loopback.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Deadline for fetching one artifact.
+    #[serde(default = "default_plugin_fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Largest artifact the node fetches.
+    #[serde(default = "default_plugin_max_bytes")]
+    pub max_bytes: u64,
+}
+
+impl Default for PluginStoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: default_plugin_cache_dir(),
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+            fetch_timeout: default_plugin_fetch_timeout(),
+            max_bytes: default_plugin_max_bytes(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PluginStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Configurations are logged and compared by their Debug text; the
+        // secret must not show.
+        f.debug_struct("PluginStoreConfig")
+            .field("cache_dir", &self.cache_dir)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "***"),
+            )
+            .field("allow_http", &self.allow_http)
+            .field("fetch_timeout", &self.fetch_timeout)
+            .field("max_bytes", &self.max_bytes)
+            .finish()
+    }
+}
+
 /// What a request gets when its plugin fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -213,7 +373,7 @@ pub enum FailurePolicy {
 }
 
 /// A set of interchangeable upstream endpoints.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
@@ -252,6 +412,12 @@ fn default_body_read_timeout() -> Duration {
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }
+fn default_plugin_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+fn default_plugin_queue_timeout() -> Duration {
+    Duration::from_secs(1)
+}
 fn default_prefix() -> String {
     "/".to_owned()
 }
@@ -272,4 +438,36 @@ fn default_first_byte_timeout() -> Duration {
 }
 fn default_max_idle_per_endpoint() -> usize {
     64
+}
+fn default_cache_memory_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_cache_keep_stale() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_cache_memory_ttl_max() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_cache_disk_bytes() -> u64 {
+    1024 * 1024 * 1024
+}
+fn default_cache_disk_ttl_max() -> Duration {
+    Duration::from_secs(4 * 3600)
+}
+fn default_cache_coalesce_wait() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_cache_max_object_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+/// Shared by every node on the machine: entries are named by their digest
+/// and verified on use, so sharing is safe.
+fn default_plugin_cache_dir() -> PathBuf {
+    std::env::temp_dir().join("breakwater-plugin-cache")
+}
+fn default_plugin_fetch_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_plugin_max_bytes() -> u64 {
+    64 * 1024 * 1024
 }

@@ -6,7 +6,8 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Upper bound for anything a test waits on; generous for a loaded machine.
@@ -107,10 +108,25 @@ impl ChildGuard {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends SIGHUP: reload the plugins.
+    pub fn sighup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    /// Sends SIGKILL and reaps the child: a crash, nothing drained.
+    pub fn sigkill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
     }
 
     /// Waits up to `limit` for the child to exit.
@@ -176,13 +192,52 @@ pub fn port_is_free(port: u16) -> bool {
 /// An upstream that answers every request `200 slept` after `delay`, one
 /// request per connection. Runs on the caller's tokio runtime.
 pub async fn start_slow_upstream(delay: Duration) -> SocketAddr {
+    start_raw_upstream(move |_| {
+        (
+            delay,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+              Content-Length: 5\r\nConnection: close\r\n\r\nslept"
+                .to_vec(),
+        )
+    })
+    .await
+}
+
+/// An upstream that answers `200` with the request's path as the body and
+/// `cache_control` as its `Cache-Control`, and counts the requests it got.
+pub async fn start_counting_upstream(
+    cache_control: &'static str,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&count);
+    let addr = start_raw_upstream(move |path| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: {cache_control}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{path}",
+            path.len()
+        );
+        (Duration::ZERO, response.into_bytes())
+    })
+    .await;
+    (addr, count)
+}
+
+/// A loopback HTTP/1.1 upstream, one request per connection: `respond`
+/// gets the request path and gives a delay and the raw response bytes.
+async fn start_raw_upstream<F>(respond: F) -> SocketAddr
+where
+    F: Fn(&str) -> (Duration, Vec<u8>) + Send + Sync + 'static,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the upstream");
     let addr = listener.local_addr().expect("upstream addr");
+    let respond = Arc::new(respond);
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let respond = Arc::clone(&respond);
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -192,13 +247,11 @@ pub async fn start_slow_upstream(delay: Duration) -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&chunk[..n]),
                     }
                 }
+                let text = String::from_utf8_lossy(&head);
+                let path = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let (delay, response) = respond(&path);
                 tokio::time::sleep(delay).await;
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
-                          Content-Length: 5\r\nConnection: close\r\n\r\nslept",
-                    )
-                    .await;
+                let _ = stream.write_all(&response).await;
                 let _ = stream.shutdown().await;
             });
         }

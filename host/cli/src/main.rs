@@ -1,6 +1,11 @@
 //! `breakwater`: the one binary. Subcommands run an edge node, check a
 //! configuration, or start the all-in-one local POP.
 
+mod gpu_host;
+mod plugin;
+mod up;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -40,11 +45,29 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// The all-in-one local POP: the demo site on http://127.0.0.1:8080.
+    /// Serve a model behind the OpenAI-compatible API (CPU backend).
+    GpuHost(gpu_host::GpuHostArgs),
+    /// Build and test plugins: `plugin build`, `plugin test`.
+    Plugin {
+        #[command(subcommand)]
+        command: plugin::PluginCommand,
+    },
+    /// The all-in-one local POP: the demo site on http://127.0.0.1:8080,
+    /// and a GPU host serving the demo model for `/v1/*`.
     Up {
         /// Use this configuration instead of the embedded demo one.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Where the GPU host listens (the demo's `inference` pool).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        gpu_host_listen: SocketAddr,
+        /// The model the GPU host serves (default: the demo model, fetched
+        /// on first use).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Start no GPU host: `/v1/*` goes to whatever listens there.
+        #[arg(long)]
+        no_gpu_host: bool,
     },
 }
 
@@ -56,6 +79,7 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let log_json = matches!(cli.log_format, LogFormatArg::Json);
     breakwater_edge::init_logging(match cli.log_format {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
@@ -64,18 +88,27 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => return check_config(&file),
-        Command::Edge { config } => load(&config).and_then(run_edge),
+        Command::Plugin { command } => return plugin::run(command),
+        Command::GpuHost(args) => gpu_host::run(args),
+        Command::Edge { config } => load(&config).and_then(|initial| {
+            run_edge(initial, breakwater_edge::ConfigSource::file(config), None)
+        }),
+        // A reload (SIGHUP) reads the configuration the way `up` first did,
+        // pinning rebuilt local plugins again.
         Command::Up {
-            config: Some(config),
-        } => load(&config).and_then(pin_local_plugins).and_then(run_edge),
-        Command::Up { config: None } => edge_config::parse(
-            edge_config::LOCAL_EXAMPLE,
-            Path::new("edge-config/examples/local.toml"),
-            edge_config::local_example_dir(),
-        )
-        .context("the embedded demo configuration (`cargo xtask up` builds its plugins)")
-        .and_then(pin_local_plugins)
-        .and_then(run_edge),
+            config,
+            gpu_host_listen,
+            model,
+            no_gpu_host,
+        } => up_config(config.as_deref()).and_then(|initial| {
+            let source = breakwater_edge::ConfigSource::new(move || up_config(config.as_deref()));
+            let gpu_host = (!no_gpu_host).then_some(up::GpuHostPlan {
+                listen: gpu_host_listen,
+                model,
+                log_json,
+            });
+            run_edge(initial, source, gpu_host)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,40 +145,78 @@ fn check_config(file: &Path) -> ExitCode {
 fn pin_local_plugins(
     mut config: edge_config::EdgeConfig,
 ) -> anyhow::Result<edge_config::EdgeConfig> {
+    // Only local files: a `url` plugin must carry its pin (edge-config
+    // refuses an empty one).
     for plugin in config.plugins.iter_mut().filter(|p| p.sha256.is_empty()) {
-        let bytes = std::fs::read(&plugin.path)
-            .with_context(|| format!("reading plugin {}", plugin.path.display()))?;
+        let Some(path) = &plugin.path else { continue };
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))?;
         plugin.sha256 = breakwater_sandbox::sha256_hex(&bytes);
     }
     Ok(config)
+}
+
+/// `up`'s configuration: `file`, or the embedded demo, with local pins.
+fn up_config(file: Option<&Path>) -> anyhow::Result<edge_config::EdgeConfig> {
+    match file {
+        Some(file) => load(file),
+        None => edge_config::parse(
+            edge_config::LOCAL_EXAMPLE,
+            Path::new("edge-config/examples/local.toml"),
+            edge_config::local_example_dir(),
+        )
+        .context("the embedded demo configuration (`cargo xtask up` builds its plugins)"),
+    }
+    .and_then(pin_local_plugins)
 }
 
 fn load(path: &Path) -> anyhow::Result<edge_config::EdgeConfig> {
     Ok(edge_config::load(path)?)
 }
 
-fn run_edge(config: edge_config::EdgeConfig) -> anyhow::Result<()> {
+fn run_edge(
+    config: edge_config::EdgeConfig,
+    source: breakwater_edge::ConfigSource,
+    gpu_host: Option<up::GpuHostPlan>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let node = breakwater_edge::start(config).await?;
+        // Installed before the node starts: SIGHUP's default action would
+        // kill a process that is asked to reload while it starts.
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt =
+            signal(SignalKind::interrupt()).context("installing the Ctrl-C handler")?;
+        let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        // The GPU host first, so the edge's first `/v1/*` request finds it.
+        let gpu_host = match gpu_host {
+            Some(plan) => {
+                let host = up::GpuHostChild::start(plan).await?;
+                tracing::info!("gpu-host ready on http://{}", host.listen());
+                Some(host)
+            }
+            None => None,
+        };
+        let node = breakwater_edge::start_with_source(config, source).await?;
         for addr in node.listener_addrs() {
             tracing::info!("serving on http://{addr}");
         }
-        shutdown_signal().await?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading plugins");
+                    // The node logs the outcome and keeps its plugins on failure.
+                    let _ = node.reload().await;
+                }
+            }
+        }
         tracing::info!("shutting down: draining in-flight requests");
         node.shutdown().await;
+        // After the edge: its in-flight `/v1/*` streams drained first.
+        tokio::task::block_in_place(|| drop(gpu_host));
         tracing::info!("stopped");
         Ok(())
     })
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
-    }
-    Ok(())
 }

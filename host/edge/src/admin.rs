@@ -1,22 +1,34 @@
-//! The admin listener: liveness, readiness and Prometheus metrics.
+//! The admin listener: liveness, readiness and Prometheus metrics, open to
+//! anyone who can reach it; and the mutating endpoints (plugin reload, cache
+//! purge), which require `Authorization: Bearer <[admin] token>`.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use http::{StatusCode, header};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::error_response;
 use crate::node::EdgeNode;
+use crate::reload::ReloadError;
 
 pub(crate) async fn serve(listener: TcpListener, node: Arc<EdgeNode>, stop: CancellationToken) {
+    // Every route here changes the node: each one requires the token.
+    let mutating = Router::new()
+        .route("/admin/plugins/reload", post(reload_plugins))
+        .route("/admin/purge", post(purge))
+        .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(mutating)
         .with_state(node);
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -46,4 +58,124 @@ async fn metrics() -> impl IntoResponse {
         )],
         body,
     )
+}
+
+/// Lets a request through only with the configured bearer token. With no
+/// token configured the mutating endpoints are closed (403), never open.
+async fn require_token(
+    State(node): State<Arc<EdgeNode>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = node.admin_token() else {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "admin_token_not_configured",
+            "this endpoint needs an admin token: set `token_env = \"VAR\"` (the variable \
+             holding the token) or `token = \"…\"` under [admin] and restart the node",
+        );
+    };
+    match bearer_token(request.headers()) {
+        Some(presented) if tokens_match(presented, expected) => next.run(request).await,
+        _ => {
+            let mut response = error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send the admin token as `Authorization: Bearer <token>`",
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares digests of both tokens in constant time: the time taken says
+/// nothing about how much of a guess was right, nor about the length.
+fn tokens_match(presented: &str, expected: &str) -> bool {
+    let presented = breakwater_sandbox::sha256_hex(presented.as_bytes());
+    let expected = breakwater_sandbox::sha256_hex(expected.as_bytes());
+    let difference = presented
+        .bytes()
+        .zip(expected.bytes())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(difference) == 0
+}
+
+/// `POST /admin/plugins/reload`: 200 with the new generation and plugins,
+/// or the reason the current plugins stay (422 for a bad configuration or
+/// plugin, naming it).
+async fn reload_plugins(State(node): State<Arc<EdgeNode>>) -> Response {
+    match node.reload_plugins().await {
+        Ok(report) => (StatusCode::OK, axum::Json(report)).into_response(),
+        Err(error) => {
+            let status = match &error {
+                ReloadError::Config(_) | ReloadError::Plugin { .. } => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                ReloadError::NoSource => StatusCode::CONFLICT,
+                ReloadError::Sandbox(_) | ReloadError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let mut body = serde_json::json!({
+                "error": {
+                    "status": status.as_u16(),
+                    "code": error.code(),
+                    "message": error.to_string(),
+                }
+            });
+            if let Some(plugin) = error.plugin() {
+                body["error"]["plugin"] = plugin.into();
+            }
+            let mut response = Response::new(Body::from(body.to_string()));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+    }
+}
+
+/// `POST /admin/purge`: see [`crate::cache::purge_endpoint`].
+async fn purge(State(node): State<Arc<EdgeNode>>, body: axum::body::Bytes) -> Response {
+    crate::cache::purge_endpoint(node.cache(), &body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(authorization: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(authorization).expect("valid header"),
+        );
+        headers
+    }
+
+    #[test]
+    fn only_a_bearer_token_is_taken() {
+        assert_eq!(bearer_token(&headers("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&headers("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(&headers("Basic abc")), None);
+        assert_eq!(bearer_token(&headers("Bearer")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn tokens_match_exactly() {
+        assert!(tokens_match("secret", "secret"));
+        assert!(!tokens_match("secre", "secret"));
+        assert!(!tokens_match("secret!", "secret"));
+        assert!(!tokens_match("", "secret"));
+    }
 }

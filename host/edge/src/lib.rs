@@ -3,28 +3,38 @@
 //! A node listens on one or more sockets (HTTP/1.1 and h2c in the clear, h2
 //! or HTTP/1.1 over TLS), serves static sites from its own disk, and proxies
 //! everything else to upstream pools by path prefix. An admin listener
-//! answers `/healthz`, `/readyz` and `/metrics`.
+//! answers `/healthz`, `/readyz`, `/metrics` and, with a bearer token,
+//! `POST /admin/plugins/reload`. A node started with a [`ConfigSource`]
+//! reloads its plugins from it without dropping a request:
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), breakwater_edge::EdgeError> {
-//! let config = edge_config::load("edge.toml".as_ref()).expect("valid config");
-//! let node = breakwater_edge::start(config).await?;
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = edge_config::load("edge.toml".as_ref())?;
+//! let source = breakwater_edge::ConfigSource::file("edge.toml");
+//! let node = breakwater_edge::start_with_source(config, source).await?;
 //! println!("serving on {:?}", node.listener_addrs());
+//! // …edge.toml's plugins change…
+//! let report = node.reload().await?;
+//! println!("plugin generation {}", report.generation);
 //! node.shutdown().await;
 //! # Ok(())
 //! # }
 //! ```
 
 mod admin;
+mod cache;
 pub mod error;
 mod limits;
 mod node;
 mod observe;
+mod plugin_source;
 mod plugins;
 mod proxy;
+mod reload;
 mod server;
 pub mod static_files;
 
 pub use error::error_response;
 pub use observe::{LogFormat, init_logging};
-pub use server::{EdgeError, RunningNode, start};
+pub use reload::{ConfigSource, PluginInfo, ReloadError, ReloadReport};
+pub use server::{EdgeError, RunningNode, start, start_with_source};

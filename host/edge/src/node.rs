@@ -12,14 +12,15 @@ use http::request::Parts;
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
+use crate::cache::{Origin, Overrides, ResponseCache, RoutePolicy};
 use crate::error::error_response;
 use crate::limits::{LimitedBody, request_head_bytes};
 use crate::observe::{CountedBody, InFlight, REQUEST_ID, request_id};
-use crate::plugins::{self, PluginChain, RequestOutcome};
+use crate::plugins::RequestOutcome;
 use crate::proxy::{ClientConnection, UpstreamPool};
+use crate::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadReport};
 use crate::server::EdgeError;
 use crate::static_files::StaticSite;
-use breakwater_sandbox::{Sandbox, SandboxConfig};
 use std::collections::HashMap;
 
 /// What a path prefix leads to.
@@ -33,7 +34,10 @@ struct Route {
     /// Metrics label: the site's or the pool's name.
     name: String,
     target: Target,
-    plugins: Arc<PluginChain>,
+    /// Index of this route's chain in each plugin generation.
+    slot: usize,
+    /// Set on routes with `cache = true`.
+    cache: Option<RoutePolicy>,
 }
 
 /// The node's request handling state, shared by every listener.
@@ -44,47 +48,34 @@ pub(crate) struct EdgeNode {
     pools: HashMap<String, Arc<UpstreamPool>>,
     limits: LimitsConfig,
     draining: AtomicBool,
-    /// Keeps the engine, its epoch ticker and the plugin kv store alive.
-    _sandbox: Option<Sandbox>,
+    /// The plugin generations, their phase gate and reload.
+    plugins: PluginRuntime,
+    /// Bearer token of the mutating admin endpoints; none refuses them.
+    admin_token: Option<String>,
+    /// The response cache, when some route uses it.
+    cache: Option<Arc<ResponseCache>>,
 }
 
 impl EdgeNode {
-    pub(crate) fn new(config: &EdgeConfig) -> Result<Self, EdgeError> {
+    /// `source` is where a plugin reload reads the configuration again;
+    /// without one the node cannot reload.
+    pub(crate) fn new(
+        config: &EdgeConfig,
+        source: Option<ConfigSource>,
+    ) -> Result<Self, EdgeError> {
         let pools: HashMap<String, Arc<UpstreamPool>> = config
             .pools
             .iter()
             .map(|pool| (pool.name.clone(), Arc::new(UpstreamPool::new(pool))))
             .collect();
-        let sandbox = if config.plugins.is_empty() {
-            None
-        } else {
-            Some(Sandbox::new(SandboxConfig::default())?)
-        };
-        let mut loaded = HashMap::new();
-        if let Some(sandbox) = &sandbox {
-            for plugin in &config.plugins {
-                loaded.insert(
-                    plugin.name.clone(),
-                    Arc::new(plugins::load(sandbox, plugin)?),
-                );
-            }
-        }
-        // edge-config guarantees every name in a chain is defined.
-        let chain = |names: &[String]| {
-            Arc::new(PluginChain::new(
-                names
-                    .iter()
-                    .filter_map(|n| loaded.get(n).cloned())
-                    .collect(),
-            ))
-        };
         let mut routes = Vec::new();
         for site in &config.sites {
             routes.push(Route {
                 prefix: site.prefix.clone(),
                 name: site.name.clone(),
                 target: Target::Site(Box::new(StaticSite::new(site)?)),
-                plugins: chain(&site.plugins),
+                slot: 0,
+                cache: None,
             });
         }
         for route in &config.routes {
@@ -94,18 +85,51 @@ impl EdgeNode {
                     prefix: route.prefix.clone(),
                     name: route.pool.clone(),
                     target: Target::Pool(pool.clone()),
-                    plugins: chain(&route.plugins),
+                    slot: 0,
+                    cache: route.cache.then(|| RoutePolicy {
+                        stale_while_revalidate: route.stale_while_revalidate.unwrap_or_default(),
+                        stale_if_error: route.stale_if_error.unwrap_or_default(),
+                    }),
                 });
             }
         }
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        for (slot, route) in routes.iter_mut().enumerate() {
+            route.slot = slot;
+        }
+        let slots = routes.iter().map(|route| route.prefix.clone()).collect();
+        let plugins = PluginRuntime::new(config, slots, source)?;
+        let admin_token = config
+            .admin
+            .as_ref()
+            .and_then(|admin| admin.resolved_token())
+            .filter(|token| !token.is_empty());
+        let cache = if config.routes.iter().any(|route| route.cache) {
+            Some(Arc::new(ResponseCache::open(&config.cache)?))
+        } else {
+            None
+        };
         Ok(Self {
             routes,
             pools,
             limits: config.limits.clone(),
             draining: AtomicBool::new(false),
-            _sandbox: sandbox,
+            plugins,
+            admin_token,
+            cache,
         })
+    }
+
+    pub(crate) fn cache(&self) -> Option<&ResponseCache> {
+        self.cache.as_deref()
+    }
+
+    pub(crate) fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
+    }
+
+    pub(crate) async fn reload_plugins(&self) -> Result<ReloadReport, ReloadError> {
+        self.plugins.reload().await
     }
 
     pub(crate) fn start_draining(&self) {
@@ -215,17 +239,22 @@ impl EdgeNode {
                 ),
             );
         };
-        if route.plugins.is_empty() {
+        // Taken once: both phases run the chain the request started with,
+        // whatever a reload swaps in meanwhile.
+        let chain = self.plugins.chain(route.slot);
+        if chain.is_empty() {
+            let cache = route.cache.map(|policy| (policy, Overrides::default()));
             let response = self
-                .serve_target(&route.target, &route.prefix, parts, body, client)
+                .serve_target(&route.target, &route.prefix, parts, body, client, cache)
                 .await;
             return (route.name.clone(), response);
         }
 
-        let (parts, outcome) = route.plugins.run_request_phase(parts, client.peer).await;
-        let (pool, view) = match outcome {
+        let gate = self.plugins.gate();
+        let (parts, outcome) = chain.run_request_phase(gate, parts, client.peer).await;
+        let (pool, view, overrides) = match outcome {
             RequestOutcome::Respond(response) => return (route.name.clone(), response),
-            RequestOutcome::Continue { pool, view } => (pool, view),
+            RequestOutcome::Continue { pool, view, cache } => (pool, view, cache),
         };
         let chosen;
         let target = match pool {
@@ -248,10 +277,11 @@ impl EdgeNode {
             },
         };
         // A plugin may have rewritten the path: the site sees the new one.
+        let cache = route.cache.map(|policy| (policy, overrides));
         let response = self
-            .serve_target(target, &route.prefix, parts, body, client)
+            .serve_target(target, &route.prefix, parts, body, client, cache)
             .await;
-        let response = route.plugins.run_response_phase(view, response).await;
+        let response = chain.run_response_phase(gate, view, response).await;
         (route.name.clone(), response)
     }
 
@@ -262,6 +292,7 @@ impl EdgeNode {
         parts: Parts,
         body: Incoming,
         client: &ClientConnection,
+        cache: Option<(RoutePolicy, Overrides)>,
     ) -> Response<Body> {
         match target {
             Target::Site(site) => {
@@ -283,7 +314,16 @@ impl EdgeNode {
                     self.limits.body_read_timeout,
                 );
                 let request = Request::from_parts(parts, Body::new(limited));
-                pool.forward(request, client, &trip).await
+                match (cache, &self.cache) {
+                    (Some((policy, overrides)), Some(store)) => {
+                        let origin = Arc::new(Origin {
+                            pool: pool.clone(),
+                            client: client.clone(),
+                        });
+                        store.serve(policy, overrides, request, origin, trip).await
+                    }
+                    _ => pool.forward(request, client, &trip).await,
+                }
             }
         }
     }

@@ -6,21 +6,24 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use breakwater_sandbox::{
     CallError, Capability, LoadError, LoadedPlugin, OnFailure, PluginSpec, Request,
     RequestDecision, ResponseDecision, ResponseHead, Sandbox,
 };
-use edge_config::{FailurePolicy, PluginConfig};
+use edge_config::{FailurePolicy, LimitsConfig, PluginConfig};
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::error_response;
 
 /// Loads a configured plugin into the node's sandbox.
 pub(crate) fn load(sandbox: &Sandbox, config: &PluginConfig) -> Result<LoadedPlugin, LoadError> {
-    let mut spec = PluginSpec::new(&config.name, &config.path, &config.sha256);
+    let path = crate::plugin_source::local_path(config)?;
+    let mut spec = PluginSpec::new(&config.name, path, &config.sha256);
     spec.config = config.config_json();
     let mut grants = BTreeSet::new();
     for grant in &config.grants {
@@ -47,6 +50,83 @@ pub(crate) fn load(sandbox: &Sandbox, config: &PluginConfig) -> Result<LoadedPlu
     sandbox.load(spec)
 }
 
+/// Loads every configured plugin, in order; the first failure names its
+/// plugin and stops the load, so a node never runs a partial set.
+pub(crate) fn load_all(
+    sandbox: &Sandbox,
+    configs: &[PluginConfig],
+) -> Result<Vec<Arc<LoadedPlugin>>, (String, LoadError)> {
+    configs
+        .iter()
+        .map(|config| {
+            load(sandbox, config)
+                .map(Arc::new)
+                .map_err(|error| (config.name.clone(), error))
+        })
+        .collect()
+}
+
+/// One generation of the node's plugins: each route's chain. A reload
+/// replaces the whole set at once, so a request never sees chains from two
+/// generations.
+pub(crate) struct PluginSet {
+    pub(crate) generation: u64,
+    /// One chain per route, indexed by the route's slot.
+    pub(crate) chains: Vec<Arc<PluginChain>>,
+}
+
+impl PluginSet {
+    /// The chain of the plugins called `names`. edge-config guarantees
+    /// every name is defined.
+    pub(crate) fn chain(plugins: &[Arc<LoadedPlugin>], names: &[String]) -> PluginChain {
+        PluginChain::new(
+            names
+                .iter()
+                .filter_map(|name| plugins.iter().find(|p| p.name() == name).cloned())
+                .collect(),
+        )
+    }
+}
+
+/// Bounds the plugin phases running at once. Each phase is a task on
+/// Tokio's blocking pool, whose queue has no bound: without this gate a
+/// crowd would pile up there, each request holding its memory and waiting
+/// however long the queue took.
+pub(crate) struct PluginGate {
+    permits: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl PluginGate {
+    pub(crate) fn new(limits: &LimitsConfig) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(limits.plugin_concurrency.max(1))),
+            wait: limits.plugin_queue_timeout,
+        }
+    }
+
+    /// A slot for one phase, or the 503 that sheds the request when none
+    /// frees up within the queue timeout.
+    async fn enter(&self, phase: &'static str) -> Result<OwnedSemaphorePermit, Response<Body>> {
+        match tokio::time::timeout(self.wait, Arc::clone(&self.permits).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed, so only the timeout lands here.
+            Ok(Err(_)) | Err(_) => {
+                metrics::counter!("breakwater_plugin_shed_total", "phase" => phase).increment(1);
+                let mut response = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "plugins_busy",
+                    "every plugin slot is busy; retry shortly",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Err(response)
+            }
+        }
+    }
+}
+
 /// The plugins a site or route runs, in order.
 #[derive(Default)]
 pub(crate) struct PluginChain {
@@ -60,6 +140,8 @@ pub(crate) enum RequestOutcome {
         pool: Option<String>,
         /// The request as the plugins saw it last, for the response phase.
         view: Box<Request>,
+        /// The plugins' cache key, TTL and bypass for the response cache.
+        cache: crate::cache::Overrides,
     },
     /// A plugin (or a closed failure) answered.
     Respond(Response<Body>),
@@ -79,14 +161,22 @@ impl PluginChain {
     /// (a plugin writing to stderr, as a Rust panic does) block on the Tokio
     /// runtime, which a worker thread may not do. Async Wasmtime calls
     /// would remove this hop; until then it is one hop per phase, not per
-    /// plugin.
+    /// plugin. `gate` bounds how many phases run at once.
     pub(crate) async fn run_request_phase(
         self: &Arc<Self>,
+        gate: &PluginGate,
         mut parts: Parts,
         client: SocketAddr,
     ) -> (Parts, RequestOutcome) {
+        let permit = match gate.enter("request").await {
+            Ok(permit) => permit,
+            Err(shed) => return (parts, RequestOutcome::Respond(shed)),
+        };
         let chain = Arc::clone(self);
         let joined = tokio::task::spawn_blocking(move || {
+            // Held by the task, not the request: a client that goes away
+            // does not free the slot while its plugins still run.
+            let _permit = permit;
             let outcome = chain.on_request(&mut parts, client);
             (parts, outcome)
         })
@@ -105,16 +195,26 @@ impl PluginChain {
     /// reason as [`PluginChain::run_request_phase`].
     pub(crate) async fn run_response_phase(
         self: &Arc<Self>,
+        gate: &PluginGate,
         view: Box<Request>,
         response: Response<Body>,
     ) -> Response<Body> {
+        // Shedding here drops the target's answer, but skipping the
+        // response plugins would let through what they exist to change.
+        let permit = match gate.enter("response").await {
+            Ok(permit) => permit,
+            Err(shed) => return shed,
+        };
         let chain = Arc::clone(self);
-        tokio::task::spawn_blocking(move || chain.on_response(&view, response))
-            .await
-            .unwrap_or_else(|error| {
-                tracing::error!(%error, "plugin response phase task failed");
-                phase_failed()
-            })
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            chain.on_response(&view, response)
+        })
+        .await
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, "plugin response phase task failed");
+            phase_failed()
+        })
     }
 
     /// Runs `on-request` through the chain, applying each plugin's changes
@@ -122,6 +222,7 @@ impl PluginChain {
     pub(crate) fn on_request(&self, parts: &mut Parts, client: SocketAddr) -> RequestOutcome {
         let mut view = request_view(parts, client);
         let mut pool = None;
+        let mut cache = crate::cache::Overrides::default();
         for plugin in &self.plugins {
             let decision = match plugin.on_request(&view) {
                 Ok(decision) => decision,
@@ -146,8 +247,15 @@ impl PluginChain {
                     if changes.upstream_pool.is_some() {
                         pool = changes.upstream_pool;
                     }
-                    // cache-key, cache-ttl-ms and cache-bypass are read by
-                    // the response cache, which does not exist yet.
+                    // A later plugin's cache key and TTL replace an
+                    // earlier one's; any plugin may bypass.
+                    if changes.cache_key.is_some() {
+                        cache.key = changes.cache_key;
+                    }
+                    if let Some(ms) = changes.cache_ttl_ms {
+                        cache.ttl = Some(std::time::Duration::from_millis(ms));
+                    }
+                    cache.bypass |= changes.cache_bypass;
                     view = request_view(parts, client);
                 }
                 RequestDecision::Respond(answer) => {
@@ -162,6 +270,7 @@ impl PluginChain {
         RequestOutcome::Continue {
             pool,
             view: Box::new(view),
+            cache,
         }
     }
 

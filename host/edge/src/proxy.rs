@@ -29,6 +29,7 @@ pub(crate) struct UpstreamPool {
 }
 
 /// How the client reached this node, for `Forwarded` and `X-Forwarded-*`.
+#[derive(Clone)]
 pub(crate) struct ClientConnection {
     pub(crate) peer: SocketAddr,
     pub(crate) tls: bool,
@@ -68,7 +69,8 @@ impl UpstreamPool {
 
     /// Sends `request` upstream and returns the upstream's response with its
     /// body still streaming. Failures become 502/504 (or 413/408 when the
-    /// client's own body broke a limit) with a JSON body.
+    /// client's own body broke a limit) with a JSON body; when no upstream
+    /// answered at all, the response carries [`UpstreamUnreachable`].
     pub(crate) async fn forward(
         &self,
         mut request: Request<Body>,
@@ -76,11 +78,11 @@ impl UpstreamPool {
         body_trip: &BodyLimitTrip,
     ) -> Response<Body> {
         let Some(endpoint) = self.pick() else {
-            return error_response(
+            return unreachable(error_response(
                 StatusCode::BAD_GATEWAY,
                 "no_upstream",
                 "the upstream pool has no endpoints",
-            );
+            ));
         };
         let endpoint = endpoint.clone();
         match upstream_uri(&endpoint, request.uri()) {
@@ -102,14 +104,14 @@ impl UpstreamPool {
             Ok(Err(e)) => e,
             Err(_) => {
                 metrics::counter!("breakwater_edge_upstream_errors_total", "pool" => self.name.clone(), "kind" => "timeout").increment(1);
-                return error_response(
+                return unreachable(error_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
                     &format!(
                         "the upstream did not answer within {:?}",
                         self.first_byte_timeout
                     ),
-                );
+                ));
             }
         };
         match body_trip.get() {
@@ -131,14 +133,26 @@ impl UpstreamPool {
                 };
                 metrics::counter!("breakwater_edge_upstream_errors_total", "pool" => self.name.clone(), "kind" => kind).increment(1);
                 tracing::warn!(pool = %self.name, endpoint = %endpoint, error = %failure, "upstream request failed");
-                error_response(
+                unreachable(error_response(
                     StatusCode::BAD_GATEWAY,
                     "upstream_unavailable",
                     "the upstream could not be reached or broke the connection",
-                )
+                ))
             }
         }
     }
+}
+
+/// Marks a response the node made because no upstream answered (no
+/// endpoint, connection refused or broken, no first byte in time), as
+/// opposed to an upstream's own error: RFC 9111 §4.2.4 lets a cache that is
+/// disconnected from the origin serve what it has stored.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct UpstreamUnreachable;
+
+fn unreachable(mut response: Response<Body>) -> Response<Body> {
+    response.extensions_mut().insert(UpstreamUnreachable);
+    response
 }
 
 fn upstream_uri(endpoint: &Uri, original: &Uri) -> Option<Uri> {

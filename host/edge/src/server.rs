@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin;
 use crate::node::EdgeNode;
 use crate::proxy::ClientConnection;
+use crate::reload::{ConfigSource, ReloadError, ReloadReport};
 use crate::static_files::StaticSiteError;
 
 /// Why a node could not start.
@@ -43,6 +44,8 @@ pub enum EdgeError {
     Sandbox(#[from] breakwater_sandbox::SandboxError),
     #[error("plugin: {0}")]
     Plugin(#[from] breakwater_sandbox::LoadError),
+    #[error("response cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
 }
 
 /// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
@@ -67,6 +70,14 @@ impl RunningNode {
         self.admin_addr
     }
 
+    /// Re-reads the configuration from the node's [`ConfigSource`] and
+    /// swaps in its plugins and chains. On any failure the current plugins
+    /// keep serving; changes outside the plugins wait for a restart and are
+    /// named in [`ReloadReport::not_applied`].
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.node.reload_plugins().await
+    }
+
     /// Stops accepting, lets in-flight requests finish up to the configured
     /// `shutdown_grace`, then closes what is left.
     pub async fn shutdown(mut self) {
@@ -81,10 +92,33 @@ impl RunningNode {
     }
 }
 
-/// Binds every listener of `config` and starts serving.
+/// Binds every listener of `config` and starts serving. The node cannot
+/// reload its plugins: see [`start_with_source`].
 pub async fn start(config: EdgeConfig) -> Result<RunningNode, EdgeError> {
+    start_node(config, None).await
+}
+
+/// [`start`], for a `config` read from `source`: a plugin reload
+/// ([`RunningNode::reload`], the admin API) reads it from there again.
+pub async fn start_with_source(
+    config: EdgeConfig,
+    source: ConfigSource,
+) -> Result<RunningNode, EdgeError> {
+    start_node(config, Some(source)).await
+}
+
+async fn start_node(
+    config: EdgeConfig,
+    source: Option<ConfigSource>,
+) -> Result<RunningNode, EdgeError> {
     crate::observe::prometheus();
-    let node = Arc::new(EdgeNode::new(&config)?);
+    // Plugins given by URL are fetched (or found in the cache) before the
+    // node builds its plugins, which it does synchronously.
+    let mut config = config;
+    crate::plugin_source::resolve(&mut config)
+        .await
+        .map_err(|(_, error)| error)?;
+    let node = Arc::new(EdgeNode::new(&config, source)?);
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let mut listener_addrs = Vec::new();

@@ -5,24 +5,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{assert_json_error, client, start_node, start_upstream, url};
-
-/// A component built from `plugins/` by `cargo xtask test`.
-fn component(name: &str) -> (PathBuf, String) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../plugins/target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; `cargo xtask test` builds the plugins first",
-            path.display()
-        )
-    });
-    (path, breakwater_sandbox::sha256_hex(&bytes))
-}
+use common::{assert_json_error, client, component, start_node, start_upstream, url};
 
 /// A node proxying `/` to `upstream` through the plugin chain `chain`, with
 /// `plugins` holding the `[[plugin]]` tables.

@@ -1,5 +1,6 @@
-//! Turning logits into tokens. Greedy decoding for now; sampling comes
-//! with the scheduler.
+//! Greedy decoding of one sequence, the reference the batched engine's
+//! temperature-0 output is checked against; [`crate::sampling`] has the
+//! rest of the samplers.
 
 use crate::backend::cpu::CpuBackend;
 use crate::model::ModelError;

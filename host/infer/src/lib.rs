@@ -7,7 +7,10 @@
 //! - [`tokenizer`] and [`chat_template`] turn chat messages into token ids.
 //! - [`model`] holds architectures, whose forward passes read like the math.
 //! - [`backend`] runs the kernels those passes call.
-//! - [`generate`] turns logits into tokens.
+//! - [`generate`] and [`sampling`] turn logits into tokens.
+//! - [`scheduler`] batches many sequences continuously on one engine
+//!   thread; [`server`] puts the OpenAI-compatible API in front of it and
+//!   [`telemetry`] counts what happens.
 //! - [`demo_model`] fetches the model the demo serves; [`test_model`] writes
 //!   tiny ones for tests.
 
@@ -18,5 +21,9 @@ pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod quant;
+pub mod sampling;
+pub mod scheduler;
+pub mod server;
+pub mod telemetry;
 pub mod test_model;
 pub mod tokenizer;

@@ -114,8 +114,10 @@ pub enum SandboxError {
 }
 
 /// How a plugin call failed; the label value of
-/// `breakwater_plugin_failures_total{plugin,kind}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// `breakwater_plugin_failures_total{plugin,kind}`, which is also its
+/// serialized name (`plugin test` expectations name failures this way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// The plugin trapped (a panic, an `unreachable`, a bad host call).
     Trap,

@@ -13,7 +13,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -32,6 +32,20 @@ use tokio::task::JoinHandle;
 
 /// Upper bound for anything a test waits on; generous for a loaded machine.
 pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// A component built from `plugins/` by `cargo xtask test`: its path and sha256.
+pub fn component(name: &str) -> (PathBuf, String) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; `cargo xtask test` builds the plugins first",
+            path.display()
+        )
+    });
+    (path, breakwater_sandbox::sha256_hex(&bytes))
+}
 
 /// Starts a node from configuration `toml`; relative paths resolve against
 /// the current directory.

@@ -1,0 +1,784 @@
+//! The response cache in front of upstream pools, on routes with
+//! `cache = true`: an RFC 9111 shared cache with a memory and a disk tier,
+//! coalesced misses, stale-while-revalidate, stale-if-error, streamed
+//! (SSE) answers recorded for replay, and purges.
+//!
+//! Plugins steer it per request (key, TTL, bypass); the node only
+//! implements the mechanism.
+
+mod entry;
+mod flight;
+mod policy;
+mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use edge_config::CacheConfig;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+
+use crate::error::error_response;
+use crate::limits::BodyLimitTrip;
+use crate::proxy::{ClientConnection, UpstreamPool, UpstreamUnreachable};
+use entry::Entry;
+use flight::{Flights, LeaderGuard, Recording, Role, SharedHead, Tee, Waited};
+use policy::{Directives, StoreContext, now_ms};
+pub use store::CacheError;
+use store::{Selector, Tier, Tiers};
+
+const X_CACHE: &str = "x-cache";
+const SURROGATE_KEY: &str = "surrogate-key";
+
+/// What a route adds to the upstream's own directives.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RoutePolicy {
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+}
+
+/// A plugin's say over one request (`cache-key`, `cache-ttl-ms`,
+/// `cache-bypass` in the request decision).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Overrides {
+    pub key: Option<String>,
+    pub ttl: Option<Duration>,
+    pub bypass: bool,
+}
+
+/// Where misses go.
+pub(crate) struct Origin {
+    pub pool: Arc<UpstreamPool>,
+    pub client: ClientConnection,
+}
+
+impl Origin {
+    async fn fetch(&self, request: Request<Body>, trip: &BodyLimitTrip) -> Response<Body> {
+        self.pool.forward(request, &self.client, trip).await
+    }
+}
+
+/// What a purge selects.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PurgeRequest {
+    /// A cache key: the plugin's, or `host/path?query` by default.
+    pub key: Option<String>,
+    /// A URL prefix: starting with `/`, a path prefix on any host;
+    /// otherwise `host/path…`.
+    pub prefix: Option<String>,
+    /// A `Surrogate-Key` tag.
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Hit,
+    Miss,
+    Stale,
+    Bypass,
+}
+
+/// The admin purge: a JSON object with one or more of `key`, `prefix`,
+/// `tag`; answers `{"purged":{"memory":N,"disk":M}}` (responses removed).
+pub(crate) async fn purge_endpoint(cache: Option<&ResponseCache>, body: &[u8]) -> Response<Body> {
+    let Some(cache) = cache else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "no_cache",
+            "no route on this node has `cache = true`",
+        );
+    };
+    let request = match serde_json::from_slice::<PurgeRequest>(body) {
+        Ok(r) if r.key.is_some() || r.prefix.is_some() || r.tag.is_some() => r,
+        Ok(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_purge",
+                "name what to purge: {\"key\": …}, {\"prefix\": …} or {\"tag\": …}",
+            );
+        }
+        Err(error) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_purge",
+                &format!("the purge request is not valid JSON of key/prefix/tag: {error}"),
+            );
+        }
+    };
+    let (memory, disk) = cache.purge(&request).await;
+    let body = serde_json::json!({ "purged": { "memory": memory, "disk": disk } });
+    let mut response = Response::new(Body::from(body.to_string()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "HIT",
+            Outcome::Miss => "MISS",
+            Outcome::Stale => "STALE",
+            Outcome::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// One cacheable request, owned so a background refresh can carry it.
+#[derive(Clone)]
+struct Ask {
+    primary: String,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    cc: Directives,
+    route: RoutePolicy,
+    plugin_keyed: bool,
+    ttl: Option<Duration>,
+    /// Host and path with query: the default key and the purge URL.
+    url: String,
+    /// A background refresh counts no request.
+    background: bool,
+}
+
+pub(crate) struct ResponseCache {
+    tiers: Tiers,
+    flights: Arc<Flights>,
+    coalesce_wait: Duration,
+    max_object_bytes: usize,
+}
+
+impl ResponseCache {
+    pub(crate) fn open(config: &CacheConfig) -> Result<Self, CacheError> {
+        Ok(Self {
+            tiers: Tiers::open(config)?,
+            flights: Arc::default(),
+            coalesce_wait: config.coalesce_wait,
+            max_object_bytes: usize::try_from(config.max_object_bytes).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// Answers `request` from the cache or through `origin`.
+    pub(crate) async fn serve(
+        self: &Arc<Self>,
+        route: RoutePolicy,
+        overrides: Overrides,
+        request: Request<Body>,
+        origin: Arc<Origin>,
+        trip: BodyLimitTrip,
+    ) -> Response<Body> {
+        let (parts, body) = request.into_parts();
+        let url = default_key(&parts);
+        let method = parts.method.clone();
+        let bypass = overrides.bypass
+            || parts.headers.contains_key(header::RANGE)
+            || parts.headers.contains_key(header::UPGRADE);
+        let cacheable = method == Method::GET
+            || method == Method::HEAD
+            || (overrides.key.is_some() && method == Method::POST);
+        if bypass || !cacheable {
+            let response = origin
+                .fetch(Request::from_parts(parts.clone_head(), body), &trip)
+                .await;
+            if !method.is_safe() && overrides.key.is_none() {
+                let status = response.status();
+                if status.is_success() || status.is_redirection() {
+                    self.invalidate(&parts, &url, response.headers()).await;
+                }
+            }
+            count(None, Outcome::Bypass);
+            return marked(response, Outcome::Bypass);
+        }
+        let ask = Ask {
+            primary: overrides.key.clone().unwrap_or_else(|| url.clone()),
+            method,
+            uri: parts.uri.clone(),
+            version: parts.version,
+            cc: Directives::request(&parts.headers),
+            headers: parts.headers,
+            route,
+            plugin_keyed: overrides.key.is_some(),
+            ttl: overrides.ttl,
+            url,
+            background: false,
+        };
+        match self.tiers.lookup(&ask.primary, &ask.headers).await {
+            Some((entry, tier)) => {
+                self.serve_stored(ask, entry, tier, body, origin, trip)
+                    .await
+            }
+            None if ask.cc.only_if_cached => not_cached(&ask),
+            None => self.fetch(ask, body, origin, trip, None).await,
+        }
+    }
+
+    async fn serve_stored(
+        self: &Arc<Self>,
+        ask: Ask,
+        entry: Arc<Entry>,
+        tier: Tier,
+        body: Body,
+        origin: Arc<Origin>,
+        trip: BodyLimitTrip,
+    ) -> Response<Body> {
+        let age = entry.current_age_ms(now_ms());
+        let stored_cc = Directives::response(&entry.headers);
+        let fresh = age < entry.freshness_ms;
+        let must_validate = stored_cc.no_cache || ask.cc.no_cache;
+        let client_ok = ask.cc.max_age.is_none_or(|s| age <= s * 1000)
+            && ask
+                .cc
+                .min_fresh
+                .is_none_or(|s| entry.freshness_ms.saturating_sub(age) >= s * 1000);
+        if !must_validate && fresh && client_ok {
+            return answer(&ask, &entry, Outcome::Hit, Some(tier));
+        }
+        let may_be_stale = !must_validate && !fresh && !stored_cc.forbids_stale();
+        let staleness = age.saturating_sub(entry.freshness_ms);
+        if may_be_stale
+            && let Some(max_stale) = ask.cc.max_stale
+            && max_stale.is_none_or(|s| staleness <= s * 1000)
+        {
+            return answer(&ask, &entry, Outcome::Stale, Some(tier));
+        }
+        if ask.cc.only_if_cached {
+            return not_cached(&ask);
+        }
+        if may_be_stale && client_ok && staleness <= entry.swr_ms && ask.method != Method::POST {
+            self.refresh_behind(&ask, &origin, entry.clone());
+            return answer(&ask, &entry, Outcome::Stale, Some(tier));
+        }
+        self.fetch(ask, body, origin, trip, Some(entry)).await
+    }
+
+    /// A miss, or a stored answer that needs validating: one upstream
+    /// request per key at a time; HEAD goes alone and stores nothing.
+    async fn fetch(
+        self: &Arc<Self>,
+        ask: Ask,
+        body: Body,
+        origin: Arc<Origin>,
+        trip: BodyLimitTrip,
+        stale: Option<Arc<Entry>>,
+    ) -> Response<Body> {
+        if ask.method == Method::HEAD {
+            let request = upstream_request(&ask, &ask.headers, body);
+            count(None, Outcome::Miss);
+            return marked(origin.fetch(request, &trip).await, Outcome::Miss);
+        }
+        match self.flights.join(&ask.primary, self.max_object_bytes) {
+            Role::Leader(guard) => {
+                self.lead(ask, body, &origin, &trip, stale, Some(guard))
+                    .await
+            }
+            Role::Follower(rec) => {
+                match rec.wait_head(self.coalesce_wait).await {
+                    Waited::Ready(head)
+                        if head.vary == policy::vary_key(&head.vary_names, &ask.headers) =>
+                    {
+                        metrics::counter!("breakwater_cache_coalesced_waits_total", "outcome" => "shared").increment(1);
+                        return follow(&ask, &head, &rec);
+                    }
+                    Waited::TimedOut => {
+                        metrics::counter!("breakwater_cache_coalesced_waits_total", "outcome" => "timeout").increment(1);
+                    }
+                    _ => {
+                        metrics::counter!("breakwater_cache_coalesced_waits_total", "outcome" => "pass").increment(1);
+                        // The leader may have refreshed the entry (a 304)
+                        // rather than shared a body.
+                        if let Some((entry, tier)) =
+                            self.tiers.lookup(&ask.primary, &ask.headers).await
+                            && entry.current_age_ms(now_ms()) < entry.freshness_ms
+                            && !ask.cc.no_cache
+                        {
+                            return answer(&ask, &entry, Outcome::Hit, Some(tier));
+                        }
+                    }
+                }
+                self.lead(ask, body, &origin, &trip, stale, None).await
+            }
+        }
+    }
+
+    /// Goes upstream (conditionally when a stale entry has validators),
+    /// then stores, refreshes, or falls back to the stale entry.
+    async fn lead(
+        self: &Arc<Self>,
+        ask: Ask,
+        body: Body,
+        origin: &Origin,
+        trip: &BodyLimitTrip,
+        stale: Option<Arc<Entry>>,
+        guard: Option<LeaderGuard>,
+    ) -> Response<Body> {
+        let mut headers = ask.headers.clone();
+        // The cache asks for the whole answer and judges the client's
+        // own conditionals itself against it.
+        headers.remove(header::IF_NONE_MATCH);
+        headers.remove(header::IF_MODIFIED_SINCE);
+        if let Some(stale) = &stale {
+            if let Some(etag) = stale.headers.get(header::ETAG) {
+                headers.insert(header::IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(modified) = stale.headers.get(header::LAST_MODIFIED) {
+                headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+            }
+        }
+        let request_time = now_ms();
+        let response = origin
+            .fetch(upstream_request(&ask, &headers, body), trip)
+            .await;
+        let response_time = now_ms();
+        let status = response.status();
+
+        if let Some(stale) = &stale {
+            if status == StatusCode::NOT_MODIFIED {
+                let refreshed =
+                    freshen(stale, response.headers(), request_time, response_time, &ask);
+                let names = policy::vary_names(&refreshed.headers).unwrap_or_default();
+                let vary = policy::vary_key(&names, &ask.headers);
+                let refreshed = Arc::new(refreshed);
+                self.tiers
+                    .insert(&ask.primary, names, &vary, (*refreshed).clone())
+                    .await;
+                return answer(&ask, &refreshed, Outcome::Hit, None);
+            }
+            let stale_cc = Directives::response(&stale.headers);
+            let staleness = stale
+                .current_age_ms(now_ms())
+                .saturating_sub(stale.freshness_ms);
+            // Disconnected from the origin, any staleness may be served
+            // (RFC 9111 §4.2.4); an origin's own error only within its
+            // stale-if-error window.
+            let disconnected = response.extensions().get::<UpstreamUnreachable>().is_some();
+            if is_error(status)
+                && !stale_cc.forbids_stale()
+                && (disconnected || staleness <= stale.sie_ms)
+            {
+                return answer(&ask, stale, Outcome::Stale, None);
+            }
+        }
+
+        let response_cc = Directives::response(response.headers());
+        let ctx = StoreContext {
+            method: &ask.method,
+            request_headers: &ask.headers,
+            plugin_keyed: ask.plugin_keyed,
+            plugin_ttl: ask.ttl,
+        };
+        let too_big = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|len| len > self.max_object_bytes);
+        let verdict = policy::storable(&ctx, status, response.headers(), &response_cc);
+        if too_big || verdict.is_err() {
+            tracing::debug!(key = %ask.primary, reason = verdict.err().unwrap_or("too big"), "not stored");
+            drop(guard);
+            count(None, Outcome::Miss);
+            return client_view(&ask, marked(response, Outcome::Miss));
+        }
+
+        let (mut parts, upstream_body) = response.into_parts();
+        if !parts.headers.contains_key(header::DATE)
+            && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + Duration::from_millis(response_time),
+            ))
+        {
+            parts.headers.insert(header::DATE, date);
+        }
+        let vary_names = policy::vary_names(&parts.headers).unwrap_or_default();
+        let vary = policy::vary_key(&vary_names, &ask.headers);
+        let head = Arc::new(SharedHead {
+            status,
+            headers: parts.headers.clone(),
+            vary_names,
+            vary,
+        });
+        let template = Entry {
+            status,
+            headers: parts.headers.clone(),
+            chunks: Vec::new(),
+            request_time_ms: request_time,
+            response_time_ms: response_time,
+            initial_age_ms: policy::corrected_initial_age_ms(
+                &parts.headers,
+                request_time,
+                response_time,
+            ),
+            freshness_ms: policy::freshness_ms(
+                status,
+                &parts.headers,
+                &response_cc,
+                ask.ttl,
+                response_time,
+            ),
+            swr_ms: window(
+                response_cc.stale_while_revalidate,
+                ask.route.stale_while_revalidate,
+            ),
+            sie_ms: window(response_cc.stale_if_error, ask.route.stale_if_error),
+            url: ask.url.clone(),
+            tags: parts
+                .headers
+                .get_all(SURROGATE_KEY)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(str::split_whitespace)
+                .map(str::to_owned)
+                .collect(),
+        };
+        let (flights, rec) = match guard {
+            Some(guard) => {
+                let rec = guard.recording().clone();
+                let (flights, _, _) = guard.hand_on();
+                (Some(flights), rec)
+            }
+            None => (None, Arc::new(Recording::new(self.max_object_bytes))),
+        };
+        rec.publish_head(head.clone());
+        let cache = self.clone();
+        let key = ask.primary.clone();
+        let rec_for_end = rec.clone();
+        let on_end: flight::OnEnd = Box::new(move |complete| {
+            let handle = tokio::runtime::Handle::try_current();
+            let (true, Ok(handle)) = (complete, handle) else {
+                // Broken off: newcomers must not join it, not even briefly.
+                if let Some(flights) = flights {
+                    flights.remove(&key, &rec_for_end);
+                }
+                return;
+            };
+            handle.spawn(async move {
+                if complete && let Some(chunks) = rec_for_end.chunks() {
+                    let sse = is_event_stream(&template.headers);
+                    let entry = Entry {
+                        chunks: if sse {
+                            split_events(chunks)
+                        } else {
+                            join(chunks)
+                        },
+                        ..template
+                    };
+                    cache
+                        .tiers
+                        .insert(&key, head.vary_names.clone(), &head.vary, entry)
+                        .await;
+                }
+                // Only now: until the entry is stored, newcomers join the
+                // (complete) recording instead of missing.
+                if let Some(flights) = flights {
+                    flights.remove(&key, &rec_for_end);
+                }
+            });
+        });
+        let body = Body::new(Tee::new(upstream_body, rec, on_end));
+        count(None, Outcome::Miss);
+        client_view(
+            &ask,
+            marked(Response::from_parts(parts, body), Outcome::Miss),
+        )
+    }
+
+    /// Serves stale now; one request refreshes the entry behind it.
+    fn refresh_behind(self: &Arc<Self>, ask: &Ask, origin: &Arc<Origin>, entry: Arc<Entry>) {
+        let Some(guard) = self.flights.try_lead(&ask.primary, self.max_object_bytes) else {
+            return;
+        };
+        let mut ask = ask.clone();
+        ask.background = true;
+        ask.method = Method::GET;
+        let cache = self.clone();
+        let origin = origin.clone();
+        tokio::spawn(async move {
+            let trip = BodyLimitTrip::default();
+            let response = cache
+                .lead(ask, Body::empty(), &origin, &trip, Some(entry), Some(guard))
+                .await;
+            // Reading the body to its end is what stores it.
+            let mut body = response.into_body();
+            while let Some(Ok(_)) = body.frame().await {}
+        });
+    }
+
+    /// Unsafe methods that succeed make the stored answers for the URL
+    /// (and a same-host `Location`/`Content-Location`) stale: removed.
+    async fn invalidate(&self, parts: &Parts, url: &str, response: &HeaderMap) {
+        self.tiers.purge(Selector::Key(url)).await;
+        let host = host_of(parts);
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(target) = response
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<Uri>().ok())
+            else {
+                continue;
+            };
+            let same_host = target
+                .authority()
+                .is_none_or(|a| a.as_str().eq_ignore_ascii_case(&host));
+            let path = target.path_and_query().map_or("/", |pq| pq.as_str());
+            if same_host && path.starts_with('/') {
+                self.tiers
+                    .purge(Selector::Key(&format!("{host}{path}")))
+                    .await;
+            }
+        }
+    }
+
+    /// Removes what `what` selects from both tiers: responses removed
+    /// from memory and from disk.
+    pub(crate) async fn purge(&self, what: &PurgeRequest) -> (usize, usize) {
+        let mut total = (0, 0);
+        let selectors = [
+            what.key.as_deref().map(Selector::Key),
+            what.prefix.as_deref().map(Selector::UrlPrefix),
+            what.tag.as_deref().map(Selector::Tag),
+        ];
+        for selector in selectors.into_iter().flatten() {
+            let (memory, disk) = self.tiers.purge(selector).await;
+            total.0 += memory;
+            total.1 += disk;
+        }
+        total
+    }
+}
+
+fn window(from_response: Option<u64>, route_default: Duration) -> u64 {
+    from_response.map_or_else(
+        || u64::try_from(route_default.as_millis()).unwrap_or(u64::MAX),
+        |s| s * 1000,
+    )
+}
+
+fn is_error(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+/// One chunk for a plain body: fewer, larger frames to replay.
+fn join(chunks: Vec<Bytes>) -> Vec<Bytes> {
+    if chunks.len() <= 1 {
+        return chunks;
+    }
+    let mut all = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for chunk in chunks {
+        all.extend_from_slice(&chunk);
+    }
+    vec![Bytes::from(all)]
+}
+
+/// One chunk per event (an event ends with a blank line), whatever the
+/// upstream's framing was, so replays keep event boundaries.
+fn split_events(chunks: Vec<Bytes>) -> Vec<Bytes> {
+    let all = join(chunks).pop().unwrap_or_default();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < all.len() {
+        let rest = &all[i..];
+        let blank = if rest.starts_with(b"\r\n\r\n") {
+            4
+        } else if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\r") {
+            2
+        } else {
+            0
+        };
+        if blank > 0 {
+            out.push(all.slice(start..i + blank));
+            start = i + blank;
+            i = start;
+        } else {
+            i += 1;
+        }
+    }
+    if start < all.len() {
+        out.push(all.slice(start..));
+    }
+    out
+}
+
+/// The stored entry updated by a 304 (RFC 9111 §4.3.4).
+fn freshen(
+    stale: &Entry,
+    update: &HeaderMap,
+    request_time: u64,
+    response_time: u64,
+    ask: &Ask,
+) -> Entry {
+    let mut headers = stale.headers.clone();
+    for name in update.keys() {
+        if policy::keeps_stored_value(name) {
+            continue;
+        }
+        headers.remove(name);
+        for value in update.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let cc = Directives::response(&headers);
+    Entry {
+        initial_age_ms: policy::corrected_initial_age_ms(&headers, request_time, response_time),
+        freshness_ms: policy::freshness_ms(stale.status, &headers, &cc, ask.ttl, response_time),
+        swr_ms: window(cc.stale_while_revalidate, ask.route.stale_while_revalidate),
+        sie_ms: window(cc.stale_if_error, ask.route.stale_if_error),
+        request_time_ms: request_time,
+        response_time_ms: response_time,
+        headers,
+        ..stale.clone()
+    }
+}
+
+fn host_of(parts: &Parts) -> String {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+/// `host/path?query`, the host lower-cased as sent (port included).
+fn default_key(parts: &Parts) -> String {
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    format!("{}{path}", host_of(parts))
+}
+
+fn upstream_request(ask: &Ask, headers: &HeaderMap, body: Body) -> Request<Body> {
+    let mut request = Request::new(body);
+    *request.method_mut() = ask.method.clone();
+    *request.uri_mut() = ask.uri.clone();
+    *request.version_mut() = ask.version;
+    *request.headers_mut() = headers.clone();
+    request.headers_mut().insert(
+        HeaderName::from_static("surrogate-capability"),
+        HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
+    );
+    request
+}
+
+fn count(tier: Option<Tier>, outcome: Outcome) {
+    let tier = tier.map_or("none", Tier::label);
+    let result = match outcome {
+        Outcome::Hit => "hit",
+        Outcome::Miss => "miss",
+        Outcome::Stale => "stale",
+        Outcome::Bypass => "bypass",
+    };
+    metrics::counter!("breakwater_cache_requests_total", "tier" => tier, "result" => result)
+        .increment(1);
+}
+
+fn marked(mut response: Response<Body>, outcome: Outcome) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static(outcome.label()));
+    response
+}
+
+/// The last touches every cached answer gets: tags stay inside, HEAD has
+/// no body, and the client's own validators may turn it into a 304.
+fn client_view(ask: &Ask, mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().remove(SURROGATE_KEY);
+    // Meant for this cache, as Fastly and Akamai treat it.
+    response.headers_mut().remove(policy::SURROGATE_CONTROL);
+    if response.status() == StatusCode::OK && policy::not_modified(&ask.headers, response.headers())
+    {
+        let mut not_modified = Response::new(Body::empty());
+        *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+        for name in policy::NOT_MODIFIED_HEADERS
+            .iter()
+            .chain([&header::AGE, &HeaderName::from_static(X_CACHE)])
+        {
+            for value in response.headers().get_all(name) {
+                not_modified
+                    .headers_mut()
+                    .append(name.clone(), value.clone());
+            }
+        }
+        return not_modified;
+    }
+    if ask.method == Method::HEAD {
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, Body::empty());
+    }
+    response
+}
+
+/// A stored entry as an answer, with its current `Age`.
+fn answer(ask: &Ask, entry: &Entry, outcome: Outcome, tier: Option<Tier>) -> Response<Body> {
+    if !ask.background {
+        count(tier, outcome);
+    }
+    let body = match entry.chunks.as_slice() {
+        [] => Body::empty(),
+        [one] => Body::from(one.clone()),
+        many => Body::from_stream(futures_util::stream::iter(
+            many.iter()
+                .cloned()
+                .map(Ok::<_, std::convert::Infallible>)
+                .collect::<Vec<_>>(),
+        )),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = entry.headers.clone();
+    let age = entry.current_age_ms(now_ms()) / 1000;
+    response
+        .headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
+    client_view(ask, marked(response, outcome))
+}
+
+/// A coalesced follower's answer: the leader's head, the recording's body.
+fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> {
+    count(None, Outcome::Hit);
+    let mut response = Response::new(rec.reader());
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers.clone();
+    client_view(ask, marked(response, Outcome::Hit))
+}
+
+fn not_cached(ask: &Ask) -> Response<Body> {
+    count(None, Outcome::Miss);
+    marked(
+        error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "not_cached",
+            &format!("only-if-cached, and {} is not in the cache", ask.url),
+        ),
+        Outcome::Miss,
+    )
+}
+
+trait CloneHead {
+    fn clone_head(&self) -> Parts;
+}
+
+impl CloneHead for Parts {
+    /// `Parts` is not `Clone` (its extensions may not be); the head is.
+    fn clone_head(&self) -> Parts {
+        let mut request = Request::new(());
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request.into_parts().0
+    }
+}

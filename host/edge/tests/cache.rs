@@ -1,0 +1,964 @@
+//! The response cache against a scripted upstream on loopback: RFC 9111
+//! semantics, coalescing, stale serving, SSE record/replay, purge, the disk
+//! tier across restarts and corrupt disk entries.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{PATIENCE, admin_url, client, start_node_in, url};
+use futures_util::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the scripted upstream answers on one path.
+#[derive(Clone, Default)]
+struct Script {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+    delay: Duration,
+    /// Answer 304 when the request's `If-None-Match` or
+    /// `If-Modified-Since` is present.
+    honour_validators: bool,
+    /// Stream `n` SSE events, `gap` apart; `cut` drops the connection
+    /// after that many.
+    sse: Option<(usize, Duration, Option<usize>)>,
+}
+
+fn script(status: u16, headers: &[(&str, &str)], body: &str) -> Script {
+    Script {
+        status,
+        headers: headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect(),
+        body: body.to_owned(),
+        ..Script::default()
+    }
+}
+
+/// One request the upstream saw.
+#[derive(Clone, Debug)]
+struct Seen {
+    headers: HashMap<String, String>,
+}
+
+#[derive(Clone, Default)]
+struct Shared {
+    scripts: Arc<Mutex<HashMap<String, Script>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    count: Arc<AtomicUsize>,
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    shared: Shared,
+    stop: CancellationToken,
+}
+
+impl Upstream {
+    async fn start() -> Self {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.expect("bind")).await
+    }
+
+    async fn start_on(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().expect("addr");
+        let shared = Shared::default();
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let shared = shared.clone();
+            let stop = stop.clone();
+            async move {
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(_) => continue,
+                        },
+                        () = stop.cancelled() => return,
+                    };
+                    let shared = shared.clone();
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            answer(request, shared.clone())
+                        });
+                        let connection = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service);
+                        tokio::select! {
+                            _ = connection => {}
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Self { addr, shared, stop }
+    }
+
+    fn set(&self, path: &str, script: Script) {
+        self.shared
+            .scripts
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), script);
+    }
+
+    fn count(&self) -> usize {
+        self.shared.count.load(Ordering::SeqCst)
+    }
+
+    fn last(&self) -> Seen {
+        self.shared
+            .seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request")
+    }
+
+    /// Stops listening and drops every connection: connection refused.
+    fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+type UpBody = BoxBody<Bytes, std::io::Error>;
+
+async fn answer(
+    request: Request<Incoming>,
+    shared: Shared,
+) -> Result<Response<UpBody>, Infallible> {
+    shared.count.fetch_add(1, Ordering::SeqCst);
+    let path = request.uri().path().to_owned();
+    let headers: HashMap<String, String> = request
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    shared.seen.lock().unwrap().push(Seen {
+        headers: headers.clone(),
+    });
+    let script = shared
+        .scripts
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or_else(|| script(404, &[], "no script"));
+    tokio::time::sleep(script.delay).await;
+    let validated = script.honour_validators
+        && (headers.contains_key("if-none-match") || headers.contains_key("if-modified-since"));
+    let status = if validated { 304 } else { script.status };
+    let mut builder = Response::builder().status(status);
+    for (name, value) in &script.headers {
+        builder = builder.header(name, value);
+    }
+    let body = match (validated, script.sse) {
+        (true, _) => Full::new(Bytes::new())
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+        (false, Some((n, gap, cut))) => {
+            builder = builder.header("content-type", "text/event-stream");
+            let events = futures_util::stream::unfold(0, move |i| async move {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                if cut == Some(i) {
+                    return Some((Err(std::io::Error::other("cut")), n + 1));
+                }
+                if i >= n {
+                    return None;
+                }
+                let event = format!("id: {i}\ndata: event {i}\n\n");
+                Some((Ok(Frame::data(Bytes::from(event))), i + 1))
+            });
+            BodyExt::boxed(StreamBody::new(events))
+        }
+        (false, None) => Full::new(Bytes::from(script.body))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    };
+    Ok(builder.body(body).expect("response"))
+}
+
+/// A node with the cache on `/` (route extras in `route`, `[cache]` keys
+/// in `cache`) and an admin listener with token `secret`.
+async fn node_for(
+    upstream: SocketAddr,
+    route: &str,
+    cache: &str,
+    dir: &Path,
+) -> breakwater_edge::RunningNode {
+    let toml = format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+
+[admin]
+address = "127.0.0.1:0"
+token = "secret"
+
+[cache]
+coalesce_wait = "5s"
+{cache}
+
+[[route]]
+prefix = "/"
+pool = "upstream"
+cache = true
+{route}
+
+[[pool]]
+name = "upstream"
+endpoints = ["http://{upstream}"]
+first_byte_timeout = "5s"
+"#
+    );
+    start_node_in(&toml, dir).await
+}
+
+struct Got {
+    status: u16,
+    x_cache: String,
+    age: Option<u64>,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+async fn get_with(
+    node: &breakwater_edge::RunningNode,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Got {
+    let mut request = client().get(url(node, path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("request");
+    got(response).await
+}
+
+async fn got(response: reqwest::Response) -> Got {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let x_cache = header("x-cache").unwrap_or_default();
+    let age = header("age").and_then(|a| a.parse().ok());
+    let body = response.text().await.expect("body");
+    Got {
+        status,
+        x_cache,
+        age,
+        headers,
+        body,
+    }
+}
+
+async fn get(node: &breakwater_edge::RunningNode, path: &str) -> Got {
+    get_with(node, path, &[]).await
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+#[tokio::test]
+async fn fresh_answers_are_hits_with_age_and_head_is_served_from_get() {
+    let up = Upstream::start().await;
+    up.set(
+        "/a",
+        script(200, &[("cache-control", "max-age=60")], "alpha"),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    let first = get(&node, "/a").await;
+    assert_eq!(
+        (first.status, first.x_cache.as_str(), first.body.as_str()),
+        (200, "MISS", "alpha")
+    );
+    let second = get(&node, "/a").await;
+    assert_eq!(
+        (second.x_cache.as_str(), second.body.as_str()),
+        ("HIT", "alpha")
+    );
+    assert!(second.age.is_some(), "a hit carries Age");
+    let head = client().head(url(&node, "/a")).send().await.expect("head");
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-cache"], "HIT");
+    assert_eq!(head.headers()["content-length"], "5");
+    assert_eq!(up.count(), 1, "one upstream request for GET, GET, HEAD");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn unstorable_answers_go_upstream_every_time() {
+    let up = Upstream::start().await;
+    up.set(
+        "/nostore",
+        script(200, &[("cache-control", "no-store, max-age=60")], "x"),
+    );
+    up.set(
+        "/private",
+        script(200, &[("cache-control", "private, max-age=60")], "x"),
+    );
+    up.set("/created", script(201, &[], "x"));
+    up.set(
+        "/auth",
+        script(200, &[("cache-control", "max-age=60")], "x"),
+    );
+    up.set(
+        "/auth-public",
+        script(200, &[("cache-control", "public, max-age=60")], "x"),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    for path in ["/nostore", "/private", "/created"] {
+        get(&node, path).await;
+        let again = get(&node, path).await;
+        assert_eq!(again.x_cache, "MISS", "{path}");
+    }
+    assert_eq!(up.count(), 6);
+    let auth = [("authorization", "Bearer t")];
+    get_with(&node, "/auth", &auth).await;
+    assert_eq!(get_with(&node, "/auth", &auth).await.x_cache, "MISS");
+    get_with(&node, "/auth-public", &auth).await;
+    assert_eq!(get_with(&node, "/auth-public", &auth).await.x_cache, "HIT");
+    // A request-side no-store is not stored either.
+    up.set(
+        "/req-nostore",
+        script(200, &[("cache-control", "max-age=60")], "x"),
+    );
+    get_with(&node, "/req-nostore", &[("cache-control", "no-store")]).await;
+    assert_eq!(get(&node, "/req-nostore").await.x_cache, "MISS");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn expires_heuristics_and_vary() {
+    let up = Upstream::start().await;
+    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
+    up.set("/expires", script(200, &[("expires", &later)], "e"));
+    up.set("/expired", script(200, &[("expires", "0")], "e"));
+    let old = httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(86400));
+    up.set("/heuristic", script(200, &[("last-modified", &old)], "h"));
+    up.set(
+        "/heuristic-201",
+        script(201, &[("last-modified", &old)], "h"),
+    );
+    up.set(
+        "/vary",
+        script(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+            "v",
+        ),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    for (path, second) in [
+        ("/expires", "HIT"),
+        ("/expired", "MISS"),
+        ("/heuristic", "HIT"),
+        ("/heuristic-201", "MISS"),
+    ] {
+        get(&node, path).await;
+        assert_eq!(get(&node, path).await.x_cache, second, "{path}");
+    }
+    let en = [("accept-language", "en")];
+    let de = [("accept-language", "de")];
+    assert_eq!(get_with(&node, "/vary", &en).await.x_cache, "MISS");
+    assert_eq!(get_with(&node, "/vary", &en).await.x_cache, "HIT");
+    assert_eq!(get_with(&node, "/vary", &de).await.x_cache, "MISS");
+    assert_eq!(get_with(&node, "/vary", &de).await.x_cache, "HIT");
+    assert_eq!(get_with(&node, "/vary", &en).await.x_cache, "HIT");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_cache_revalidates_and_a_304_refreshes_the_entry() {
+    let up = Upstream::start().await;
+    let mut s = script(
+        200,
+        &[("cache-control", "no-cache"), ("etag", "\"v1\"")],
+        "body-v1",
+    );
+    s.honour_validators = true;
+    up.set("/etag", s);
+    let modified = "Mon, 01 Jan 2024 00:00:00 GMT";
+    let mut s = script(
+        200,
+        &[
+            ("cache-control", "max-age=0, must-revalidate"),
+            ("last-modified", modified),
+        ],
+        "body-lm",
+    );
+    s.honour_validators = true;
+    up.set("/lm", s);
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    assert_eq!(get(&node, "/etag").await.x_cache, "MISS");
+    let again = get(&node, "/etag").await;
+    assert_eq!((again.status, again.body.as_str()), (200, "body-v1"));
+    assert_eq!(again.x_cache, "HIT", "revalidated by a 304");
+    assert_eq!(
+        up.last().headers.get("if-none-match").map(String::as_str),
+        Some("\"v1\"")
+    );
+    assert_eq!(up.count(), 2);
+
+    get(&node, "/lm").await;
+    let again = get(&node, "/lm").await;
+    assert_eq!(
+        (again.body.as_str(), again.x_cache.as_str()),
+        ("body-lm", "HIT")
+    );
+    assert_eq!(
+        up.last()
+            .headers
+            .get("if-modified-since")
+            .map(String::as_str),
+        Some(modified)
+    );
+
+    // The client's own validator against the stored entry: 304 from cache.
+    let mut s = script(
+        200,
+        &[("cache-control", "max-age=60"), ("etag", "\"v2\"")],
+        "x",
+    );
+    s.honour_validators = true;
+    up.set("/cond", s);
+    get(&node, "/cond").await;
+    let cond = get_with(&node, "/cond", &[("if-none-match", "\"v2\"")]).await;
+    assert_eq!((cond.status, cond.x_cache.as_str()), (304, "HIT"));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_directives() {
+    let up = Upstream::start().await;
+    up.set("/r", script(200, &[("cache-control", "max-age=60")], "r"));
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    let only = get_with(&node, "/r", &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(only.status, 504);
+    assert_eq!(up.count(), 0);
+    get(&node, "/r").await;
+    assert_eq!(
+        get_with(&node, "/r", &[("cache-control", "only-if-cached")])
+            .await
+            .x_cache,
+        "HIT"
+    );
+    assert_eq!(
+        get_with(&node, "/r", &[("cache-control", "no-cache")])
+            .await
+            .x_cache,
+        "MISS"
+    );
+    assert_eq!(
+        get_with(&node, "/r", &[("pragma", "no-cache")])
+            .await
+            .x_cache,
+        "MISS"
+    );
+    assert_eq!(up.count(), 3);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        get_with(&node, "/r", &[("cache-control", "max-age=0")])
+            .await
+            .x_cache,
+        "MISS"
+    );
+    assert_eq!(
+        get_with(&node, "/r", &[("cache-control", "min-fresh=120")])
+            .await
+            .x_cache,
+        "MISS"
+    );
+    assert_eq!(up.count(), 5);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsafe_methods_invalidate_the_url_and_its_location() {
+    let up = Upstream::start().await;
+    up.set(
+        "/doc",
+        script(200, &[("cache-control", "max-age=60")], "doc"),
+    );
+    up.set(
+        "/other",
+        script(200, &[("cache-control", "max-age=60")], "other"),
+    );
+    up.set("/doc-post", script(201, &[("location", "/other")], "made"));
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    get(&node, "/doc").await;
+    get(&node, "/other").await;
+    let posted = client()
+        .post(url(&node, "/doc"))
+        .body("x")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(posted.headers()["x-cache"], "BYPASS");
+    assert_eq!(
+        get(&node, "/doc").await.x_cache,
+        "MISS",
+        "POST /doc invalidated it"
+    );
+    assert_eq!(get(&node, "/other").await.x_cache, "HIT");
+    client()
+        .post(url(&node, "/doc-post"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(
+        get(&node, "/other").await.x_cache,
+        "MISS",
+        "Location invalidated"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_misses_make_one_upstream_request() {
+    let up = Upstream::start().await;
+    let mut s = script(200, &[("cache-control", "max-age=60")], "coalesced");
+    s.delay = Duration::from_millis(500);
+    up.set("/hot", s);
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    // h2c multiplexes the burst over a few connections.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(PATIENCE)
+        .build()
+        .expect("client");
+    let target = url(&node, "/hot");
+    let requests = (0..1000).map(|_| {
+        let h2 = h2.clone();
+        let target = target.clone();
+        tokio::spawn(async move { got(h2.get(target).send().await.expect("request")).await })
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for answer in answers {
+        let answer = answer.expect("task");
+        assert_eq!((answer.status, answer.body.as_str()), (200, "coalesced"));
+    }
+    assert_eq!(up.count(), 1, "exactly one upstream request");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let up = Upstream::start().await;
+    up.set(
+        "/swr",
+        script(
+            200,
+            &[("cache-control", "max-age=1, stale-while-revalidate=30")],
+            "old",
+        ),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    get(&node, "/swr").await;
+    up.set(
+        "/swr",
+        script(
+            200,
+            &[("cache-control", "max-age=60, stale-while-revalidate=30")],
+            "new",
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stale = get(&node, "/swr").await;
+    assert_eq!(
+        (stale.x_cache.as_str(), stale.body.as_str()),
+        ("STALE", "old")
+    );
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let now = get(&node, "/swr").await;
+        if now.body == "new" {
+            assert_eq!(now.x_cache, "HIT");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.count(), 2, "one background refresh");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_when_the_upstream_fails_or_is_stopped() {
+    let up = Upstream::start().await;
+    up.set(
+        "/sie",
+        script(200, &[("cache-control", "max-age=1")], "saved"),
+    );
+    up.set(
+        "/strict",
+        script(
+            200,
+            &[("cache-control", "max-age=1, must-revalidate")],
+            "strict",
+        ),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "stale_if_error = \"1m\"", "", dir.path()).await;
+
+    get(&node, "/sie").await;
+    get(&node, "/strict").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.set("/sie", script(503, &[], "down"));
+    let stale = get(&node, "/sie").await;
+    assert_eq!(
+        (stale.status, stale.x_cache.as_str(), stale.body.as_str()),
+        (200, "STALE", "saved")
+    );
+
+    up.stop();
+    let stale = get(&node, "/sie").await;
+    assert_eq!(
+        (stale.status, stale.x_cache.as_str(), stale.body.as_str()),
+        (200, "STALE", "saved")
+    );
+    // must-revalidate forbids it.
+    assert_eq!(get(&node, "/strict").await.status, 502);
+    node.shutdown().await;
+}
+
+fn events(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("id: {i}\ndata: event {i}\n\n"))
+        .collect()
+}
+
+#[tokio::test]
+async fn sse_is_recorded_replayed_and_shared_live_but_never_stored_incomplete() {
+    let up = Upstream::start().await;
+    let mut s = script(200, &[("cache-control", "max-age=60")], "");
+    s.sse = Some((5, Duration::from_millis(80), None));
+    up.set("/stream", s);
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    // A second client joins while the first stream runs: fed live.
+    let first = tokio::spawn(client().get(url(&node, "/stream")).send());
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let joined = get(&node, "/stream").await;
+    let first = got(first.await.expect("task").expect("request")).await;
+    assert_eq!(first.body, events(5));
+    assert_eq!(first.x_cache, "MISS");
+    assert_eq!(
+        (joined.x_cache.as_str(), joined.body.clone()),
+        ("HIT", events(5))
+    );
+    assert_eq!(up.count(), 1);
+
+    // A later hit is replayed one event per frame.
+    let response = client()
+        .get(url(&node, "/stream"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.headers()["x-cache"], "HIT");
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut frames = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        frames.push(chunk.expect("chunk"));
+    }
+    let text: String = frames.iter().map(|f| String::from_utf8_lossy(f)).collect();
+    assert_eq!(text, events(5));
+    assert!(
+        frames.iter().all(|f| f.ends_with(b"\n\n")),
+        "frames split inside an event: {frames:?}"
+    );
+
+    // An upstream that dies mid-stream: nothing stored.
+    let mut s = script(200, &[("cache-control", "max-age=60")], "");
+    s.sse = Some((5, Duration::from_millis(20), Some(2)));
+    up.set("/cut", s);
+    let cut = client()
+        .get(url(&node, "/cut"))
+        .send()
+        .await
+        .expect("request");
+    assert!(cut.bytes().await.is_err(), "the client sees the break");
+    up.set(
+        "/cut",
+        script(200, &[("cache-control", "max-age=60")], "whole"),
+    );
+    let again = get(&node, "/cut").await;
+    assert_eq!(
+        (again.x_cache.as_str(), again.body.as_str()),
+        ("MISS", "whole"),
+        "an incomplete stream is never stored"
+    );
+    node.shutdown().await;
+}
+
+async fn purge(
+    node: &breakwater_edge::RunningNode,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut request = client()
+        .post(admin_url(node, "/admin/purge"))
+        .body(body.to_owned());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("purge");
+    let status = response.status().as_u16();
+    (status, common::json(&response.bytes().await.expect("body")))
+}
+
+#[tokio::test]
+async fn purge_by_key_prefix_and_tag_on_both_tiers() {
+    let up = Upstream::start().await;
+    for path in ["/p/one", "/p/two", "/q/three"] {
+        up.set(
+            path,
+            script(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("surrogate-key", "red blue"),
+                ],
+                path,
+            ),
+        );
+    }
+    up.set(
+        "/q/four",
+        script(
+            200,
+            &[("cache-control", "max-age=60"), ("surrogate-key", "green")],
+            "4",
+        ),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "", "disk_path = \"l2\"", dir.path()).await;
+    let fill = async || {
+        for path in ["/p/one", "/p/two", "/q/three", "/q/four"] {
+            get(&node, path).await;
+        }
+    };
+    fill().await;
+    assert_eq!(
+        get(&node, "/q/four").await.headers.get("surrogate-key"),
+        None,
+        "tags stay inside"
+    );
+
+    assert_eq!(purge(&node, None, r#"{"prefix":"/p/"}"#).await.0, 401);
+    assert_eq!(
+        purge(&node, Some("wrong"), r#"{"prefix":"/p/"}"#).await.0,
+        401
+    );
+    assert_eq!(
+        purge(&node, Some("secret"), r#"{"nothing":1}"#).await.0,
+        400
+    );
+
+    let (status, body) = purge(&node, Some("secret"), r#"{"prefix":"/p/"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["purged"]["memory"], 2, "{body}");
+    assert_eq!(body["purged"]["disk"], 2, "{body}");
+    assert_eq!(get(&node, "/p/one").await.x_cache, "MISS");
+    assert_eq!(get(&node, "/q/three").await.x_cache, "HIT");
+
+    let (_, body) = purge(&node, Some("secret"), r#"{"tag":"blue"}"#).await;
+    assert_eq!(body["purged"]["memory"], 2, "{body}");
+    assert_eq!(get(&node, "/q/three").await.x_cache, "MISS");
+    assert_eq!(get(&node, "/q/four").await.x_cache, "HIT");
+
+    let key = format!("{}/q/four", common::listener(&node));
+    let (_, body) = purge(
+        &node,
+        Some("secret"),
+        &serde_json::json!({ "key": key }).to_string(),
+    )
+    .await;
+    assert_eq!(body["purged"]["memory"], 1, "{body}");
+    assert_eq!(body["purged"]["disk"], 1, "{body}");
+    assert_eq!(get(&node, "/q/four").await.x_cache, "MISS");
+
+    let metrics = client()
+        .get(admin_url(&node, "/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "breakwater_cache_requests_total{",
+        "breakwater_cache_bytes{",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_disk_tier_survives_a_restart_and_drops_corrupt_entries() {
+    let up = Upstream::start().await;
+    up.set(
+        "/keep",
+        script(200, &[("cache-control", "max-age=600")], "kept"),
+    );
+    up.set(
+        "/rot",
+        script(200, &[("cache-control", "max-age=600")], "rotting"),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "", "disk_path = \"l2\"", dir.path()).await;
+    // The default key holds the Host; the restarted node listens on
+    // another port.
+    let host = [("host", "cache.test")];
+    get_with(&node, "/keep", &host).await;
+    get_with(&node, "/rot", &host).await;
+    // The store happens once the body is complete, just behind the answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.shutdown().await;
+
+    // Flip a byte inside the stored body of /rot.
+    {
+        let db = sled::open(dir.path().join("l2")).expect("open the disk tier");
+        let entries = db.open_tree("entries").expect("entries tree");
+        let (key, value) = entries
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(k, _)| k.ends_with(b"/rot\0"))
+            .expect("the /rot entry is on disk");
+        let mut value = value.to_vec();
+        let at = value
+            .windows(7)
+            .position(|w| w == b"rotting")
+            .expect("body bytes");
+        value[at] ^= 0x01;
+        entries.insert(key, value).expect("write back");
+        db.flush().expect("flush");
+    }
+
+    let node = node_for(up.addr, "", "disk_path = \"l2\"", dir.path()).await;
+    let kept = get_with(&node, "/keep", &host).await;
+    assert_eq!((kept.x_cache.as_str(), kept.body.as_str()), ("HIT", "kept"));
+    let rot = get_with(&node, "/rot", &host).await;
+    assert_eq!(
+        (rot.x_cache.as_str(), rot.body.as_str()),
+        ("MISS", "rotting")
+    );
+    assert_eq!(up.count(), 3, "only the corrupt entry went upstream again");
+    let metrics = client()
+        .get(admin_url(&node, "/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("breakwater_cache_corrupt_entries_total{tier=\"disk\"}"),
+        "corrupt entries are counted"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cache_policy_plugin_sets_key_ttl_and_bypass() {
+    let up = Upstream::start().await;
+    // No freshness of its own: only the plugin's TTL makes it a hit.
+    up.set("/plain", script(200, &[], "plain"));
+    let (path, sha256) = common::component("cache_policy");
+    let toml = format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+
+[admin]
+address = "127.0.0.1:0"
+token = "secret"
+
+[[route]]
+prefix = "/"
+pool = "upstream"
+cache = true
+plugins = ["cache-policy"]
+
+[[pool]]
+name = "upstream"
+endpoints = ["http://{}"]
+
+[[plugin]]
+name = "cache-policy"
+path = "{}"
+sha256 = "{sha256}"
+config = {{ default_ttl = 60, bypass_cookies = ["session"] }}
+"#,
+        up.addr,
+        path.display()
+    );
+    let dir = tmp();
+    let node = start_node_in(&toml, dir.path()).await;
+
+    assert_eq!(get(&node, "/plain?utm_source=x").await.x_cache, "MISS");
+    // The plugin's key drops utm_* parameters: the same entry.
+    let hit = get(&node, "/plain").await;
+    assert_eq!((hit.x_cache.as_str(), hit.body.as_str()), ("HIT", "plain"));
+    let bypassed = get_with(&node, "/plain", &[("cookie", "session=1")]).await;
+    assert_eq!(bypassed.x_cache, "BYPASS");
+    assert_eq!(up.count(), 2);
+
+    // The plugin's host has no port.
+    let key = format!("GET|{}|/plain", common::listener(&node).ip());
+    let (status, body) = purge(
+        &node,
+        Some("secret"),
+        &serde_json::json!({ "key": key }).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["purged"]["memory"]),
+        (200, &1.into()),
+        "{body}"
+    );
+    assert_eq!(get(&node, "/plain").await.x_cache, "MISS");
+    node.shutdown().await;
+}

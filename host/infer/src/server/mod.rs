@@ -1,0 +1,570 @@
+//! The OpenAI-compatible HTTP API over the engine (axum).
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (streamed as
+//! server-sent events or whole), `GET /v1/models`, `GET /health/live`,
+//! `GET /health/ready` (200 once the model is loaded and warm), `GET
+//! /metrics` (Prometheus). Every error is OpenAI's JSON error shape.
+//!
+//! The server starts before the model is loaded, so that liveness and
+//! metrics answer during a long load and readiness says when to route to it.
+
+pub mod error;
+pub mod openai;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use self::error::ApiError;
+use self::openai::{ChatRequest, CompletionRequest, Envelope, Kind, Params};
+use crate::backend::cpu::{CpuBackend, CpuBackendError};
+use crate::chat_template::{ChatTemplate, ChatTemplateError};
+use crate::gguf::{Gguf, Value};
+use crate::model::ModelError;
+use crate::model::llama::Llama;
+use crate::scheduler::{
+    Engine, EngineConfig, EngineError, Event, Failure, Finish, GenerationRequest, SubmitError,
+};
+use crate::telemetry::Telemetry;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// The header carrying a request's deadline, in Unix milliseconds (the edge
+/// sets it from its own deadline).
+pub const DEADLINE_HEADER: &str = "x-request-deadline";
+
+/// Token texts that end a turn in common chat formats. llama.cpp stops on
+/// these too (its "end of generation" set), whatever the metadata's EOS:
+/// a chat model that ends its turn with `<|im_end|>` and then writes
+/// `<|endoftext|>` must stop at the first.
+const END_OF_TURN: [&str; 6] = [
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|end_of_text|>",
+];
+
+/// The HTTP side's limits and defaults.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The name clients ask for in `model`.
+    pub model_name: String,
+    /// Request bodies larger than this get 413.
+    pub max_body_bytes: usize,
+    /// `max_tokens` for chat requests that give none (capped by the context).
+    pub default_max_tokens: usize,
+    /// The deadline of requests that carry none.
+    pub default_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for serving `model_name`.
+    pub fn new(model_name: impl Into<String>) -> Self {
+        Self {
+            model_name: model_name.into(),
+            max_body_bytes: 2 << 20,
+            default_max_tokens: 1024,
+            default_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Why a model could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The weights or hyperparameters.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The tokenizer metadata.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The chat template.
+    #[error(transparent)]
+    Template(#[from] ChatTemplateError),
+    /// The CPU thread pool.
+    #[error(transparent)]
+    Backend(#[from] CpuBackendError),
+    /// The engine's warm-up or start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// A loaded, warm model and its engine.
+#[derive(Debug)]
+pub struct Served {
+    engine: Engine,
+    tokenizer: Arc<Tokenizer>,
+    template: ChatTemplate,
+}
+
+impl Served {
+    /// Loads a GGUF model, runs one warm-up forward pass and starts its
+    /// engine on `threads` CPU threads.
+    pub fn from_gguf(
+        gguf: &Gguf,
+        threads: usize,
+        config: EngineConfig,
+        telemetry: Telemetry,
+    ) -> Result<Self, LoadError> {
+        let model = Arc::new(Llama::from_gguf(gguf)?);
+        let tokenizer = Arc::new(Tokenizer::from_gguf(gguf)?);
+        let template = ChatTemplate::from_gguf(gguf)?;
+        let mut stop_tokens = vec![tokenizer.eos()];
+        if let Some(eot) = gguf
+            .get("tokenizer.ggml.eot_token_id")
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+        {
+            stop_tokens.push(eot);
+        }
+        let special = tokenizer.special_tokens();
+        stop_tokens.extend(END_OF_TURN.iter().filter_map(|t| special.get(*t).copied()));
+        stop_tokens.sort_unstable();
+        stop_tokens.dedup();
+        let backend = CpuBackend::new(threads)?;
+        let engine = Engine::start(
+            model,
+            backend,
+            Arc::clone(&tokenizer),
+            stop_tokens,
+            config,
+            telemetry,
+        )?;
+        Ok(Self {
+            engine,
+            tokenizer,
+            template,
+        })
+    }
+
+    /// The engine, for introspection.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    config: ServerConfig,
+    telemetry: Telemetry,
+    model: OnceLock<Served>,
+    created: u64,
+}
+
+impl AppState {
+    /// A server with no model yet: live, not ready.
+    pub fn new(config: ServerConfig, telemetry: Telemetry) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            telemetry,
+            model: OnceLock::new(),
+            created: unix_seconds(),
+        })
+    }
+
+    /// Makes `served` the model; from then on the server is ready. A model
+    /// already set stays, and `served` is handed back.
+    pub fn set_model(&self, served: Served) -> Result<(), Box<Served>> {
+        self.model.set(served).map_err(Box::new)
+    }
+
+    /// The model, once set.
+    pub fn model(&self) -> Option<&Served> {
+        self.model.get()
+    }
+
+    /// The metrics.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// Stops the engine: running and queued requests end with an error.
+    pub fn shutdown(&self) {
+        if let Some(served) = self.model.get() {
+            served.engine.shutdown();
+        }
+    }
+
+    fn served(&self) -> Result<&Served, ApiError> {
+        self.model
+            .get()
+            .ok_or_else(|| ApiError::not_ready("the model is still loading"))
+    }
+}
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|uri: Uri| async move { ApiError::no_route(uri.path()) })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then stops taking
+/// connections and waits for open ones to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn live() -> impl IntoResponse {
+    axum::Json(json!({"status": "live"}))
+}
+
+async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    match app.model() {
+        Some(_) => axum::Json(json!({"status": "ready"})).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.telemetry.render(),
+    )
+        .into_response()
+}
+
+async fn models(State(app): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.config.model_name,
+            "object": "model",
+            "created": app.created,
+            "owned_by": "breakwater",
+        }],
+    }))
+    .into_response()
+}
+
+async fn chat(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let request: ChatRequest = parse(&app, body)?;
+        let messages = request.messages()?;
+        let params = request.common.validate()?;
+        let deadline = deadline(&headers, app.config.default_timeout)?;
+        check_model(&app, &params)?;
+        let served = app.served()?;
+        let prompt = served
+            .template
+            .render(&messages, true)
+            // The template's own checks (role order, …) reject the messages.
+            .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
+        let default_max = app.config.default_max_tokens;
+        generate(&app, Kind::Chat, &prompt, params, default_max, deadline).await
+    }
+    .await;
+    respond(&app, result)
+}
+
+async fn completions(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let request: CompletionRequest = parse(&app, body)?;
+        let prompt = request.prompt()?.to_owned();
+        let params = request.common.validate()?;
+        let deadline = deadline(&headers, app.config.default_timeout)?;
+        check_model(&app, &params)?;
+        let default_max = openai::COMPLETIONS_DEFAULT_MAX_TOKENS;
+        generate(
+            &app,
+            Kind::Completion,
+            &prompt,
+            params,
+            default_max,
+            deadline,
+        )
+        .await
+    }
+    .await;
+    respond(&app, result)
+}
+
+fn respond(app: &AppState, result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(|e| {
+        if let Some(r) = e.rejection {
+            app.telemetry.rejected(r);
+        }
+        e.into_response()
+    })
+}
+
+fn parse<T: DeserializeOwned>(
+    app: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::body_too_large(app.config.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::bad_request(format!("invalid request body: {e}"))
+        }
+        _ => ApiError::bad_request(format!("could not parse the JSON body of the request: {e}")),
+    })
+}
+
+fn check_model(app: &AppState, params: &Params) -> Result<(), ApiError> {
+    if params.model == app.config.model_name {
+        Ok(())
+    } else {
+        Err(ApiError::unknown_model(&params.model))
+    }
+}
+
+/// The request's deadline: its `X-Request-Deadline` (Unix ms) if earlier
+/// than the server's default timeout from now.
+fn deadline(headers: &HeaderMap, default_timeout: Duration) -> Result<Instant, ApiError> {
+    let now = Instant::now();
+    let default = now + default_timeout;
+    let Some(value) = headers.get(DEADLINE_HEADER) else {
+        return Ok(default);
+    };
+    let ms: u64 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{DEADLINE_HEADER} must be a Unix time in milliseconds"
+            ))
+        })?;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let left = u128::from(ms).saturating_sub(now_ms);
+    if left == 0 {
+        return Err(ApiError::deadline());
+    }
+    let left = Duration::from_millis(u64::try_from(left).unwrap_or(u64::MAX));
+    Ok(now + left.min(default_timeout))
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Tokenizes `prompt`, queues it and answers, streamed or whole.
+async fn generate(
+    app: &Arc<AppState>,
+    kind: Kind,
+    prompt: &str,
+    params: Params,
+    default_max_tokens: usize,
+    deadline: Instant,
+) -> Result<Response, ApiError> {
+    let served = app.served()?;
+    // A prompt can be megabytes: tokenize it off the async workers.
+    let tokenizer = Arc::clone(&served.tokenizer);
+    let text = prompt.to_owned();
+    let ids = tokio::task::spawn_blocking(move || tokenizer.encode(&text))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))?
+        .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid("the prompt is empty", "prompt"));
+    }
+    let limit = served.engine.max_sequence_tokens();
+    if ids.len() >= limit {
+        return Err(ApiError::context_length(format!(
+            "this model's maximum context length is {limit} tokens, and the prompt has {} \
+             (at least one token must be left to generate)",
+            ids.len()
+        )));
+    }
+    // A max_tokens beyond the context is cut to what fits, as llama.cpp's
+    // server does; finish_reason "length" tells the client.
+    let max_tokens = params
+        .max_tokens
+        .unwrap_or(default_max_tokens)
+        .min(limit - ids.len());
+    let request = GenerationRequest {
+        prompt: ids,
+        max_tokens,
+        sampling: params.sampling,
+        stop: params.stop,
+        deadline: Some(deadline),
+        ignore_eos: params.ignore_eos,
+    };
+    let rx = served.engine.submit(request).map_err(|e| match e {
+        SubmitError::QueueFull { retry_after } => ApiError::overloaded(retry_after),
+        SubmitError::TooLong { .. } => ApiError::context_length(e.to_string()),
+        SubmitError::EmptyPrompt => ApiError::invalid(e.to_string(), "prompt"),
+        SubmitError::NoTokens => ApiError::invalid(e.to_string(), "max_tokens"),
+        SubmitError::DeadlineExceeded => ApiError::deadline(),
+        SubmitError::ShuttingDown => ApiError::not_ready(e.to_string()),
+    })?;
+    let envelope = Envelope {
+        id: format!(
+            "{}-{}",
+            match kind {
+                Kind::Chat => "chatcmpl",
+                Kind::Completion => "cmpl",
+            },
+            uuid::Uuid::new_v4().simple()
+        ),
+        created: unix_seconds(),
+        model: app.config.model_name.clone(),
+        kind,
+    };
+    let deadline = tokio::time::Instant::from_std(deadline);
+    if params.stream {
+        Ok(stream(envelope, rx, params.include_usage, deadline))
+    } else {
+        collect(envelope, rx, deadline).await
+    }
+}
+
+fn failure_error(f: Failure) -> ApiError {
+    match f {
+        Failure::DeadlineExceeded => ApiError::deadline(),
+        Failure::ShuttingDown => ApiError::not_ready(f.to_string()),
+        Failure::Model(_) => ApiError::internal(f.to_string()),
+    }
+}
+
+/// Waits for the whole answer. Dropping this future (the client went away)
+/// drops the receiver, which cancels the sequence.
+async fn collect(
+    envelope: Envelope,
+    mut rx: mpsc::Receiver<Event>,
+    deadline: tokio::time::Instant,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => return Err(ApiError::deadline()),
+            Ok(None) => return Err(ApiError::internal("the engine stopped")),
+            Ok(Some(Event::Text(t))) => text.push_str(&t),
+            Ok(Some(Event::Done(finish))) => {
+                return Ok(axum::Json(envelope.response(text, &finish)).into_response());
+            }
+            Ok(Some(Event::Failed(f))) => return Err(failure_error(f)),
+        }
+    }
+}
+
+/// Where a stream is.
+enum Phase {
+    Role,
+    Body,
+    Usage(Finish),
+    DoneMarker,
+    End,
+}
+
+struct Streaming {
+    envelope: Envelope,
+    rx: mpsc::Receiver<Event>,
+    include_usage: bool,
+    deadline: tokio::time::Instant,
+    phase: Phase,
+}
+
+fn data(value: &serde_json::Value) -> SseEvent {
+    SseEvent::default().data(value.to_string())
+}
+
+/// Server-sent events: `data: {chunk}` per delta, then `data: [DONE]`. When
+/// the client disconnects, axum drops the stream and with it the receiver,
+/// which cancels the sequence at the engine's next step.
+fn stream(
+    envelope: Envelope,
+    rx: mpsc::Receiver<Event>,
+    include_usage: bool,
+    deadline: tokio::time::Instant,
+) -> Response {
+    let phase = match envelope.kind {
+        Kind::Chat => Phase::Role,
+        Kind::Completion => Phase::Body,
+    };
+    let state = Streaming {
+        envelope,
+        rx,
+        include_usage,
+        deadline,
+        phase,
+    };
+    let events = futures_util::stream::unfold(state, |mut s| async move {
+        let event = match std::mem::replace(&mut s.phase, Phase::End) {
+            Phase::End => return None,
+            Phase::Role => {
+                s.phase = Phase::Body;
+                data(&s.envelope.chunk(true, None, None))
+            }
+            Phase::Usage(finish) => {
+                s.phase = Phase::DoneMarker;
+                data(&s.envelope.usage_chunk(&finish))
+            }
+            Phase::DoneMarker => SseEvent::default().data("[DONE]"),
+            Phase::Body => match tokio::time::timeout_at(s.deadline, s.rx.recv()).await {
+                Ok(Some(Event::Text(t))) => {
+                    s.phase = Phase::Body;
+                    data(&s.envelope.chunk(false, Some(&t), None))
+                }
+                Ok(Some(Event::Done(finish))) => {
+                    s.phase = if s.include_usage {
+                        Phase::Usage(finish)
+                    } else {
+                        Phase::DoneMarker
+                    };
+                    data(&s.envelope.chunk(false, None, Some(finish.reason.as_str())))
+                }
+                Ok(Some(Event::Failed(f))) => data(&failure_error(f).body()),
+                Ok(None) => data(&ApiError::internal("the engine stopped").body()),
+                Err(_) => data(&ApiError::deadline().body()),
+            },
+        };
+        Some((Ok::<_, Infallible>(event), s))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
