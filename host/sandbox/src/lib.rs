@@ -48,7 +48,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 pub use artifact::sha256_hex;
 pub use capability::Capability;
@@ -81,11 +81,19 @@ pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
 /// configuration at load.
 const LOAD_DEADLINE: Duration = Duration::from_secs(1);
 
+/// A call that has not used its CPU budget is still stopped after this many
+/// times the budget of wall-clock time, so a starved thread cannot hold a
+/// request without end.
+pub const WALL_BACKSTOP_FACTOR: u32 = 25;
+
 /// Per-plugin resource limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// CPU time for one call (instantiation, `init` and the phase). The
-    /// call is stopped between this and this plus one epoch tick.
+    /// CPU time for one call (instantiation, `init` and the phase), counted
+    /// on the calling thread: time the OS gave to other threads (a busy
+    /// core) is not charged. The call is stopped between this and this plus
+    /// one epoch tick of CPU, or after [`WALL_BACKSTOP_FACTOR`] times this
+    /// of wall-clock time, whichever comes first.
     pub cpu_deadline: Duration,
     /// All of an instance's linear memory together.
     pub memory_bytes: usize,
@@ -292,17 +300,12 @@ impl Sandbox {
             config: spec.config,
             on_failure: spec.on_failure,
             limits,
-            deadline_ticks: deadline_ticks(limits.cpu_deadline, self.config.epoch_tick),
             sha256,
         };
         // The first instance of a plugin is slower than the rest (fresh pool
         // slots fault their pages in), and a node loads plugins while it is
         // busy: the load-time check runs under a generous deadline.
-        let load_ticks = deadline_ticks(
-            limits.cpu_deadline.max(LOAD_DEADLINE),
-            self.config.epoch_tick,
-        );
-        match plugin.call(load_ticks, |_, _| Ok(())) {
+        match plugin.call(limits.cpu_deadline.max(LOAD_DEADLINE), |_, _| Ok(())) {
             Ok(()) => Ok(plugin),
             Err(error) if error.kind == FailureKind::Init => Err(LoadError::Config {
                 plugin: spec.name,
@@ -357,12 +360,54 @@ fn valid_plugin_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-/// Epoch ticks to allow for `deadline`: rounded up, plus one because the
-/// current tick may be about to end.
-fn deadline_ticks(deadline: Duration, tick: Duration) -> u64 {
-    let tick = tick.as_nanos().max(1);
-    let ticks = deadline.as_nanos().div_ceil(tick);
-    u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1)
+/// CPU time the calling thread has used so far; `None` where the clock
+/// cannot be read (then deadlines fall back to the wall clock).
+fn thread_cpu_time() -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    (rc == 0).then(|| {
+        Duration::new(
+            u64::try_from(now.tv_sec).unwrap_or(0),
+            u32::try_from(now.tv_nsec).unwrap_or(0),
+        )
+    })
+}
+
+/// The deadline of one call, checked at every epoch tick on the thread
+/// that runs the plugin. Epoch interruption alone counts wall-clock ticks,
+/// which on a busy core charge a plugin for time it spent preempted and
+/// trap well-behaved calls under load; this counts the thread's own CPU
+/// time instead.
+struct CallBudget {
+    cpu_started: Option<Duration>,
+    cpu_budget: Duration,
+    wall_limit: Instant,
+}
+
+impl CallBudget {
+    fn start(cpu_budget: Duration, now: Instant) -> Self {
+        Self {
+            cpu_started: thread_cpu_time(),
+            cpu_budget,
+            wall_limit: now + cpu_budget.saturating_mul(WALL_BACKSTOP_FACTOR),
+        }
+    }
+
+    /// Whether the call has used its budget (or its wall-clock backstop).
+    fn spent(&self, started: Instant) -> bool {
+        let now = Instant::now();
+        if now >= self.wall_limit {
+            return true;
+        }
+        match (self.cpu_started, thread_cpu_time()) {
+            (Some(from), Some(to)) => to.saturating_sub(from) >= self.cpu_budget,
+            _ => now.duration_since(started) >= self.cpu_budget,
+        }
+    }
 }
 
 /// What every instance of one plugin shares: its name and its handles on
@@ -383,7 +428,6 @@ pub struct LoadedPlugin {
     config: String,
     on_failure: OnFailure,
     limits: Limits,
-    deadline_ticks: u64,
     sha256: String,
 }
 
@@ -421,7 +465,7 @@ impl LoadedPlugin {
 
     /// Runs the request phase in a fresh instance.
     pub fn on_request(&self, req: &Request) -> Result<RequestDecision, CallError> {
-        let decision = self.call(self.deadline_ticks, |plugin, store| {
+        let decision = self.call(self.limits.cpu_deadline, |plugin, store| {
             plugin.call_on_request(store, req)
         })?;
         match &decision {
@@ -437,7 +481,7 @@ impl LoadedPlugin {
         req: &Request,
         resp: &ResponseHead,
     ) -> Result<ResponseDecision, CallError> {
-        let decision = self.call(self.deadline_ticks, |plugin, store| {
+        let decision = self.call(self.limits.cpu_deadline, |plugin, store| {
             plugin.call_on_response(store, req, resp)
         })?;
         match &decision {
@@ -465,15 +509,24 @@ impl LoadedPlugin {
     /// then `phase`, under the deadline and the memory cap.
     fn call<R>(
         &self,
-        deadline_ticks: u64,
+        cpu_budget: Duration,
         phase: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let started = Instant::now();
         let state = HostState::new(Arc::clone(&self.shared), self.limits.memory_bytes);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| state);
-        store.set_epoch_deadline(deadline_ticks);
-        store.epoch_deadline_trap();
+        // Every tick, the thread running the plugin checks its own CPU time
+        // (the call runs on one thread from start to end).
+        let budget = CallBudget::start(cpu_budget, started);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if budget.spent(started) {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Continue(1)
+            })
+        });
 
         let instance = match self.pre.instantiate(&mut store) {
             Ok(instance) => instance,
@@ -541,10 +594,21 @@ mod tests {
     }
 
     #[test]
-    fn deadline_rounds_up_and_allows_the_current_tick() {
-        let ms = Duration::from_millis(1);
-        assert_eq!(deadline_ticks(2 * ms, ms), 3);
-        assert_eq!(deadline_ticks(Duration::from_micros(1500), ms), 3);
-        assert_eq!(deadline_ticks(Duration::ZERO, ms), 1);
+    fn the_budget_counts_this_threads_cpu_time_not_waiting() {
+        let started = Instant::now();
+        let budget = CallBudget::start(Duration::from_millis(20), started);
+        // Sleeping uses no CPU: not spent, though the wall clock moved on.
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!budget.spent(started));
+        // Spinning does.
+        while !budget.spent(started) {
+            std::hint::black_box(0u64);
+        }
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        // The backstop: 25 × 1 ms of wall clock, with no CPU used.
+        let started = Instant::now();
+        let budget = CallBudget::start(Duration::from_millis(1), started);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(budget.spent(started));
     }
 }
