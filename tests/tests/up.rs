@@ -1,6 +1,6 @@
 //! `breakwater up` smoke test: the demo site on :8080 with ETags, the demo
 //! model answering a streamed chat through the edge, and the demo plugin
-//! chain (waf, rate limit). Skipped when port 8080, 9000 or 9901 is taken.
+//! chain (waf, rate limit). Needs ports 8080, 9000 and 9901 free.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,9 +9,13 @@ use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, port_is_free};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_the_demo_site_with_etags() {
-    if !port_is_free(8080) || !port_is_free(9000) || !port_is_free(9901) {
-        eprintln!("skipped: 127.0.0.1:8080, :9000 or :9901 is in use");
-        return;
+    // `up` runs the embedded demo on its fixed ports: a busy port fails the
+    // test with the reason rather than passing without checking anything.
+    for port in [8080, 9000, 9901] {
+        assert!(
+            port_is_free(port),
+            "127.0.0.1:{port} is in use: stop whatever listens there (a running `breakwater up`?)"
+        );
     }
     let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
     let mut node = ChildGuard::spawn(breakwater(&["up"]));
