@@ -219,13 +219,8 @@ url_for() { echo "http://127.0.0.1:${port_of[$1]}/$2.bin"; }
 measure_grid
 
 # --- report -----------------------------------------------------------------
-cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-wrk_version=$({ wrk -v 2>&1 || true; } | awk 'NR == 1 { print $1, $2 }')
 {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "machine: nproc=$ncpu, $cpu_model; caches on cpu $SERVER_CPU, wrk and the origin on cpu $CLIENT_CPU; CPU busy before: ${busy_before}%; nice $PRIORITY"
-    echo "commit: $(commit_line)"
-    echo "client: $wrk_version -t$THREADS -c$CONNECTIONS -d$DURATION --latency, warm-up $WARMUP, median of $RUNS runs"
+    report_head "caches on cpu $SERVER_CPU, wrk and the origin on cpu $CLIENT_CPU"
     echo "breakwater: release build, 1 tokio worker, memory tier; nginx: $({ "$nginx_bin" -v 2>&1 || true; } | sed 's/^nginx version: //'), 1 worker, proxy_cache; varnish: $("$varnishd_bin" -V 2>&1 | grep -o 'varnish-[0-9.]*' | head -n 1), 1 thread pool, malloc storage"
     echo
     echo "| object | breakwater req/s | nginx req/s | varnish req/s | breakwater/best peer | breakwater p99 ms | nginx p99 ms | varnish p99 ms |"

@@ -208,6 +208,18 @@ measure_grid() {
     done
 }
 
+# The first lines of every report: date, machine (with `$1`, where each
+# process ran), commit and client. Needs ncpu and busy_before.
+report_head() {
+    local cpu_model wrk_version
+    cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    wrk_version=$({ wrk -v 2>&1 || true; } | awk 'NR == 1 { print $1, $2 }')
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "machine: nproc=$ncpu, $cpu_model; $1; CPU busy before: ${busy_before}%; nice $PRIORITY"
+    echo "commit: $(commit_line)"
+    echo "client: $wrk_version -t$THREADS -c$CONNECTIONS -d$DURATION --latency, warm-up $WARMUP, median of $RUNS runs"
+}
+
 # The commit line of a report: short hash, and whether the tree was dirty.
 commit_line() {
     local commit

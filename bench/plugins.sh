@@ -204,13 +204,8 @@ url_for() { echo "http://127.0.0.1:$BW_PORT/$1/$2"; }
 measure_grid
 
 # --- report -----------------------------------------------------------------
-cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-wrk_version=$({ wrk -v 2>&1 || true; } | awk 'NR == 1 { print $1, $2 }')
 {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "machine: nproc=$ncpu, $cpu_model; breakwater on cpu $SERVER_CPU, wrk and the nginx upstream on cpu $CLIENT_CPU; CPU busy before: ${busy_before}%; nice $PRIORITY"
-    echo "commit: $(commit_line)"
-    echo "client: $wrk_version -t$THREADS -c$CONNECTIONS -d$DURATION --latency, warm-up $WARMUP, median of $RUNS runs"
+    report_head "breakwater on cpu $SERVER_CPU, wrk and the nginx upstream on cpu $CLIENT_CPU"
     echo "breakwater: release build, 1 tokio worker; /plain/ no plugins, /chain/ waf → rate-limit → router → cache-policy"
     echo
     echo "| route | req/s | p99 ms |"

@@ -160,16 +160,10 @@ url_for() { echo "http://127.0.0.1:${port_of[$1]}/$2.bin"; }
 measure_grid
 
 # --- report -----------------------------------------------------------------
-commit=$(commit_line)
-cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 nginx_version=$({ "$nginx_bin" -v 2>&1 || true; } | sed 's/^nginx version: //')
-wrk_version=$({ wrk -v 2>&1 || true; } | awk 'NR == 1 { print $1, $2 }')
 
 {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "machine: nproc=$ncpu, $cpu_model; server on cpu $SERVER_CPU, wrk on cpu $CLIENT_CPU; CPU busy before: ${busy_before}%; nice $PRIORITY"
-    echo "commit: $commit"
-    echo "client: $wrk_version -t$THREADS -c$CONNECTIONS -d$DURATION --latency, warm-up $WARMUP, median of $RUNS runs"
+    report_head "server on cpu $SERVER_CPU, wrk on cpu $CLIENT_CPU"
     echo "breakwater: release build, 1 tokio worker, both files from the in-memory hot cache (hot_file_max_bytes = $HOT_FILE_MAX_BYTES)"
     echo "nginx: $nginx_version, worker_processes 1, sendfile on, open_file_cache, access_log off"
     echo
