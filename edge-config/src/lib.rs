@@ -16,6 +16,7 @@
 
 mod diagnostic;
 mod model;
+mod pool;
 mod validate;
 
 use std::path::Path;
@@ -110,6 +111,64 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(!config.listeners.is_empty());
         assert!(config.sites[0].root.join("index.html").is_file());
+    }
+
+    #[test]
+    fn every_example_is_valid() {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(local_example_dir()).expect("examples/ exists") {
+            let path = entry.expect("readable entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                // Plugin artifacts may not be built here: only other problems count.
+                if let Err(e) = load(&path) {
+                    let others: Vec<_> = e
+                        .diagnostics()
+                        .iter()
+                        .filter(|d| !d.message.starts_with("plugin file"))
+                        .collect();
+                    assert!(others.is_empty(), "{}: {e}", path.display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "found {seen} examples");
+    }
+
+    #[test]
+    fn pools_take_plain_and_weighted_endpoints_with_defaults() {
+        let text = r#"
+[node]
+region = "eu"
+[[listener]]
+address = "127.0.0.1:8080"
+[[pool]]
+name = "a"
+region = "eu"
+endpoints = ["http://127.0.0.1:1", { address = "http://127.0.0.1:2", weight = 3 }]
+failover = ["b"]
+[[pool]]
+name = "b"
+region = "us"
+endpoints = ["http://127.0.0.1:3"]
+"#;
+        let config =
+            parse(text, Path::new("t.toml"), Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+        let a = config.pool("a").expect("pool a");
+        assert_eq!(a.endpoints[0].weight, 1);
+        assert_eq!(a.endpoints[1].weight, 3);
+        assert_eq!(a.effective_priority("eu"), 0);
+        assert_eq!(config.pool("b").expect("b").effective_priority("eu"), 1);
+        assert_eq!(a.retry.attempts, 2);
+        assert!(a.health.is_none());
+    }
+
+    #[test]
+    fn an_unknown_endpoint_key_is_located_and_fixed() {
+        let text = "[[listener]]\naddress = \"127.0.0.1:8080\"\n[[pool]]\nname = \"a\"\nendpoints = [{ adress = \"http://127.0.0.1:1\" }]\n";
+        let err = parse(text, Path::new("t.toml"), Path::new(".")).expect_err("unknown key");
+        let d = &err.diagnostics()[0];
+        assert_eq!(d.line, 5, "{d}");
+        assert_eq!(d.fix, "replace `adress` with `address`", "{d}");
     }
 
     #[test]

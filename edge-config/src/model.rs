@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::pool::*;
+
 /// A whole edge node: what it listens on, what it serves, where it proxies.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +185,12 @@ pub struct RouteConfig {
     /// Plugin chain, by `[[plugin]]` name, run in order on each request.
     #[serde(default)]
     pub plugins: Vec<String>,
+    /// Time the whole exchange may take, from the request's arrival to the
+    /// end of the answer's body; the time left is passed upstream in
+    /// `X-Request-Deadline` (Unix time in milliseconds). None: the pool's
+    /// `total_timeout`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub deadline: Option<Duration>,
     /// Whether answers on this route go through the response cache.
     #[serde(default)]
     pub cache: bool,
@@ -372,29 +380,10 @@ pub enum FailurePolicy {
     Closed,
 }
 
-/// A set of interchangeable upstream endpoints.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolConfig {
-    pub name: String,
-    #[serde(default = "default_region")]
-    pub region: String,
-    /// Base URLs such as `http://127.0.0.1:9000`.
-    pub endpoints: Vec<String>,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Time from sending the request to the upstream's response head; beyond it: 504.
-    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
-    pub first_byte_timeout: Duration,
-    /// Idle connections kept per endpoint.
-    #[serde(default = "default_max_idle_per_endpoint")]
-    pub max_idle_per_endpoint: usize,
-}
-
 fn default_node_name() -> String {
     "edge".to_owned()
 }
-fn default_region() -> String {
+pub(crate) fn default_region() -> String {
     "local".to_owned()
 }
 fn default_max_header_bytes() -> usize {
@@ -429,15 +418,6 @@ fn default_hot_file_max_bytes() -> u64 {
 }
 fn default_hot_cache_bytes() -> u64 {
     64 * 1024 * 1024
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_first_byte_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_max_idle_per_endpoint() -> usize {
-    64
 }
 fn default_cache_memory_bytes() -> u64 {
     256 * 1024 * 1024

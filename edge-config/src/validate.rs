@@ -187,6 +187,7 @@ fn check_sites(config: &EdgeConfig, checker: &mut Checker<'_>) {
 
 fn check_pools(config: &EdgeConfig, checker: &mut Checker<'_>) {
     let mut names = HashSet::new();
+    let pool_names: Vec<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
     for (i, pool) in config.pools.iter().enumerate() {
         if !names.insert(pool.name.as_str()) {
             checker.report(
@@ -203,18 +204,248 @@ fn check_pools(config: &EdgeConfig, checker: &mut Checker<'_>) {
             );
         }
         for (j, endpoint) in pool.endpoints.iter().enumerate() {
+            let at = [
+                Key("pool"),
+                Index(i),
+                Key("endpoints"),
+                Index(j),
+                Key("address"),
+            ];
             let valid = endpoint
+                .address
                 .parse::<http::Uri>()
                 .ok()
                 .filter(|uri| uri.scheme_str() == Some("http") && uri.authority().is_some());
             if valid.is_none() {
                 checker.report(
-                    &[Key("pool"), Index(i), Key("endpoints"), Index(j)],
-                    format!("`{endpoint}` is not an http:// endpoint URL"),
+                    &at,
+                    format!("`{}` is not an http:// endpoint URL", endpoint.address),
                     "write the endpoint's base URL, e.g. \"http://127.0.0.1:9000\"",
                 );
             }
+            if !(1..=10_000).contains(&endpoint.weight) {
+                checker.report(
+                    &[
+                        Key("pool"),
+                        Index(i),
+                        Key("endpoints"),
+                        Index(j),
+                        Key("weight"),
+                    ],
+                    format!("weight = {} is outside 1..=10000", endpoint.weight),
+                    "give the endpoint a weight between 1 and 10000 (default 1)",
+                );
+            }
         }
+        check_pool_failover(checker, i, pool, &pool_names);
+        check_pool_limits(checker, i, pool);
+    }
+}
+
+fn check_pool_failover(
+    checker: &mut Checker<'_>,
+    i: usize,
+    pool: &crate::model::PoolConfig,
+    pool_names: &[&str],
+) {
+    let mut seen = HashSet::new();
+    for (j, name) in pool.failover.iter().enumerate() {
+        let at = [Key("pool"), Index(i), Key("failover"), Index(j)];
+        if *name == pool.name {
+            checker.report(
+                &at,
+                format!("pool `{name}` lists itself in `failover`"),
+                "list other regions' pools only",
+            );
+        } else if !pool_names.contains(&name.as_str()) {
+            let fix = match nearest(name, pool_names.iter().copied()) {
+                Some(near) => format!("replace `{name}` with `{near}`"),
+                None => format!(
+                    "define it: add `[[pool]]` with `name = \"{name}\"`, its region and endpoints"
+                ),
+            };
+            checker.report(&at, format!("failover pool `{name}` is not defined"), fix);
+        } else if !seen.insert(name.as_str()) {
+            checker.report(
+                &at,
+                format!("failover pool `{name}` is listed twice"),
+                "list each failover pool once",
+            );
+        }
+    }
+    for (key, share) in [
+        ("failover_below", pool.failover_below),
+        ("failback_above", pool.failback_above),
+    ] {
+        if !(0.0..=1.0).contains(&share) {
+            checker.report(
+                &[Key("pool"), Index(i), Key(key)],
+                format!("{key} = {share} is not a share between 0 and 1"),
+                format!("write a share such as 0.5 for `{key}`"),
+            );
+        }
+    }
+    if pool.failback_above < pool.failover_below {
+        checker.report(
+            &[Key("pool"), Index(i), Key("failback_above")],
+            format!(
+                "failback_above = {} is below failover_below = {}: traffic would flap",
+                pool.failback_above, pool.failover_below
+            ),
+            "make failback_above at least failover_below (default 0.75 vs 0.5)",
+        );
+    }
+}
+
+fn check_pool_limits(checker: &mut Checker<'_>, i: usize, pool: &crate::model::PoolConfig) {
+    let at = |key| vec![Key("pool"), Index(i), Key(key)];
+    for (key, value) in [
+        ("connect_timeout", pool.connect_timeout),
+        ("first_byte_timeout", pool.first_byte_timeout),
+        ("total_timeout", pool.total_timeout),
+    ] {
+        if value.is_zero() {
+            checker.report(
+                &at(key),
+                format!("{key} = 0 gives an upstream no time"),
+                format!("write a duration such as \"2s\", or leave `{key}` out for the default"),
+            );
+        }
+    }
+    if pool.max_requests_per_endpoint == 0 {
+        checker.report(
+            &at("max_requests_per_endpoint"),
+            "max_requests_per_endpoint = 0 sends nothing",
+            "allow at least 1 (default 1024)",
+        );
+    }
+    match (pool.balance, &pool.hash_header) {
+        (crate::model::BalanceMode::ConsistentHash, None) => checker.report(
+            &at("balance"),
+            "balance = \"consistent-hash\" needs `hash_header`",
+            "add `hash_header = \"x-session-id\"` (the header whose value keeps a client on one endpoint)",
+        ),
+        (_, Some(header)) if http::HeaderName::from_bytes(header.as_bytes()).is_err() => {
+            checker.report(
+                &at("hash_header"),
+                format!("`{header}` is not a header name"),
+                "write a header name such as \"x-session-id\"",
+            );
+        }
+        _ => {}
+    }
+    if let Some(health) = &pool.health {
+        let at = |key| [Key("pool"), Index(i), Key("health"), Key(key)];
+        if !health.path.starts_with('/') {
+            checker.report(
+                &at("path"),
+                format!(
+                    "health check path `{}` does not start with `/`",
+                    health.path
+                ),
+                format!("write \"/{}\"", health.path),
+            );
+        }
+        if health.interval.is_zero() {
+            checker.report(
+                &at("interval"),
+                "interval = 0 would check without pause",
+                "write a duration such as \"1s\"",
+            );
+        }
+        if health.timeout.is_zero() || health.timeout > health.interval {
+            checker.report(
+                &at("timeout"),
+                format!(
+                    "timeout = {:?} must be above 0 and at most interval ({:?})",
+                    health.timeout, health.interval
+                ),
+                "give a check less time than the interval between checks, e.g. \"500ms\" for \"1s\"",
+            );
+        }
+        for (key, value) in [
+            ("healthy_threshold", health.healthy_threshold),
+            ("unhealthy_threshold", health.unhealthy_threshold),
+        ] {
+            if value == 0 {
+                checker.report(
+                    &at(key),
+                    format!("{key} = 0 is not a count of checks"),
+                    format!("set `{key}` to 1 or more (default 2)"),
+                );
+            }
+        }
+    }
+    let outlier = &pool.outlier;
+    let at_outlier = |key| [Key("pool"), Index(i), Key("outlier"), Key(key)];
+    if !(0.0..=1.0).contains(&outlier.max_ejected_share) {
+        checker.report(
+            &at_outlier("max_ejected_share"),
+            format!(
+                "max_ejected_share = {} is not a share between 0 and 1",
+                outlier.max_ejected_share
+            ),
+            "write a share such as 0.5",
+        );
+    }
+    if outlier.base_ejection.is_zero() || outlier.base_ejection > outlier.max_ejection {
+        checker.report(
+            &at_outlier("base_ejection"),
+            format!(
+                "base_ejection = {:?} must be above 0 and at most max_ejection ({:?})",
+                outlier.base_ejection, outlier.max_ejection
+            ),
+            "write durations such as base_ejection = \"5s\", max_ejection = \"2m\"",
+        );
+    }
+    if let Some(limit) = &pool.concurrency {
+        let at = |key| [Key("pool"), Index(i), Key("concurrency"), Key(key)];
+        if limit.min == 0 || limit.min > limit.initial || limit.initial > limit.max {
+            checker.report(
+                &at("initial"),
+                format!(
+                    "the limits must satisfy 1 <= min ({}) <= initial ({}) <= max ({})",
+                    limit.min, limit.initial, limit.max
+                ),
+                "e.g. concurrency = { min = 4, initial = 64, max = 1024 }",
+            );
+        }
+        if limit.latency_target.is_zero() {
+            checker.report(
+                &at("latency_target"),
+                "latency_target = 0 counts every answer as late",
+                "write the time to first byte a healthy pool keeps, e.g. \"2s\"",
+            );
+        }
+    }
+    let retry = &pool.retry;
+    let at_retry = |key| [Key("pool"), Index(i), Key("retry"), Key(key)];
+    if !(1..=5).contains(&retry.attempts) {
+        checker.report(
+            &at_retry("attempts"),
+            format!("attempts = {} is outside 1..=5", retry.attempts),
+            "set attempts between 1 (no retries) and 5 (default 2)",
+        );
+    }
+    if !(0.0..=1.0).contains(&retry.budget_ratio) {
+        checker.report(
+            &at_retry("budget_ratio"),
+            format!(
+                "budget_ratio = {} is not a share between 0 and 1",
+                retry.budget_ratio
+            ),
+            "write a share such as 0.2 (retries at most 20% of requests)",
+        );
+    }
+    if retry.backoff_base > retry.backoff_max {
+        checker.report(
+            &at_retry("backoff_base"),
+            format!(
+                "backoff_base = {:?} exceeds backoff_max = {:?}",
+                retry.backoff_base, retry.backoff_max
+            ),
+            "make backoff_base at most backoff_max (defaults \"10ms\" and \"200ms\")",
+        );
     }
 }
 
@@ -232,6 +463,13 @@ fn check_routes(config: &EdgeConfig, checker: &mut Checker<'_>) {
                 &[Key("route"), Index(i), Key("prefix")],
                 format!("prefix `{}` is claimed by a site and a route", route.prefix),
                 "give the route or the site a different prefix",
+            );
+        }
+        if route.deadline.is_some_and(|d| d.is_zero()) {
+            checker.report(
+                &[Key("route"), Index(i), Key("deadline")],
+                "deadline = 0 gives every request no time",
+                "write a duration such as \"30s\", or leave `deadline` out for the pool's total_timeout",
             );
         }
         if config.pool(&route.pool).is_none() {

@@ -116,6 +116,16 @@ impl ChildGuard {
         self.signal(libc::SIGHUP);
     }
 
+    /// Sends SIGSTOP: the process hangs (its sockets still accept).
+    pub fn sigstop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Sends SIGCONT after [`ChildGuard::sigstop`].
+    pub fn sigcont(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// Sends SIGKILL and reaps the child: a crash, nothing drained.
     pub fn sigkill(&mut self) {
         self.signal(libc::SIGKILL);
@@ -225,7 +235,7 @@ pub async fn start_counting_upstream(
 
 /// A loopback HTTP/1.1 upstream, one request per connection: `respond`
 /// gets the request path and gives a delay and the raw response bytes.
-async fn start_raw_upstream<F>(respond: F) -> SocketAddr
+pub async fn start_raw_upstream<F>(respond: F) -> SocketAddr
 where
     F: Fn(&str) -> (Duration, Vec<u8>) + Send + Sync + 'static,
 {
@@ -257,4 +267,183 @@ where
         }
     });
     addr
+}
+
+/// A stand-in GPU host process (`tests/src/bin/stand-in-upstream.rs`) on a
+/// loopback port: told to fail, answer busy or slow down over its control
+/// path, hung with SIGSTOP, killed with SIGKILL, restarted on its port.
+pub struct StandIn {
+    pub name: String,
+    pub addr: SocketAddr,
+    bin: PathBuf,
+    child: Option<ChildGuard>,
+}
+
+impl StandIn {
+    /// Starts `bin` (a test's `env!("CARGO_BIN_EXE_stand-in-upstream")`)
+    /// as `name` on a free port and waits until it accepts.
+    pub fn start(bin: &str, name: &str) -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut stand_in = Self {
+            name: name.to_owned(),
+            addr,
+            bin: PathBuf::from(bin),
+            child: None,
+        };
+        stand_in.restart();
+        stand_in
+    }
+
+    /// Starts the process again on the same port (after a kill).
+    pub fn restart(&mut self) {
+        let mut command = Command::new(&self.bin);
+        command
+            .args(["--listen", &self.addr.to_string(), "--name", &self.name])
+            .stdin(Stdio::null());
+        let mut child = ChildGuard::spawn(command);
+        child.wait_until_accepts(self.addr);
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: connections reset, the port refuses.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.sigkill();
+        }
+    }
+
+    /// SIGSTOP: the port still accepts, nothing answers.
+    pub fn hang(&self) {
+        if let Some(child) = &self.child {
+            child.sigstop();
+        }
+    }
+
+    /// SIGCONT after [`StandIn::hang`].
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            child.sigcont();
+        }
+    }
+
+    /// `POST /_control?{query}`, e.g. `status=502` or `health=fail`.
+    pub async fn control(&self, query: &str) {
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/_control?{query}", self.addr))
+            .timeout(PATIENCE)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("control {}: {e}", self.name));
+        assert!(response.status().is_success(), "control {}", self.name);
+    }
+
+    /// The counters from `GET /_control/stats`.
+    pub async fn stats(&self) -> serde_json::Value {
+        let bytes = reqwest::Client::new()
+            .get(format!("http://{}/_control/stats", self.addr))
+            .timeout(PATIENCE)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("stats {}: {e}", self.name))
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("stats {}: {e}", self.name));
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("stats {} JSON: {e}", self.name))
+    }
+
+    /// One counter from [`StandIn::stats`].
+    pub async fn stat(&self, key: &str) -> u64 {
+        self.stats().await[key].as_u64().unwrap_or(0)
+    }
+}
+
+/// A `breakwater edge` process on a configuration with `{listen}` and
+/// `{admin}` filled in with free ports.
+pub struct EdgeProcess {
+    pub child: ChildGuard,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl EdgeProcess {
+    /// Writes `config` (with `{listen}` and `{admin}` placeholders) to a
+    /// temporary file and starts an edge node on it.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let text = config
+            .replace("{listen}", &addr.to_string())
+            .replace("{admin}", &admin.to_string());
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, text).expect("write the config");
+        let mut child = ChildGuard::spawn(breakwater(&[
+            "edge",
+            "--config",
+            path.to_str().expect("UTF-8 path"),
+        ]));
+        child.wait_until_accepts(addr);
+        child.wait_until_accepts(admin);
+        Self {
+            child,
+            addr,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    /// `http://ADDR{path}` on the data listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::Client::new()
+            .get(format!("http://{}/metrics", self.admin))
+            .timeout(PATIENCE)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+/// The value of the first sample of `name` whose labels include every
+/// `key="value"` in `labels`; 0 when there is none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse().ok())
+            .flatten()
+        })
+        .next()
+        .unwrap_or(0.0)
+}
+
+/// The sum of every sample of `name` whose labels include `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
 }

@@ -33,6 +33,7 @@ mod proxy;
 mod reload;
 mod server;
 pub mod static_files;
+mod upstream;
 
 pub use error::error_response;
 pub use observe::{LogFormat, init_logging};

@@ -17,10 +17,11 @@ use crate::error::error_response;
 use crate::limits::{LimitedBody, request_head_bytes};
 use crate::observe::{CountedBody, InFlight, REQUEST_ID, request_id};
 use crate::plugins::RequestOutcome;
-use crate::proxy::{ClientConnection, UpstreamPool};
+use crate::proxy::ClientConnection;
 use crate::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadReport};
 use crate::server::EdgeError;
 use crate::static_files::StaticSite;
+use crate::upstream::{RequestDeadline, UpstreamPool};
 use std::collections::HashMap;
 
 /// What a path prefix leads to.
@@ -38,6 +39,8 @@ struct Route {
     slot: usize,
     /// Set on routes with `cache = true`.
     cache: Option<RoutePolicy>,
+    /// The route's deadline; none: the pool's `total_timeout`.
+    deadline: Option<std::time::Duration>,
 }
 
 /// The node's request handling state, shared by every listener.
@@ -63,11 +66,7 @@ impl EdgeNode {
         config: &EdgeConfig,
         source: Option<ConfigSource>,
     ) -> Result<Self, EdgeError> {
-        let pools: HashMap<String, Arc<UpstreamPool>> = config
-            .pools
-            .iter()
-            .map(|pool| (pool.name.clone(), Arc::new(UpstreamPool::new(pool))))
-            .collect();
+        let pools = crate::upstream::build_pools(config);
         let mut routes = Vec::new();
         for site in &config.sites {
             routes.push(Route {
@@ -76,6 +75,7 @@ impl EdgeNode {
                 target: Target::Site(Box::new(StaticSite::new(site)?)),
                 slot: 0,
                 cache: None,
+                deadline: None,
             });
         }
         for route in &config.routes {
@@ -90,6 +90,7 @@ impl EdgeNode {
                         stale_while_revalidate: route.stale_while_revalidate.unwrap_or_default(),
                         stale_if_error: route.stale_if_error.unwrap_or_default(),
                     }),
+                    deadline: route.deadline,
                 });
             }
         }
@@ -229,6 +230,7 @@ impl EdgeNode {
                 ),
             );
         }
+        let mut parts = parts;
         let Some(route) = self.route_for(parts.uri.path()) else {
             return (
                 unrouted(),
@@ -239,6 +241,11 @@ impl EdgeNode {
                 ),
             );
         };
+        if let Some(deadline) = route.deadline {
+            parts
+                .extensions
+                .insert(RequestDeadline(Instant::now() + deadline));
+        }
         // Taken once: both phases run the chain the request started with,
         // whatever a reload swaps in meanwhile.
         let chain = self.plugins.chain(route.slot);

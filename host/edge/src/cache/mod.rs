@@ -24,7 +24,8 @@ use http_body_util::BodyExt;
 
 use crate::error::error_response;
 use crate::limits::BodyLimitTrip;
-use crate::proxy::{ClientConnection, UpstreamPool, UpstreamUnreachable};
+use crate::proxy::{ClientConnection, UpstreamUnreachable};
+use crate::upstream::UpstreamPool;
 use entry::Entry;
 use flight::{Flights, LeaderGuard, Recording, Role, SharedHead, Tee, Waited};
 use policy::{Directives, StoreContext, now_ms};

@@ -1,0 +1,667 @@
+//! Upstream pools and the way a request reaches one: the pool a route or
+//! plugin names and its failover pools in priority order, a healthy and
+//! least loaded endpoint, retries on another endpoint within a budget, and
+//! a deadline carried upstream.
+//!
+//! Deadlines travel upstream as `X-Request-Deadline: <Unix time in
+//! milliseconds>`, the form the GPU host reads: the absolute time keeps its
+//! meaning however long the request waits in queues on the way (clocks are
+//! assumed NTP-synchronised; skew shortens or lengthens the time left by
+//! the skew). A client's own `X-Request-Deadline` may only shorten it.
+//!
+//! Retries: a request is retried only before anything of its answer went
+//! to the client (the answer is returned whole or not at all, so a stream
+//! that started is never retried), only with a body the node still holds
+//! (empty, or buffered up to `retry.buffer_bytes`), only on an endpoint it
+//! has not tried, and only when its method is idempotent (`GET`, `HEAD`,
+//! `OPTIONS`, `TRACE`, `PUT`, `DELETE`) or it carries `Idempotency-Key`.
+//! A connection that was never established sent nothing: sending the
+//! request elsewhere is a reroute, allowed for any method and outside the
+//! retry budget, bounded by the endpoints there are.
+
+mod balance;
+mod budget;
+mod endpoint;
+mod limit;
+mod pool;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use bytes::Bytes;
+use edge_config::EdgeConfig;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::time::Sleep;
+
+use crate::error::error_response;
+use crate::limits::{BodyLimitError, BodyLimitTrip, BoxError};
+use crate::proxy::{
+    ClientConnection, prepare_request_headers, prepare_response, unreachable, upstream_uri,
+};
+use balance::Rng;
+use budget::RetryBudget;
+use endpoint::{Endpoint, Failure, Outstanding, now_ms};
+use limit::{ConcurrencyLimit, Permit};
+use pool::PoolCore;
+
+/// The deadline header, in Unix milliseconds.
+pub(crate) const DEADLINE_HEADER: &str = "x-request-deadline";
+/// Sent upstream on every attempt after the first: `2`, `3`, …
+pub(crate) const ATTEMPT_HEADER: &str = "x-breakwater-attempt";
+
+/// The route's deadline for one request, set by the node when it arrives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestDeadline(pub(crate) Instant);
+
+/// What a route or plugin names: a pool and, behind it, its failover
+/// pools by priority.
+pub(crate) struct UpstreamPool {
+    name: String,
+    chain: Vec<Arc<PoolCore>>,
+    budget: Arc<RetryBudget>,
+    /// The pool's adaptive concurrency limit, when configured.
+    limit: Option<Arc<ConcurrencyLimit>>,
+    rng: Rng,
+}
+
+/// Builds every configured pool once, with its failover chain, and starts
+/// their health checks.
+pub(crate) fn build_pools(config: &EdgeConfig) -> HashMap<String, Arc<UpstreamPool>> {
+    let region = &config.node.region;
+    let cores: HashMap<&str, Arc<PoolCore>> = config
+        .pools
+        .iter()
+        .map(|pool| (pool.name.as_str(), Arc::new(PoolCore::new(pool, region))))
+        .collect();
+    for core in cores.values() {
+        pool::spawn_maintenance(core);
+    }
+    config
+        .pools
+        .iter()
+        .filter_map(|pool| {
+            let own = cores.get(pool.name.as_str())?.clone();
+            let mut chain = vec![own];
+            // edge-config guarantees the failover pools exist.
+            chain.extend(
+                pool.failover
+                    .iter()
+                    .filter_map(|name| cores.get(name.as_str()).cloned()),
+            );
+            // Stable: equal priorities keep the pool first, then list order.
+            chain.sort_by_key(|core| core.priority);
+            let upstream = UpstreamPool {
+                name: pool.name.clone(),
+                chain,
+                budget: Arc::new(RetryBudget::new(
+                    pool.retry.budget_ratio,
+                    pool.retry.min_concurrency,
+                )),
+                limit: pool
+                    .concurrency
+                    .as_ref()
+                    .map(|c| Arc::new(ConcurrencyLimit::new(&pool.name, c))),
+                rng: Rng::new(),
+            };
+            Some((pool.name.clone(), Arc::new(upstream)))
+        })
+        .collect()
+}
+
+/// The request body, kept for another attempt or streamed once.
+enum AttemptBody {
+    Kept(Bytes),
+    Streaming(Option<Body>),
+}
+
+impl AttemptBody {
+    fn take(&mut self) -> Body {
+        match self {
+            AttemptBody::Kept(bytes) => Body::from(bytes.clone()),
+            AttemptBody::Streaming(body) => body.take().unwrap_or_else(Body::empty),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, AttemptBody::Kept(_))
+    }
+}
+
+struct LastFailure {
+    failure: Option<Failure>,
+    response: Option<Response<hyper::body::Incoming>>,
+    detail: String,
+    core: Arc<PoolCore>,
+}
+
+/// How one attempt ended.
+enum Outcome {
+    Answer(Response<hyper::body::Incoming>, Outstanding),
+    /// A `503` with `Retry-After`: the endpoint is busy, not failing.
+    Busy(Response<hyper::body::Incoming>),
+    Failed(Failure, Option<Response<hyper::body::Incoming>>, String),
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// `Retry-After` as a duration: delay seconds or an HTTP date.
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+fn unix_ms(at: Instant) -> u64 {
+    let left = at.saturating_duration_since(Instant::now());
+    let when = SystemTime::now() + left;
+    when.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A client's `X-Request-Deadline` (Unix ms) as an instant.
+fn client_deadline(headers: &http::HeaderMap) -> Option<Instant> {
+    let ms: u64 = headers
+        .get(DEADLINE_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    let left = Duration::from_millis(ms).saturating_sub(now_unix);
+    Some(Instant::now() + left)
+}
+
+impl UpstreamPool {
+    fn primary(&self) -> &PoolCore {
+        // The chain always holds the pool itself.
+        &self.chain[0]
+    }
+
+    /// The endpoint for the next attempt: the first pool by priority that
+    /// is not spilled and has an available endpoint; when every pool is
+    /// spilled, any pool that has one.
+    fn choose(&self, key: Option<u64>, tried: &[Arc<Endpoint>]) -> Option<(usize, Arc<Endpoint>)> {
+        let now = now_ms();
+        let last = self.chain.len() - 1;
+        for (i, core) in self.chain.iter().enumerate() {
+            if i < last && core.is_spilled(now) {
+                continue;
+            }
+            if let Some(endpoint) = core.choose(&self.rng, now, key, tried) {
+                return Some((i, endpoint));
+            }
+        }
+        self.chain
+            .iter()
+            .enumerate()
+            .find_map(|(i, core)| core.choose(&self.rng, now, key, tried).map(|e| (i, e)))
+    }
+
+    /// Sends `request` upstream and returns the upstream's response with its
+    /// body still streaming. Failures become 502/503/504 (or 413/408 when
+    /// the client's own body broke a limit) with a JSON body; when no
+    /// upstream answered at all, the response carries
+    /// [`crate::proxy::UpstreamUnreachable`].
+    pub(crate) async fn forward(
+        &self,
+        request: Request<Body>,
+        client: &ClientConnection,
+        body_trip: &BodyLimitTrip,
+    ) -> Response<Body> {
+        let _active = self.budget.enter();
+        let primary = self.primary();
+        let retry = &primary.config.retry;
+        let (mut parts, body) = request.into_parts();
+        let now = Instant::now();
+        let mut deadline = parts
+            .extensions
+            .get::<RequestDeadline>()
+            .map_or(now + primary.config.total_timeout, |d| d.0);
+        if let Some(theirs) = client_deadline(&parts.headers) {
+            deadline = deadline.min(theirs);
+        }
+        let permit = match &self.limit {
+            None => None,
+            Some(limit) => match limit.acquire().await {
+                Ok(permit) => Some(permit),
+                Err(shed) => return self.shed(shed.label()),
+            },
+        };
+        prepare_request_headers(&mut parts, client);
+        let retriable = idempotent(&parts.method) || parts.headers.contains_key("idempotency-key");
+
+        let mut body = match keep_body(
+            body,
+            &parts.headers,
+            retry.attempts,
+            retry.buffer_bytes,
+            deadline,
+        )
+        .await
+        {
+            Ok(body) => body,
+            Err(()) => return body_error(body_trip),
+        };
+        let key = self
+            .chain
+            .iter()
+            .find_map(|core| core.hash_key(&parts.headers));
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut retries = 0u32;
+        let mut _slot = None;
+        // The previous attempt's failure, answered if no endpoint is left.
+        let mut last: Option<LastFailure> = None;
+        loop {
+            if Instant::now() >= deadline {
+                return unreachable(error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "deadline_exceeded",
+                    "the request's deadline passed before an upstream answered",
+                ));
+            }
+            let Some((index, endpoint)) = self.choose(key, &tried) else {
+                return match last {
+                    Some(last) => give_up(last.failure, last.response, &last.detail, &last.core),
+                    None => self.no_endpoint(),
+                };
+            };
+            let core = &self.chain[index];
+            tried.push(endpoint.clone());
+            let attempt = tried.len();
+            let sent = Instant::now();
+            let outcome = self
+                .attempt(core, &endpoint, &parts, body.take(), attempt, deadline)
+                .await;
+            if let Some(permit) = &permit {
+                let ok = matches!(outcome, Outcome::Answer(..));
+                permit.limit().record(sent.elapsed(), ok);
+            }
+            let (failure, response, detail) = match outcome {
+                Outcome::Answer(response, outstanding) => {
+                    return finish(response, outstanding, permit, core.clone(), deadline);
+                }
+                Outcome::Busy(response) => (None, Some(response), "busy".to_owned()),
+                Outcome::Failed(failure, response, detail) => (Some(failure), response, detail),
+            };
+            if let Some(error) = body_trip.get() {
+                return limit_error(error);
+            }
+            let label = failure.map_or("busy", Failure::label);
+            metrics::counter!(
+                "breakwater_edge_upstream_errors_total",
+                "pool" => core.name.clone(),
+                "kind" => label
+            )
+            .increment(1);
+            // Where the request goes next, if anywhere.
+            let unsent = failure == Some(Failure::Connect);
+            let may_retry = body.replayable()
+                && self.choose(key, &tried).is_some()
+                && if unsent {
+                    true
+                } else {
+                    retriable && retries + 1 < retry.attempts
+                };
+            if may_retry && !unsent {
+                match self.budget.try_retry() {
+                    Some(slot) => _slot = Some(slot),
+                    None => {
+                        metrics::counter!("breakwater_upstream_retry_budget_exhausted_total", "pool" => self.name.clone()).increment(1);
+                        return give_up(failure, response, &detail, core);
+                    }
+                }
+            }
+            if !may_retry || deadline <= Instant::now() {
+                return give_up(failure, response, &detail, core);
+            }
+            last = Some(LastFailure {
+                failure,
+                response,
+                detail,
+                core: core.clone(),
+            });
+            if !unsent {
+                retries += 1;
+                let ceiling = retry
+                    .backoff_base
+                    .saturating_mul(1u32 << (retries - 1).min(16))
+                    .min(retry.backoff_max);
+                let wait = ceiling.mul_f64(self.rng.unit());
+                tokio::time::sleep_until((Instant::now() + wait).min(deadline).into()).await;
+            }
+            metrics::counter!(
+                "breakwater_upstream_retries_total",
+                "pool" => self.name.clone(),
+                "reason" => label
+            )
+            .increment(1);
+            tracing::debug!(pool = %self.name, endpoint = %endpoint.label, reason = label, attempt, "trying another endpoint");
+        }
+    }
+
+    /// One attempt on `endpoint`; records its outcome on the endpoint.
+    async fn attempt(
+        &self,
+        core: &PoolCore,
+        endpoint: &Arc<Endpoint>,
+        parts: &http::request::Parts,
+        body: Body,
+        attempt: usize,
+        deadline: Instant,
+    ) -> Outcome {
+        let Some(uri) = upstream_uri(&endpoint.uri, &parts.uri) else {
+            return Outcome::Failed(Failure::Status, None, "bad uri".to_owned());
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = match core.config.protocol {
+            edge_config::UpstreamProtocol::H2 => http::Version::HTTP_2,
+            edge_config::UpstreamProtocol::Http1 => http::Version::HTTP_11,
+        };
+        *request.headers_mut() = parts.headers.clone();
+        let headers = request.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&unix_ms(deadline).to_string()) {
+            headers.insert(DEADLINE_HEADER, value);
+        }
+        if attempt > 1
+            && let Ok(value) = HeaderValue::from_str(&attempt.to_string())
+        {
+            headers.insert(ATTEMPT_HEADER, value);
+        }
+        let outstanding = endpoint.start();
+        let started = Instant::now();
+        let limit = core
+            .config
+            .first_byte_timeout
+            .min(deadline.saturating_duration_since(started));
+        let sent = tokio::time::timeout(limit, core.client.request(request)).await;
+        let outcome = match sent {
+            Ok(Ok(response)) => {
+                let status = response.status();
+                if status == StatusCode::SERVICE_UNAVAILABLE
+                    && let Some(wait) = retry_after(response.headers())
+                {
+                    endpoint.mark_busy(
+                        wait.clamp(Duration::from_millis(100), Duration::from_secs(300)),
+                    );
+                    Outcome::Busy(response)
+                } else if status.is_server_error() {
+                    core.record_failure(endpoint, Failure::Status);
+                    Outcome::Failed(Failure::Status, Some(response), status.to_string())
+                } else {
+                    endpoint.record_success(started.elapsed());
+                    return Outcome::Answer(response, outstanding);
+                }
+            }
+            Ok(Err(e)) => {
+                let failure = if e.is_connect() {
+                    Failure::Connect
+                } else {
+                    Failure::Reset
+                };
+                core.record_failure(endpoint, failure);
+                Outcome::Failed(failure, None, e.to_string())
+            }
+            Err(_) => {
+                core.record_failure(endpoint, Failure::Timeout);
+                Outcome::Failed(
+                    Failure::Timeout,
+                    None,
+                    format!("no answer within {limit:?}"),
+                )
+            }
+        };
+        metrics::counter!(
+            "breakwater_upstream_attempt_failures_total",
+            "pool" => core.name.clone(),
+            "endpoint" => endpoint.label.clone()
+        )
+        .increment(1);
+        outcome
+    }
+
+    /// Over the concurrency limit and its queue: 503 now, a stale answer
+    /// from the cache when it has one.
+    fn shed(&self, reason: &str) -> Response<Body> {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            &format!(
+                "pool `{}` is at its concurrency limit ({reason})",
+                self.name
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        unreachable(response)
+    }
+
+    fn no_endpoint(&self) -> Response<Body> {
+        let now = now_ms();
+        let busy = self.chain.iter().filter_map(|c| c.shortest_busy(now)).min();
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            if busy.is_some() {
+                "upstream_busy"
+            } else {
+                "no_healthy_upstream"
+            },
+            "no upstream endpoint is available",
+        );
+        let seconds = busy.map_or(1, |b| b.as_secs_f64().ceil().max(1.0) as u64);
+        if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        unreachable(response)
+    }
+}
+
+/// Keeps the body for another attempt when it is empty or small enough
+/// (by its declared length); otherwise it streams, once.
+async fn keep_body(
+    body: Body,
+    headers: &http::HeaderMap,
+    attempts: u32,
+    buffer_bytes: u64,
+    deadline: Instant,
+) -> Result<AttemptBody, ()> {
+    use http_body::Body as _;
+    if body.is_end_stream() || body.size_hint().exact() == Some(0) {
+        return Ok(AttemptBody::Kept(Bytes::new()));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if attempts > 1 && declared.is_some_and(|len| len <= buffer_bytes) {
+        // The body's own read timeout bounds this too.
+        return match tokio::time::timeout_at(deadline.into(), body.collect()).await {
+            Ok(Ok(collected)) => Ok(AttemptBody::Kept(collected.to_bytes())),
+            _ => Err(()),
+        };
+    }
+    Ok(AttemptBody::Streaming(Some(body)))
+}
+
+fn limit_error(error: BodyLimitError) -> Response<Body> {
+    match error {
+        BodyLimitError::TooLarge(max) => error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("the request body exceeds {max} bytes"),
+        ),
+        BodyLimitError::TimedOut(t) => error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            &format!("the request body was not received within {t:?}"),
+        ),
+    }
+}
+
+fn body_error(trip: &BodyLimitTrip) -> Response<Body> {
+    match trip.get() {
+        Some(error) => limit_error(error),
+        None => error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request_body",
+            "the request body could not be read",
+        ),
+    }
+}
+
+/// The last attempt's answer when there was one (an upstream's own 5xx
+/// goes to the client as it is), else the node's error.
+fn give_up(
+    failure: Option<Failure>,
+    response: Option<Response<hyper::body::Incoming>>,
+    detail: &str,
+    core: &PoolCore,
+) -> Response<Body> {
+    if let Some(response) = response {
+        return prepare_response(response);
+    }
+    tracing::warn!(pool = %core.name, error = %detail, "upstream request failed");
+    match failure {
+        Some(Failure::Timeout) => unreachable(error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            &format!("the upstream did not answer: {detail}"),
+        )),
+        _ => unreachable(error_response(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unavailable",
+            "the upstream could not be reached or broke the connection",
+        )),
+    }
+}
+
+/// The answer, streaming, with the endpoint counted as busy with it until
+/// its body ends and the deadline enforced on the body.
+fn finish(
+    response: Response<hyper::body::Incoming>,
+    outstanding: Outstanding,
+    permit: Option<Permit>,
+    core: Arc<PoolCore>,
+    deadline: Instant,
+) -> Response<Body> {
+    prepare_response(response).map(|body| {
+        Body::new(GuardedBody {
+            inner: body,
+            outstanding: Some((outstanding, permit)),
+            core,
+            deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+        })
+    })
+}
+
+/// An answer's body while it streams: holds the endpoint's outstanding
+/// count and the pool's concurrency slot, cuts the stream at the deadline,
+/// and counts a broken stream against the endpoint.
+struct GuardedBody {
+    inner: Body,
+    outstanding: Option<(Outstanding, Option<Permit>)>,
+    core: Arc<PoolCore>,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.outstanding.is_none() {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.outstanding = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some((outstanding, _)) = self.outstanding.take() {
+                    self.core
+                        .record_failure(outstanding.endpoint(), Failure::Reset);
+                }
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    self.outstanding = None;
+                    return Poll::Ready(Some(Err("the request's deadline passed".into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_str(&later).expect("date"),
+        );
+        let got = retry_after(&headers).expect("a date");
+        assert!(
+            got > Duration::from_secs(27) && got <= Duration::from_secs(30),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn only_idempotent_methods_are_retriable() {
+        assert!(idempotent(&Method::GET) && idempotent(&Method::PUT));
+        assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
+    }
+
+    #[test]
+    fn deadlines_round_trip_through_unix_milliseconds() {
+        let at = Instant::now() + Duration::from_secs(5);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            DEADLINE_HEADER,
+            HeaderValue::from_str(&unix_ms(at).to_string()).expect("ms"),
+        );
+        let back = client_deadline(&headers).expect("parsed");
+        let diff = if back > at { back - at } else { at - back };
+        assert!(diff < Duration::from_millis(20), "{diff:?}");
+    }
+}
