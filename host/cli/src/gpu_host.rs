@@ -1,5 +1,6 @@
-//! `breakwater gpu-host`: serves one model behind the OpenAI-compatible API
-//! (CPU backend).
+//! `breakwater gpu-host`: serves one model behind the OpenAI-compatible API,
+//! on a CUDA GPU when one is usable (`--device auto`, the default) and on
+//! the CPU otherwise.
 //!
 //! The listener opens before the model loads, so liveness and metrics
 //! answer at once and `/health/ready` turns 200 when the model is loaded and
@@ -12,26 +13,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use breakwater_infer::backend::Device;
 use breakwater_infer::demo_model;
-use breakwater_infer::gguf::Gguf;
+use breakwater_infer::loader;
 use breakwater_infer::scheduler::EngineConfig;
-use breakwater_infer::server::{self, AppState, Served, ServerConfig};
+use breakwater_infer::server::{self, AppState, BackendOptions, Served, ServerConfig};
 use breakwater_infer::telemetry::Telemetry;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// `breakwater gpu-host` options.
 #[derive(clap::Args, Debug)]
 pub struct GpuHostArgs {
-    /// The model file (GGUF).
+    /// The model: a GGUF file, or a Hugging Face model directory
+    /// (`config.json`, `tokenizer.json`, `*.safetensors`).
     #[arg(long)]
     model: PathBuf,
     /// The name clients ask for in `model` (default: the demo model's name
-    /// for the demo file, else the file name without `.gguf`, lower-cased).
+    /// for the demo file, else the file or directory name without `.gguf`,
+    /// lower-cased).
     #[arg(long)]
     model_name: Option<String>,
     /// Address to serve the API on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
+    /// Where the model runs: `cpu`, `cuda` (`cuda:N`), or `auto` (the first
+    /// GPU when one is usable, else the CPU, said once in the log).
+    #[arg(long, default_value = "auto")]
+    device: Device,
     /// CPU threads for the forward pass (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -41,9 +49,14 @@ pub struct GpuHostArgs {
     /// Requests waiting for a slot at most; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     queue: usize,
-    /// Memory for KV caches, in MiB.
-    #[arg(long, default_value_t = 512)]
-    kv_budget_mb: usize,
+    /// Memory for KV caches, in MiB (default: 512 on the CPU; on a GPU,
+    /// `--gpu-memory-fraction` of what the weights leave free).
+    #[arg(long)]
+    kv_budget_mb: Option<usize>,
+    /// Share of free GPU memory the KV cache takes when `--kv-budget-mb` is
+    /// not given.
+    #[arg(long, default_value_t = server::DEFAULT_GPU_MEMORY_FRACTION)]
+    gpu_memory_fraction: f64,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_seconds: u64,
@@ -74,7 +87,8 @@ async fn serve(args: GpuHostArgs) -> anyhow::Result<()> {
     let engine = EngineConfig {
         max_batch: args.max_batch.max(1),
         queue_capacity: args.queue,
-        kv_budget_bytes: args.kv_budget_mb.saturating_mul(1 << 20),
+        // 0 lets the backend size it.
+        kv_budget_bytes: args.kv_budget_mb.map_or(0, |mb| mb.saturating_mul(1 << 20)),
         ..EngineConfig::default()
     };
 
@@ -91,20 +105,27 @@ async fn serve(args: GpuHostArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, model = %name, "gpu-host listening on http://{addr}; loading the model");
 
     let path = args.model.clone();
+    let (device, gpu_memory_fraction) = (args.device, args.gpu_memory_fraction);
     let load = tokio::task::spawn_blocking(move || -> anyhow::Result<Served> {
-        let gguf = Gguf::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Served::from_gguf(&gguf, threads, engine, telemetry)
+        let loaded = loader::load(&path).with_context(|| format!("opening {}", path.display()))?;
+        let backend = BackendOptions {
+            device,
+            threads,
+            gpu_memory_fraction,
+        };
+        Served::from_loaded(loaded, backend, engine, telemetry)
             .with_context(|| format!("loading {}", path.display()))
     });
     tokio::select! {
         loaded = load => {
             let served = loaded.context("the model loading task")??;
+            let backend = served.backend();
             let blocks = served.engine().kv_blocks_total();
             let context = served.engine().max_sequence_tokens();
             if app.set_model(served).is_err() {
                 anyhow::bail!("a model was already set");
             }
-            tracing::info!(threads, kv_blocks = blocks, max_sequence_tokens = context, "ready");
+            tracing::info!(backend, threads, kv_blocks = blocks, max_sequence_tokens = context, "ready");
         }
         _ = term.recv() => return Ok(()),
         _ = interrupt.recv() => return Ok(()),

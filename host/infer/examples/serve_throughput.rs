@@ -10,7 +10,7 @@ use std::time::Instant;
 use breakwater_infer::demo_model;
 use breakwater_infer::gguf::Gguf;
 use breakwater_infer::scheduler::EngineConfig;
-use breakwater_infer::server::{self, AppState, Served, ServerConfig};
+use breakwater_infer::server::{self, AppState, BackendOptions, Served, ServerConfig};
 use breakwater_infer::telemetry::Telemetry;
 use futures_util::future::join_all;
 
@@ -28,7 +28,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..EngineConfig::default()
     };
     if app
-        .set_model(Served::from_gguf(&gguf, threads, engine, telemetry)?)
+        .set_model(Served::from_gguf(
+            &gguf,
+            BackendOptions::cpu(threads),
+            engine,
+            telemetry,
+        )?)
         .is_err()
     {
         return Err("model already set".into());

@@ -1,5 +1,6 @@
-//! Chat templates: the Jinja program a model ships (`tokenizer.chat_template`)
-//! that turns a list of messages into the prompt text it was trained on.
+//! Chat templates: the Jinja program a model ships (`tokenizer.chat_template`
+//! in GGUF, `chat_template` in a Hugging Face `tokenizer_config.json`) that
+//! turns a list of messages into the prompt text it was trained on.
 //!
 //! Rendered with `minijinja` configured as Hugging Face and llama-cpp-python
 //! configure Jinja for chat templates (`trim_blocks`, `lstrip_blocks`), with
@@ -21,6 +22,7 @@ use minijinja::{Environment, Error, ErrorKind, Value, context};
 use serde::Serialize;
 
 use crate::gguf::{Gguf, GgufError};
+use crate::hf::{HfDir, HfError};
 
 /// Why a template could not be compiled or rendered.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,9 @@ pub enum ChatTemplateError {
     /// The model file has no template.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// The Hugging Face model directory has no template.
+    #[error(transparent)]
+    Hf(#[from] HfError),
     /// The template is not valid Jinja, or failed while rendering (including
     /// its own `raise_exception`).
     #[error("chat template: {0:#}")]
@@ -95,6 +100,22 @@ impl ChatTemplate {
         };
         t.bos_token = token("tokenizer.ggml.bos_token_id").unwrap_or_default();
         t.eos_token = token("tokenizer.ggml.eos_token_id").unwrap_or_default();
+        Ok(t)
+    }
+
+    /// The template of a Hugging Face model directory (see
+    /// [`HfDir::chat_template`]), with `tokenizer_config.json`'s `bos_token`
+    /// and `eos_token` texts available to it.
+    pub fn from_hf(dir: &HfDir) -> Result<Self, ChatTemplateError> {
+        let mut t = Self::new(&dir.chat_template()?)?;
+        t.bos_token = dir
+            .special_token("bos_token")
+            .unwrap_or_default()
+            .to_owned();
+        t.eos_token = dir
+            .special_token("eos_token")
+            .unwrap_or_default()
+            .to_owned();
         Ok(t)
     }
 

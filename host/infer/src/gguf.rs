@@ -316,6 +316,47 @@ impl std::fmt::Debug for TensorBytes {
     }
 }
 
+impl TensorBytes {
+    /// Bytes held in memory: weights converted or reordered at load time.
+    pub fn owned(bytes: Vec<u8>) -> Self {
+        let range = 0..bytes.len();
+        Self {
+            backing: Arc::new(Backing::Owned(bytes)),
+            range,
+        }
+    }
+
+    /// The whole file at `path`, memory-mapped read-only.
+    pub fn map_file(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        // SAFETY: as in `Gguf::open`: model files land by write-then-rename
+        // and are never modified in place.
+        let map = unsafe { Mmap::map(&file) }?;
+        let range = 0..map.len();
+        Ok(Self {
+            backing: Arc::new(Backing::Mapped(map)),
+            range,
+        })
+    }
+
+    /// The bytes at `range` within these, sharing their backing (no copy).
+    ///
+    /// # Panics
+    ///
+    /// If `range` is not within these bytes.
+    pub fn slice(&self, range: Range<usize>) -> Self {
+        assert!(
+            range.start <= range.end && range.end <= self.range.len(),
+            "slice {range:?} of {} bytes",
+            self.range.len()
+        );
+        Self {
+            backing: Arc::clone(&self.backing),
+            range: self.range.start + range.start..self.range.start + range.end,
+        }
+    }
+}
+
 impl Gguf {
     /// Maps and parses the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {

@@ -106,6 +106,9 @@ struct Inner {
     inter_token: Histogram,
     generated_tokens: Counter,
     prompt_tokens: Counter,
+    device_memory_used: Gauge,
+    device_memory_free: Gauge,
+    device_step: Histogram,
     rejections: Vec<(Rejection, Counter)>,
     finished: Vec<(Outcome, Counter)>,
 }
@@ -190,6 +193,21 @@ impl Telemetry {
                 Unit::Seconds,
                 "Between consecutive tokens of a sequence.",
             ),
+            device_memory_used: gauge(
+                "device_memory_used_bytes",
+                Unit::Bytes,
+                "GPU memory in use, every process included (GPU backends only).",
+            ),
+            device_memory_free: gauge(
+                "device_memory_free_bytes",
+                Unit::Bytes,
+                "GPU memory free (GPU backends only).",
+            ),
+            device_step: histogram(
+                "device_step_seconds",
+                Unit::Seconds,
+                "Time an engine step's kernels took on the GPU, timed by device events.",
+            ),
             generated_tokens: r
                 .register_counter(&Key::from_name(name("generated_tokens_total")), &METADATA),
             prompt_tokens: r
@@ -226,6 +244,16 @@ impl Telemetry {
     pub(crate) fn step(&self, sequences: usize, tokens: usize) {
         self.0.batch_size.record(sequences as f64);
         self.0.step_tokens.record(tokens as f64);
+    }
+
+    pub(crate) fn device(&self, stats: &crate::backend::DeviceStats) {
+        self.0
+            .device_memory_used
+            .set(stats.memory_used_bytes as f64);
+        self.0
+            .device_memory_free
+            .set(stats.memory_free_bytes as f64);
+        self.0.device_step.record(stats.last_step_seconds);
     }
 
     pub(crate) fn first_token(&self, seconds: f64) {

@@ -1,6 +1,7 @@
 //! Tiny random llama models in GGUF, deterministic from a seed, so that tests
 //! exercise the whole path (file, tokenizer, template, forward pass) in
-//! milliseconds without the demo model.
+//! milliseconds without the demo model. [`hf`] writes random models as
+//! Hugging Face directories, up to SmolLM2-135M's shape.
 //!
 //! ```
 //! # use breakwater_infer::{gguf::Gguf, model::llama::Llama, test_model};
@@ -9,12 +10,17 @@
 //! assert_eq!(model.config().n_kv_heads, 2);
 //! ```
 
+pub mod hf;
+
 use crate::gguf::Value;
 use crate::gguf::writer::GgufWriter;
 use crate::quant::{GgmlType, quantize_row};
 
 /// The chat template tiny models carry (ChatML, as SmolLM2's).
 pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The merges of [`tiny_llama`]'s vocabulary (and of [`hf`]'s models).
+pub const TINY_MERGES: [&str; 5] = ["h e", "l l", "he ll", "Ġ w", "o r"];
 
 /// Control tokens, at ids 0, 1 and 2 as in SmolLM2.
 pub const CONTROL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -71,7 +77,7 @@ pub fn write_tokenizer(w: &mut GgufWriter, merges: &[&str]) {
 /// token byte-level vocabulary), weights quantized as in the demo model:
 /// Q4_1 matrices, Q8_0 tied embeddings, f32 norms.
 pub fn tiny_llama(seed: u64) -> Vec<u8> {
-    const MERGES: [&str; 5] = ["h e", "l l", "he ll", "Ġ w", "o r"];
+    const MERGES: [&str; 5] = TINY_MERGES;
     let (dim, hidden, layers, heads, kv_heads) = (64u64, 128u64, 2, 4u32, 2u32);
     let vocab = (CONTROL_TOKENS.len() + 256 + MERGES.len()) as u64;
     let mut w = GgufWriter::default();

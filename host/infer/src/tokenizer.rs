@@ -1,4 +1,5 @@
-//! The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata.
+//! The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata,
+//! or a Hugging Face directory's `tokenizer.json`.
 //!
 //! For `gpt2`-style byte-level BPE the vocabulary and merges go into a
 //! `tokenizers` BPE model rather than a BPE of our own: it is the reference
@@ -17,6 +18,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 
 use crate::gguf::{Gguf, GgufError, Value};
+use crate::hf::{HfDir, HfError, TOKENIZER_FILE};
 
 /// llama.cpp's token types (`llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -28,6 +30,9 @@ pub enum TokenizerError {
     /// A required key is missing or mistyped.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// A Hugging Face tokenizer file is unreadable.
+    #[error(transparent)]
+    Hf(#[from] HfError),
     /// A tokenizer model or pre-tokenizer this crate does not implement.
     #[error("tokenizer {0} is not supported")]
     Unsupported(String),
@@ -156,6 +161,71 @@ impl Tokenizer {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             inner,
+            special,
+        })
+    }
+
+    /// Builds the tokenizer of a Hugging Face model directory: its
+    /// `tokenizer.json` as the `tokenizers` library reads it. BOS and EOS
+    /// are `tokenizer_config.json`'s `bos_token` and `eos_token`, else
+    /// `config.json`'s ids; BOS is prepended when `add_bos_token` says so or,
+    /// without it, when `tokenizer.json`'s post-processor adds it. Added
+    /// tokens count as special, as control and user-defined tokens do in
+    /// GGUF.
+    pub fn from_hf(dir: &HfDir) -> Result<Self, TokenizerError> {
+        let path = dir.path().join(TOKENIZER_FILE);
+        let bytes = std::fs::read(&path).map_err(|source| HfError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display())))?;
+        let size = inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&max| max as usize + 1);
+        let mut special = vec![false; size];
+        for &id in inner.get_added_tokens_decoder().keys() {
+            if let Some(s) = special.get_mut(id as usize) {
+                *s = true;
+            }
+        }
+        let id = |key: &str, fallback: Option<u32>| -> Result<Option<u32>, TokenizerError> {
+            match dir.special_token(key) {
+                Some(text) => inner.token_to_id(text).map(Some).ok_or_else(|| {
+                    TokenizerError::Invalid(format!(
+                        "{key} {text:?} of tokenizer_config.json is not in {}",
+                        path.display()
+                    ))
+                }),
+                None => Ok(fallback.filter(|&id| (id as usize) < size)),
+            }
+        };
+        let first =
+            |ids: &Option<crate::hf::TokenIds>| ids.as_ref().and_then(|t| t.ids().first().copied());
+        let config = dir.config();
+        let bos = id("bos_token", first(&config.bos_token_id))?;
+        let eos = id("eos_token", first(&config.eos_token_id))?.ok_or_else(|| {
+            TokenizerError::Invalid(format!(
+                "{}: no EOS token (tokenizer_config.json's eos_token or config.json's eos_token_id)",
+                dir.path().display()
+            ))
+        })?;
+        let add_bos = match dir.add_bos_token() {
+            Some(add) => add,
+            None => {
+                let with_specials = inner
+                    .encode("", true)
+                    .map_err(|e| TokenizerError::Library(e.to_string()))?;
+                bos.is_some() && with_specials.get_ids().first().copied() == bos
+            }
+        };
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
             special,
         })
     }

@@ -145,6 +145,11 @@ fn rows(w: &Matrix, first_row: usize, xs: &[Input], out: &mut [f32]) {
             q4_1_many(row, xs, row_out);
             continue;
         }
+        #[cfg(target_arch = "x86_64")]
+        if w.ty == GgmlType::F16 && xs.len() > 1 && x86::available() {
+            f16_many(row, xs, row_out);
+            continue;
+        }
         for (o, x) in row_out.iter_mut().zip(xs) {
             *o = dot(row, x);
         }
@@ -171,6 +176,26 @@ fn q4_1_many(row: &[u8], xs: &[Input], out: &mut [f32]) {
     }
 }
 
+/// One F16 row against a batch, four inputs at a time.
+#[cfg(target_arch = "x86_64")]
+fn f16_many(row: &[u8], xs: &[Input], out: &mut [f32]) {
+    for (xs, out) in xs.chunks(4).zip(out.chunks_mut(4)) {
+        // SAFETY: the caller detected the CPU features; the kernel checks
+        // the lengths.
+        unsafe {
+            match xs {
+                [a, b, c, d] => {
+                    out.copy_from_slice(&x86::dot_f16_many(row, [&a.f32, &b.f32, &c.f32, &d.f32]))
+                }
+                [a, b, c] => out.copy_from_slice(&x86::dot_f16_many(row, [&a.f32, &b.f32, &c.f32])),
+                [a, b] => out.copy_from_slice(&x86::dot_f16_many(row, [&a.f32, &b.f32])),
+                [a] => out.copy_from_slice(&x86::dot_f16_many(row, [&a.f32])),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// A row's dot product with an input.
 type RowDot = fn(&[u8], &Input) -> f32;
 
@@ -184,7 +209,8 @@ fn row_dot(ty: GgmlType) -> RowDot {
             GgmlType::Q4_1 => return |row, x| unsafe { x86::dot_q4_1(row, &x.q8) },
             GgmlType::Q4_0 => return |row, x| unsafe { x86::dot_q4_0(row, &x.q8) },
             GgmlType::Q8_0 => return |row, x| unsafe { x86::dot_q8_0(row, &x.q8) },
-            GgmlType::F16 | GgmlType::F32 => {}
+            GgmlType::F16 => return |row, x| unsafe { x86::dot_f16(row, &x.f32) },
+            GgmlType::F32 => {}
         }
     }
     match ty {
@@ -428,6 +454,45 @@ mod tests {
             let row = random_blocks(GgmlType::Q8_0, cols / QK, seed);
             let fast = unsafe { x86::dot_q8_0(&row, &q) };
             assert!((fast - dot_q8_0(&row, &q)).abs() < 1e-3, "q8_0 seed {seed}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16c_kernel_agrees_with_portable_one() {
+        if !x86::available() {
+            return;
+        }
+        // Lengths with and without a tail past the 16-wide steps.
+        for (seed, cols) in [
+            (1u64, 576usize),
+            (2, 1536),
+            (3, 7),
+            (4, 35),
+            (5, 16),
+            (6, 0),
+        ] {
+            let mut rand = noise(seed);
+            let w: Vec<f32> = (0..cols).map(|_| rand()).collect();
+            let row: Vec<u8> = w
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+                .collect();
+            let x: Vec<f32> = (0..cols).map(|_| rand() * 4.0).collect();
+            let y: Vec<f32> = x.iter().map(|v| v * -0.25 + 0.5).collect();
+            let portable = dot_f16(&row, &x);
+            // SAFETY: detected above.
+            let fast = unsafe { x86::dot_f16(&row, &x) };
+            let magnitude: f32 = x.iter().map(|v| v.abs()).sum::<f32>().max(1.0);
+            assert!(
+                (fast - portable).abs() <= 1e-5 * magnitude,
+                "cols {cols}: {fast} vs {portable}"
+            );
+            // SAFETY: as above.
+            let many = unsafe { x86::dot_f16_many(&row, [&x, &y, &x]) };
+            assert_eq!(many[0], fast, "batched f16 is bit-identical");
+            assert_eq!(many[2], fast);
+            assert_eq!(many[1], unsafe { x86::dot_f16(&row, &y) });
         }
     }
 

@@ -1,11 +1,194 @@
-//! Where the arithmetic runs. The model code says *what* to compute
-//! (matmul, rmsnorm, …) and a backend decides *how*; today that is
-//! [`cpu::CpuBackend`], and a CUDA backend will sit beside it.
+//! Where the arithmetic runs.
+//!
+//! The scheduler drives a [`Runner`]: it opens sequences, feeds one batched
+//! step at a time and reads each sequence's logits. Two runners implement
+//! it: [`CpuRunner`], the llama forward pass of [`crate::model::llama`] on
+//! the kernels of [`cpu`], and [`cuda::CudaRunner`], the same arithmetic on
+//! an NVIDIA GPU. [`Device`] picks one at start-up.
 
 pub mod cpu;
+pub mod cuda;
+
+use std::sync::Arc;
 
 use crate::gguf::{Gguf, GgufError, TensorBytes};
+use crate::model::ModelError;
+use crate::model::llama::{Batch, Llama, LlamaConfig, State, Step};
 use crate::quant::GgmlType;
+
+/// A backend's view of one model, as the continuous-batching scheduler
+/// drives it: one thread owns the runner and calls it step by step.
+pub trait Runner: Send + 'static {
+    /// One sequence's cache and logits; dropping it frees its cache.
+    type Sequence: Sequence;
+
+    /// Which backend this is, for logs and metrics (`"cpu"`, `"cuda"`).
+    fn backend_name(&self) -> &'static str;
+
+    /// The model's hyperparameters.
+    fn config(&self) -> &LlamaConfig;
+
+    /// Bytes of KV cache one token takes in this backend's layout.
+    fn kv_bytes_per_token(&self) -> usize;
+
+    /// Sets aside the KV cache the scheduler's block pool accounts for:
+    /// `blocks` blocks of `block_tokens` tokens. A backend that allocates
+    /// caches per sequence ignores it.
+    fn reserve_kv(&mut self, block_tokens: usize, blocks: usize) -> Result<(), ModelError>;
+
+    /// A fresh sequence holding up to `capacity` tokens. The scheduler
+    /// never asks for more than it reserved in [`Runner::reserve_kv`].
+    fn new_sequence(&mut self, capacity: usize) -> Result<Self::Sequence, ModelError>;
+
+    /// One batched step: feeds each sequence its tokens. Afterwards each
+    /// sequence's [`Sequence::logits`] are those after its last token fed.
+    /// Nothing is fed unless every step is valid.
+    fn forward(&mut self, steps: &mut [Step<'_, Self::Sequence>]) -> Result<(), ModelError>;
+
+    /// [`Runner::forward`], told which sequences will read their logits.
+    /// Where `needs_logits[i]` is false the runner may leave step `i`'s
+    /// logits stale and provide only [`Sequence::greedy_token`] (a GPU then
+    /// sends back one id instead of a vocabulary of floats). The scheduler
+    /// asks for logits only for sequences that sample, not for greedy ones.
+    fn forward_for(
+        &mut self,
+        steps: &mut [Step<'_, Self::Sequence>],
+        needs_logits: &[bool],
+    ) -> Result<(), ModelError> {
+        let _ = needs_logits;
+        self.forward(steps)
+    }
+
+    /// What the device reports, for metrics; `None` on the CPU.
+    fn device_stats(&self) -> Option<DeviceStats> {
+        None
+    }
+}
+
+/// One sequence as the scheduler sees it.
+pub trait Sequence: Send {
+    /// The logits after the last token fed.
+    fn logits(&self) -> &[f32];
+    /// Tokens fed so far.
+    fn fed(&self) -> usize;
+
+    /// The most likely next token (the first on a tie, as
+    /// [`crate::generate::argmax`] picks), when the runner computed it
+    /// where the logits are; `None` means: take it from [`Sequence::logits`].
+    fn greedy_token(&self) -> Option<u32> {
+        None
+    }
+}
+
+/// Device figures a GPU runner reports after each step.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DeviceStats {
+    /// Device memory in use (by every process), in bytes.
+    pub memory_used_bytes: u64,
+    /// Device memory free, in bytes.
+    pub memory_free_bytes: u64,
+    /// Time the last step's kernels took on the device.
+    pub last_step_seconds: f64,
+}
+
+/// Which device serves a model: `cpu`, `cuda`, `cuda:N`, or `auto` (the
+/// first GPU when one is usable, else the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The CPU backend.
+    Cpu,
+    /// CUDA device `N`; failing to start it is an error.
+    Cuda(usize),
+    /// CUDA device 0 when it can start, else the CPU, said once in the log.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Device::Auto),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: use cpu, cuda, cuda:N or auto")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+/// The llama forward pass on the CPU kernels, behind [`Runner`].
+#[derive(Debug)]
+pub struct CpuRunner {
+    model: Arc<Llama>,
+    backend: cpu::CpuBackend,
+    batch: Batch,
+}
+
+impl CpuRunner {
+    /// Runs `model` on `backend`'s threads.
+    pub fn new(model: Arc<Llama>, backend: cpu::CpuBackend) -> Self {
+        Self {
+            model,
+            backend,
+            batch: Batch::default(),
+        }
+    }
+}
+
+impl Runner for CpuRunner {
+    type Sequence = State;
+
+    fn backend_name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn config(&self) -> &LlamaConfig {
+        self.model.config()
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        let c = self.model.config();
+        2 * c.n_layers * c.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    fn reserve_kv(&mut self, _block_tokens: usize, _blocks: usize) -> Result<(), ModelError> {
+        Ok(())
+    }
+
+    fn new_sequence(&mut self, capacity: usize) -> Result<State, ModelError> {
+        Ok(self.model.new_state(capacity))
+    }
+
+    fn forward(&mut self, steps: &mut [Step<'_, State>]) -> Result<(), ModelError> {
+        self.model
+            .forward_batch(&self.backend, &mut self.batch, steps)
+    }
+}
+
+impl Sequence for State {
+    fn logits(&self) -> &[f32] {
+        State::logits(self)
+    }
+
+    fn fed(&self) -> usize {
+        self.len()
+    }
+}
 
 /// A weight matrix as stored in the model file: `rows` rows of `cols`
 /// values, each row contiguous and (for quantized types) a whole number of
@@ -48,6 +231,23 @@ impl Matrix {
         Ok(Self {
             ty: info.ty,
             rows: dims[1],
+            cols,
+            data,
+            row_bytes,
+        })
+    }
+
+    /// A matrix of `rows` rows of `cols` values of type `ty` over `data`
+    /// (mapped from a file or held in memory), or `None` when `data` is not
+    /// exactly that size or a row is not a whole number of blocks.
+    pub fn from_bytes(ty: GgmlType, cols: usize, rows: usize, data: TensorBytes) -> Option<Self> {
+        if cols % ty.block_len() != 0 {
+            return None;
+        }
+        let row_bytes = cols / ty.block_len() * ty.block_bytes();
+        (row_bytes.checked_mul(rows)? == data.len()).then_some(Self {
+            ty,
+            rows,
             cols,
             data,
             row_bytes,

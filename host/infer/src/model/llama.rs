@@ -10,6 +10,7 @@ use super::ModelError;
 use crate::backend::cpu::{self, CpuBackend, Input};
 use crate::backend::{Matrix, load_vector};
 use crate::gguf::{Gguf, GgufError};
+use crate::hf::HfDir;
 use crate::quant::dequantize_row;
 
 /// Positions from which a token's attention heads run in parallel.
@@ -129,18 +130,44 @@ impl LlamaConfig {
     }
 }
 
+/// Where a llama's weights come from, named as in GGUF (`blk.0.attn_q.weight`,
+/// …) and shaped as ggml orders dimensions (`cols` contiguous), whatever the
+/// file format. Matrices come checked against the shape asked for.
+pub(crate) trait Weights {
+    /// The matrix `name` of `rows` rows of `cols` values.
+    fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix, ModelError>;
+    /// The vector `name` of `len` values, as f32.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError>;
+    /// Whether the optional tensor `name` is there.
+    fn contains(&self, name: &str) -> bool;
+}
+
+impl Weights for Gguf {
+    fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix, ModelError> {
+        Ok(Matrix::load(self, name, cols, Some(rows))?)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(load_vector(self, name, len)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensor(name).is_some()
+    }
+}
+
 /// One decoder block's weights.
 #[derive(Debug)]
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Matrix,
-    wk: Matrix,
-    wv: Matrix,
-    wo: Matrix,
-    ffn_norm: Vec<f32>,
-    w_gate: Matrix,
-    w_up: Matrix,
-    w_down: Matrix,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: Matrix,
+    pub(crate) wk: Matrix,
+    pub(crate) wv: Matrix,
+    pub(crate) wo: Matrix,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) w_gate: Matrix,
+    pub(crate) w_up: Matrix,
+    pub(crate) w_down: Matrix,
 }
 
 /// A llama-family model whose weights stay memory-mapped in their file
@@ -148,19 +175,30 @@ struct Layer {
 #[derive(Debug)]
 pub struct Llama {
     config: LlamaConfig,
-    token_embd: Matrix,
-    layers: Vec<Layer>,
-    output_norm: Vec<f32>,
+    pub(crate) token_embd: Matrix,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) output_norm: Vec<f32>,
     /// The unembedding; the embedding matrix itself when the two are tied.
-    output: Matrix,
+    pub(crate) output: Matrix,
     /// Per-frequency divisors of RoPE angles (Llama 3's `rope_freqs`), if any.
-    rope_freq_factors: Option<Vec<f32>>,
+    pub(crate) rope_freq_factors: Option<Vec<f32>>,
 }
 
 impl Llama {
     /// Loads a model from a parsed GGUF file, checking every tensor's shape.
     pub fn from_gguf(gguf: &Gguf) -> Result<Self, ModelError> {
-        let c = LlamaConfig::from_gguf(gguf)?;
+        Self::from_weights(LlamaConfig::from_gguf(gguf)?, gguf)
+    }
+
+    /// Loads a model from a Hugging Face model directory (`config.json` and
+    /// `*.safetensors`), checking every tensor's shape.
+    pub fn from_hf(dir: &HfDir) -> Result<Self, ModelError> {
+        Self::from_weights(dir.llama_config()?, &dir.llama_weights())
+    }
+
+    /// Assembles a model of configuration `c` from `weights`, named as in
+    /// GGUF, whatever the file format they come from.
+    fn from_weights(c: LlamaConfig, weights: &impl Weights) -> Result<Self, ModelError> {
         let (dim, kv_dim, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
         if dim % crate::quant::QK != 0 || hidden % crate::quant::QK != 0 || hidden == 0 {
             return Err(ModelError::BadConfig(format!(
@@ -170,32 +208,35 @@ impl Llama {
         let layers = (0..c.n_layers)
             .map(|l| {
                 let m = |name: &str, cols, rows| {
-                    Matrix::load(gguf, &format!("blk.{l}.{name}.weight"), cols, Some(rows))
+                    weights.matrix(&format!("blk.{l}.{name}.weight"), cols, rows)
                 };
+                let v = |name: &str| weights.vector(&format!("blk.{l}.{name}.weight"), dim);
                 Ok(Layer {
-                    attn_norm: load_vector(gguf, &format!("blk.{l}.attn_norm.weight"), dim)?,
+                    attn_norm: v("attn_norm")?,
                     wq: m("attn_q", dim, dim)?,
                     wk: m("attn_k", dim, kv_dim)?,
                     wv: m("attn_v", dim, kv_dim)?,
                     wo: m("attn_output", dim, dim)?,
-                    ffn_norm: load_vector(gguf, &format!("blk.{l}.ffn_norm.weight"), dim)?,
+                    ffn_norm: v("ffn_norm")?,
                     w_gate: m("ffn_gate", dim, hidden)?,
                     w_up: m("ffn_up", dim, hidden)?,
                     w_down: m("ffn_down", hidden, dim)?,
                 })
             })
-            .collect::<Result<Vec<_>, GgufError>>()?;
-        let token_embd = Matrix::load(gguf, "token_embd.weight", dim, Some(c.vocab_size))?;
-        let output = match gguf.tensor("output.weight") {
-            Some(_) => Matrix::load(gguf, "output.weight", dim, Some(c.vocab_size))?,
-            None => token_embd.clone(),
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let token_embd = weights.matrix("token_embd.weight", dim, c.vocab_size)?;
+        let output = if weights.contains("output.weight") {
+            weights.matrix("output.weight", dim, c.vocab_size)?
+        } else {
+            token_embd.clone()
         };
-        let rope_freq_factors = match gguf.tensor("rope_freqs.weight") {
-            Some(_) => Some(load_vector(gguf, "rope_freqs.weight", c.rope_dim / 2)?),
-            None => None,
+        let rope_freq_factors = if weights.contains("rope_freqs.weight") {
+            Some(weights.vector("rope_freqs.weight", c.rope_dim / 2)?)
+        } else {
+            None
         };
         Ok(Self {
-            output_norm: load_vector(gguf, "output_norm.weight", dim)?,
+            output_norm: weights.vector("output_norm.weight", dim)?,
             config: c,
             token_embd,
             layers,
@@ -526,14 +567,15 @@ pub struct State {
     batch: Batch,
 }
 
-/// One sequence's part in a [`Llama::forward_batch`] step.
+/// One sequence's part in a batched step: [`Llama::forward_batch`] on the
+/// CPU, a [`Runner`](crate::backend::Runner)'s `forward` on any backend.
 #[derive(Debug)]
-pub struct Step<'a> {
+pub struct Step<'a, S = State> {
     /// The tokens to feed: one while decoding, a chunk of the prompt while
     /// prefilling.
     pub tokens: &'a [u32],
     /// The sequence they extend.
-    pub state: &'a mut State,
+    pub state: &'a mut S,
 }
 
 /// Scratch space of a batched step: per-token activations `[token][width]`

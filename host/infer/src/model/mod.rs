@@ -1,9 +1,11 @@
 //! Model architectures. Each reads its hyperparameters and weights from a
-//! model file and runs its forward pass on a backend.
+//! model file (GGUF, or a Hugging Face directory) and runs its forward pass
+//! on a backend.
 
 pub mod llama;
 
 use crate::gguf::GgufError;
+use crate::hf::HfError;
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +13,10 @@ pub enum ModelError {
     /// The model file is unreadable or lacks a tensor or key.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// The Hugging Face model directory is unreadable, or lacks or
+    /// misshapes a tensor.
+    #[error(transparent)]
+    Hf(#[from] HfError),
     /// The file holds an architecture this crate does not implement.
     #[error("architecture {0:?} is not supported (llama is)")]
     UnsupportedArchitecture(String),
@@ -28,6 +34,9 @@ pub enum ModelError {
     /// A forward pass was asked to feed no tokens.
     #[error("no tokens to feed")]
     NoTokens,
+    /// The backend's device failed (a CUDA call, out of device memory).
+    #[error("backend: {0}")]
+    Backend(String),
     /// The sequence has reached the length its KV cache was sized for.
     #[error("the sequence is full ({capacity} tokens)")]
     ContextFull {

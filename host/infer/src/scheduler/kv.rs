@@ -1,15 +1,14 @@
 //! KV cache accounting in fixed-size blocks under a memory budget.
 //!
-//! The model's [`State`](crate::model::llama::State) keeps each sequence's
-//! cache contiguous, so blocks here are an accounting unit, not pages: a
-//! sequence reserves `ceil((prompt + max_tokens) / block_tokens)` blocks when
-//! it is admitted and its state is sized to exactly that, so it can never run
-//! out mid-generation and never needs preempting. The reservation is
-//! conservative (a sequence that stops early held blocks it did not fill);
-//! paged attention, which grows a sequence block by block, would admit more
-//! sequences and belongs with the CUDA backend's cache layout.
-
-use crate::model::llama::LlamaConfig;
+//! The pool is the scheduler's ledger; the [`Runner`](crate::backend::Runner)
+//! holds the memory. The CPU runner keeps each sequence's cache contiguous,
+//! sized to its reservation; the CUDA runner allocates exactly this many
+//! blocks on the device and gives each sequence a block table. A sequence
+//! reserves `ceil((prompt + max_tokens) / block_tokens)` blocks when it is
+//! admitted, so it can never run out mid-generation and never needs
+//! preempting. The reservation is conservative (a sequence that stops early
+//! held blocks it did not fill); growing sequences block by block would
+//! admit more of them at the price of preemption when the pool runs dry.
 
 /// A fixed pool of KV blocks.
 #[derive(Debug)]
@@ -20,11 +19,12 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
-    /// A pool of as many `block_tokens`-token blocks of `config`'s cache as
-    /// fit in `budget_bytes`.
-    pub fn new(config: &LlamaConfig, block_tokens: usize, budget_bytes: usize) -> Self {
+    /// A pool of as many `block_tokens`-token blocks as fit in
+    /// `budget_bytes` when a token takes `token_bytes` (keys and values of
+    /// every layer, in the runner's layout).
+    pub fn new(token_bytes: usize, block_tokens: usize, budget_bytes: usize) -> Self {
         let block_tokens = block_tokens.max(1);
-        let total = budget_bytes / Self::block_bytes(config, block_tokens).max(1);
+        let total = budget_bytes / Self::block_bytes(token_bytes, block_tokens).max(1);
         Self {
             block_tokens,
             total,
@@ -32,10 +32,9 @@ impl BlockPool {
         }
     }
 
-    /// Bytes one block of `block_tokens` tokens takes: keys and values, f32,
-    /// for every layer.
-    pub fn block_bytes(config: &LlamaConfig, block_tokens: usize) -> usize {
-        2 * config.n_layers * config.kv_dim() * std::mem::size_of::<f32>() * block_tokens
+    /// Bytes one block of `block_tokens` tokens takes.
+    pub fn block_bytes(token_bytes: usize, block_tokens: usize) -> usize {
+        token_bytes.saturating_mul(block_tokens)
     }
 
     /// Blocks a sequence of `tokens` tokens needs.
@@ -87,26 +86,14 @@ impl BlockPool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::BlockPool;
 
     #[test]
     fn reserves_whole_blocks_within_the_budget() {
-        let config = LlamaConfig {
-            dim: 64,
-            hidden_dim: 128,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: 2,
-            vocab_size: 100,
-            context_length: 256,
-            rope_theta: 1e4,
-            rope_dim: 16,
-            rope_position_scale: 1.0,
-            rms_eps: 1e-5,
-        };
-        // 2 layers × 32 kv dims × 2 × 4 bytes × 16 tokens = 8 KiB per block.
-        assert_eq!(BlockPool::block_bytes(&config, 16), 8192);
-        let mut pool = BlockPool::new(&config, 16, 10 * 8192 + 100);
+        // 2 layers × 32 kv dims × 2 × 4 bytes = 512 bytes per token, so
+        // 8 KiB per block of 16.
+        assert_eq!(BlockPool::block_bytes(512, 16), 8192);
+        let mut pool = BlockPool::new(512, 16, 10 * 8192 + 100);
         assert_eq!((pool.total(), pool.max_tokens()), (10, 160));
         assert_eq!(pool.blocks_for(17), 2);
         assert!(pool.try_reserve(7));

@@ -34,9 +34,9 @@ use tokio::sync::mpsc;
 
 use self::kv::BlockPool;
 use self::text::{Detokenizer, StopMatcher, Stopped};
-use crate::backend::cpu::CpuBackend;
+use crate::backend::{Runner, Sequence};
 use crate::model::ModelError;
-use crate::model::llama::{Batch, Llama, State, Step};
+use crate::model::llama::Step;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::telemetry::{Outcome, Telemetry};
 use crate::tokenizer::Tokenizer;
@@ -299,30 +299,42 @@ impl DrainRate {
 }
 
 impl Engine {
-    /// Warms the model up with one forward pass and starts the engine
-    /// thread. `stop_tokens` end a generation (the model's EOS and the like).
-    pub fn start(
-        model: Arc<Llama>,
-        backend: CpuBackend,
+    /// Sets aside the KV budget on `runner`, warms the model up with one
+    /// forward pass and starts the engine thread. `stop_tokens` end a
+    /// generation (the model's EOS and the like).
+    pub fn start<R: Runner>(
+        mut runner: R,
         tokenizer: Arc<Tokenizer>,
         stop_tokens: Vec<u32>,
         config: EngineConfig,
         telemetry: Telemetry,
     ) -> Result<Self, EngineError> {
-        // The first pass faults the weights in and sizes scratch buffers;
-        // doing it before readiness keeps it out of the first client's time.
-        let mut state = model.new_state(1);
-        model.forward(&backend, tokenizer.bos().unwrap_or(0), &mut state)?;
-        drop(state);
-
-        let pool = BlockPool::new(model.config(), config.block_tokens, config.kv_budget_bytes);
+        let token_bytes = runner.kv_bytes_per_token();
+        let pool = BlockPool::new(token_bytes, config.block_tokens, config.kv_budget_bytes);
         if pool.total() == 0 {
             return Err(EngineError::BudgetTooSmall {
                 budget: config.kv_budget_bytes,
-                block: BlockPool::block_bytes(model.config(), pool.block_tokens()),
+                block: BlockPool::block_bytes(token_bytes, pool.block_tokens()),
             });
         }
-        let max_sequence_tokens = pool.max_tokens().min(model.config().context_length);
+        runner.reserve_kv(pool.block_tokens(), pool.total())?;
+        // The first pass faults the weights in and sizes scratch buffers;
+        // doing it before readiness keeps it out of the first client's time.
+        let mut warm = runner.new_sequence(1)?;
+        let bos = [tokenizer.bos().unwrap_or(0)];
+        runner.forward(&mut [Step {
+            tokens: &bos,
+            state: &mut warm,
+        }])?;
+        drop(warm);
+
+        let max_sequence_tokens = pool.max_tokens().min(runner.config().context_length);
+        tracing::info!(
+            backend = runner.backend_name(),
+            kv_blocks = pool.total(),
+            block_tokens = pool.block_tokens(),
+            "inference engine ready"
+        );
         let kv_blocks_total = pool.total();
         let shared = Arc::new(Shared {
             config,
@@ -341,13 +353,11 @@ impl Engine {
         shared.telemetry.queue(0, 0);
         let worker = Worker {
             shared: Arc::clone(&shared),
-            model,
-            backend,
+            runner,
             tokenizer,
             stop_tokens,
             pool,
             running: Vec::new(),
-            batch: Batch::default(),
             steps: 0,
         };
         let thread = std::thread::Builder::new()
@@ -443,15 +453,15 @@ impl Drop for Engine {
     }
 }
 
-/// A sequence in the running batch.
-struct Seq {
+/// A sequence in the running batch; `S` is the runner's cache.
+struct Seq<S> {
     id: u64,
     prompt: Vec<u32>,
     /// Prompt tokens fed so far.
     fed: usize,
     /// The sampled token to feed next, once the prompt is in.
     next: Option<u32>,
-    state: State,
+    state: S,
     blocks: usize,
     max_tokens: usize,
     generated: usize,
@@ -465,7 +475,7 @@ struct Seq {
     last_token: Option<Instant>,
 }
 
-impl Seq {
+impl<S> Seq<S> {
     fn prefilling(&self) -> bool {
         self.fed < self.prompt.len()
     }
@@ -485,20 +495,18 @@ enum After {
     Leave(Outcome),
 }
 
-struct Worker {
+struct Worker<R: Runner> {
     shared: Arc<Shared>,
-    model: Arc<Llama>,
-    backend: CpuBackend,
+    runner: R,
     tokenizer: Arc<Tokenizer>,
     stop_tokens: Vec<u32>,
     pool: BlockPool,
     /// In admission order, which is also the order prefill is served in.
-    running: Vec<Seq>,
-    batch: Batch,
+    running: Vec<Seq<R::Sequence>>,
     steps: u64,
 }
 
-impl Worker {
+impl<R: Runner> Worker<R> {
     fn run(mut self) {
         tracing::debug!("inference engine started");
         while !self.shared.stop.load(Ordering::Acquire) {
@@ -585,10 +593,20 @@ impl Worker {
         // States are allocated outside the lock: a long context's cache is
         // tens of megabytes.
         for (p, blocks, tokens) in admitted {
+            let state = match self.runner.new_sequence(tokens) {
+                Ok(state) => state,
+                Err(e) => {
+                    tracing::error!(error = %e, "allocating a sequence failed");
+                    let _ = p.tx.try_send(Event::Failed(Failure::Model(e.to_string())));
+                    self.pool.release(blocks);
+                    self.shared.telemetry.finished(Outcome::Error);
+                    continue;
+                }
+            };
             let r = p.request;
             self.running.push(Seq {
                 id: p.id,
-                state: self.model.new_state(tokens),
+                state,
                 prompt: r.prompt,
                 fed: 0,
                 next: None,
@@ -634,7 +652,14 @@ impl Worker {
         }
 
         let mut steps = Vec::with_capacity(plan.iter().filter(|&&t| t > 0).count());
+        // Only sequences that sample from a distribution read their logits
+        // after this step; greedy ones and unfinished prompts do not.
+        let mut needs_logits = Vec::with_capacity(steps.capacity());
         for (s, &take) in self.running.iter_mut().zip(&plan) {
+            if take > 0 {
+                let samples = !s.prefilling() || s.fed + take == s.prompt.len();
+                needs_logits.push(samples && !s.sampler.params().is_greedy());
+            }
             let Seq {
                 prompt,
                 fed,
@@ -650,12 +675,13 @@ impl Worker {
             steps.push(Step { tokens, state });
         }
         let sequences = steps.len();
-        let result = self
-            .model
-            .forward_batch(&self.backend, &mut self.batch, &mut steps);
+        let result = self.runner.forward_for(&mut steps, &needs_logits);
         drop(steps);
         self.steps += 1;
         self.shared.telemetry.step(sequences, used);
+        if let Some(device) = self.runner.device_stats() {
+            self.shared.telemetry.device(&device);
+        }
         if let Err(e) = result {
             // Nothing was fed; every sequence of the step fails alike.
             tracing::error!(error = %e, "forward pass failed");
@@ -678,7 +704,10 @@ impl Worker {
                     continue;
                 }
             }
-            let token = s.sampler.sample(s.state.logits());
+            let token = match s.state.greedy_token() {
+                Some(token) if s.sampler.params().is_greedy() => token,
+                _ => s.sampler.sample(s.state.logits()),
+            };
             sampled += 1;
             let telemetry = &self.shared.telemetry;
             match s.last_token {
@@ -756,7 +785,7 @@ impl Worker {
 
 /// Takes a sampled token into a sequence: ends it on a stop token, stop
 /// sequence or `max_tokens`, and sends what text it completes.
-fn accept(s: &mut Seq, token: u32, tokenizer: &Tokenizer, stop_tokens: &[u32]) -> After {
+fn accept<S>(s: &mut Seq<S>, token: u32, tokenizer: &Tokenizer, stop_tokens: &[u32]) -> After {
     let (text, finish) = if !s.ignore_eos && stop_tokens.contains(&token) {
         let mut text = match s.stop.push(&s.detok.flush(tokenizer)) {
             Stopped::Yes(text) | Stopped::No(text) => text,
@@ -800,7 +829,7 @@ fn accept(s: &mut Seq, token: u32, tokenizer: &Tokenizer, stop_tokens: &[u32]) -
 }
 
 /// Sends a sequence's last text and its finish.
-fn send(s: &Seq, text: String, reason: FinishReason) -> After {
+fn send<S>(s: &Seq<S>, text: String, reason: FinishReason) -> After {
     if !text.is_empty() && s.tx.try_send(Event::Text(text)).is_err() {
         return After::Leave(Outcome::Cancelled);
     }

@@ -31,15 +31,17 @@ use tokio::sync::mpsc;
 use self::error::ApiError;
 use self::openai::{ChatRequest, CompletionRequest, Envelope, Kind, Params};
 use crate::backend::cpu::{CpuBackend, CpuBackendError};
-use crate::chat_template::{ChatTemplate, ChatTemplateError};
-use crate::gguf::{Gguf, Value};
-use crate::model::ModelError;
+use crate::backend::cuda::{CudaError, CudaRunner};
+use crate::backend::{CpuRunner, Device};
+use crate::chat_template::ChatTemplate;
+use crate::gguf::Gguf;
+use crate::loader::{LoadedModel, LoaderError};
 use crate::model::llama::Llama;
 use crate::scheduler::{
     Engine, EngineConfig, EngineError, Event, Failure, Finish, GenerationRequest, SubmitError,
 };
 use crate::telemetry::Telemetry;
-use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::tokenizer::Tokenizer;
 
 /// The header carrying a request's deadline, in Unix milliseconds (the edge
 /// sets it from its own deadline).
@@ -86,22 +88,49 @@ impl ServerConfig {
 /// Why a model could not be made ready.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The weights or hyperparameters.
+    /// The model's files: weights, hyperparameters, tokenizer, template.
     #[error(transparent)]
-    Model(#[from] ModelError),
-    /// The tokenizer metadata.
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-    /// The chat template.
-    #[error(transparent)]
-    Template(#[from] ChatTemplateError),
+    Files(#[from] LoaderError),
     /// The CPU thread pool.
     #[error(transparent)]
     Backend(#[from] CpuBackendError),
+    /// The GPU asked for could not serve the model.
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
     /// The engine's warm-up or start.
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendOptions {
+    /// `cpu`, `cuda:N`, or `auto`.
+    pub device: Device,
+    /// CPU threads for the forward pass (CPU backend).
+    pub threads: usize,
+    /// Share of the GPU memory free after loading the weights that the KV
+    /// cache takes when [`EngineConfig::kv_budget_bytes`] is 0.
+    pub gpu_memory_fraction: f64,
+}
+
+impl BackendOptions {
+    /// The CPU backend on `threads` threads.
+    pub fn cpu(threads: usize) -> Self {
+        Self {
+            device: Device::Cpu,
+            threads,
+            gpu_memory_fraction: DEFAULT_GPU_MEMORY_FRACTION,
+        }
+    }
+}
+
+/// The KV cache's share of free GPU memory by default (vLLM's default
+/// `gpu_memory_utilization` is 0.9 of the whole device, weights included).
+pub const DEFAULT_GPU_MEMORY_FRACTION: f64 = 0.85;
+
+/// The KV budget on the CPU when the configuration says 0 (automatic).
+const CPU_DEFAULT_KV_BUDGET: usize = 512 << 20;
 
 /// A loaded, warm model and its engine.
 #[derive(Debug)]
@@ -109,46 +138,101 @@ pub struct Served {
     engine: Engine,
     tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
+    backend: &'static str,
+}
+
+/// Starts `model`'s engine on the device `options` asks for. `auto` tries
+/// CUDA device 0 and, when it cannot start, says why once and uses the CPU.
+fn start_engine(
+    model: Arc<Llama>,
+    tokenizer: &Arc<Tokenizer>,
+    stop_tokens: Vec<u32>,
+    options: BackendOptions,
+    mut config: EngineConfig,
+    telemetry: Telemetry,
+) -> Result<(Engine, &'static str), LoadError> {
+    let cuda = match options.device {
+        Device::Cpu => None,
+        Device::Cuda(ordinal) => Some(CudaRunner::new(&model, ordinal)?),
+        Device::Auto => match CudaRunner::new(&model, 0) {
+            Ok(runner) => Some(runner),
+            Err(e) => {
+                tracing::info!(reason = %e, "no usable GPU; serving from the CPU backend");
+                None
+            }
+        },
+    };
+    let tokenizer = Arc::clone(tokenizer);
+    match cuda {
+        Some(runner) => {
+            if config.kv_budget_bytes == 0 {
+                config.kv_budget_bytes = runner.suggested_kv_budget(options.gpu_memory_fraction)?;
+            }
+            tracing::info!(
+                device = runner.device_name(),
+                "serving from the CUDA backend"
+            );
+            let engine = Engine::start(runner, tokenizer, stop_tokens, config, telemetry)?;
+            Ok((engine, "cuda"))
+        }
+        None => {
+            if config.kv_budget_bytes == 0 {
+                config.kv_budget_bytes = CPU_DEFAULT_KV_BUDGET;
+            }
+            let runner = CpuRunner::new(model, CpuBackend::new(options.threads)?);
+            let engine = Engine::start(runner, tokenizer, stop_tokens, config, telemetry)?;
+            Ok((engine, "cpu"))
+        }
+    }
 }
 
 impl Served {
     /// Loads a GGUF model, runs one warm-up forward pass and starts its
-    /// engine on `threads` CPU threads.
+    /// engine on the device `backend` names.
     pub fn from_gguf(
         gguf: &Gguf,
-        threads: usize,
+        backend: BackendOptions,
         config: EngineConfig,
         telemetry: Telemetry,
     ) -> Result<Self, LoadError> {
-        let model = Arc::new(Llama::from_gguf(gguf)?);
-        let tokenizer = Arc::new(Tokenizer::from_gguf(gguf)?);
-        let template = ChatTemplate::from_gguf(gguf)?;
-        let mut stop_tokens = vec![tokenizer.eos()];
-        if let Some(eot) = gguf
-            .get("tokenizer.ggml.eot_token_id")
-            .and_then(Value::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
-        {
-            stop_tokens.push(eot);
-        }
+        Self::from_loaded(LoadedModel::from_gguf(gguf)?, backend, config, telemetry)
+    }
+
+    /// Serves a model loaded from either format (see [`crate::loader`]):
+    /// runs one warm-up forward pass and starts its engine on the device
+    /// `backend` names.
+    pub fn from_loaded(
+        loaded: LoadedModel,
+        backend: BackendOptions,
+        config: EngineConfig,
+        telemetry: Telemetry,
+    ) -> Result<Self, LoadError> {
+        let LoadedModel {
+            model,
+            tokenizer,
+            template,
+            end_tokens: mut stop_tokens,
+            ..
+        } = loaded;
+        let model = Arc::new(model);
+        let tokenizer = Arc::new(tokenizer);
         let special = tokenizer.special_tokens();
         stop_tokens.extend(END_OF_TURN.iter().filter_map(|t| special.get(*t).copied()));
         stop_tokens.sort_unstable();
         stop_tokens.dedup();
-        let backend = CpuBackend::new(threads)?;
-        let engine = Engine::start(
-            model,
-            backend,
-            Arc::clone(&tokenizer),
-            stop_tokens,
-            config,
-            telemetry,
-        )?;
+        let (engine, backend) =
+            start_engine(model, &tokenizer, stop_tokens, backend, config, telemetry)?;
         Ok(Self {
             engine,
             tokenizer,
             template,
+            backend,
         })
+    }
+
+    /// The backend serving the model: `"cpu"` or `"cuda"`.
+    pub fn backend(&self) -> &'static str {
+        self.backend
     }
 
     /// The engine, for introspection.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use breakwater_infer::gguf::Gguf;
 use breakwater_infer::scheduler::EngineConfig;
-use breakwater_infer::server::{self, AppState, Served, ServerConfig};
+use breakwater_infer::server::{self, AppState, BackendOptions, Served, ServerConfig};
 use breakwater_infer::telemetry::Telemetry;
 use serde_json::Value;
 
@@ -36,7 +36,8 @@ pub async fn start(gguf: &Gguf, name: &str, engine: EngineConfig) -> TestServer 
 pub async fn start_with(gguf: &Gguf, config: ServerConfig, engine: EngineConfig) -> TestServer {
     let telemetry = Telemetry::new();
     let app = AppState::new(config, telemetry.clone());
-    let served = Served::from_gguf(gguf, 2, engine, telemetry).expect("load the model");
+    let served =
+        Served::from_gguf(gguf, BackendOptions::cpu(2), engine, telemetry).expect("load the model");
     app.set_model(served).expect("first model");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -2,6 +2,8 @@
 //! with ggml's instruction choices: unpack 32 nibbles into one register,
 //! `maddubs` unsigned×signed bytes into 16-bit pairs, `madd` those into
 //! 32-bit lanes, convert and fuse-multiply-add with the block's scales.
+//! F16 rows convert 8 weights at a time with F16C and fuse-multiply-add
+//! them with the f32 input.
 //!
 //! Every function requires AVX2, FMA and F16C; [`available`] says whether
 //! the running CPU has them.
@@ -166,5 +168,77 @@ pub unsafe fn dot_q8_0(row: &[u8], x: &Q8Vector) -> f32 {
             acc = _mm256_fmadd_ps(d, sum_i8_i8(w, y), acc);
         }
         hsum(acc)
+    }
+}
+
+/// Elements of an F16 row taken per step: two registers of 8.
+const F16_STEP: usize = 16;
+
+/// Eight f16 weights from `row` at element `i`, as floats.
+#[inline(always)]
+unsafe fn f16x8(row: &[u8], i: usize) -> __m256 {
+    debug_assert!(2 * (i + 8) <= row.len());
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * i).cast())) }
+}
+
+/// F16 row · f32 input: F16C converts 8 weights at a time, and two FMA
+/// accumulators take alternate groups of 8; the tail past a multiple of 16
+/// is summed in order after them.
+///
+/// # Panics
+///
+/// If `row` does not hold `x.len()` f16 values.
+///
+/// # Safety
+///
+/// Requires AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    // SAFETY: the caller guarantees the CPU features.
+    unsafe { dot_f16_many(row, [x])[0] }
+}
+
+/// One F16 row against `N` f32 inputs at once: each group of weights is
+/// converted once for all of them. Each result is computed exactly as
+/// [`dot_f16`] computes it, so batching does not change a sequence's
+/// numbers.
+///
+/// # Panics
+///
+/// If `row` does not hold `x.len()` f16 values for every input `x`.
+///
+/// # Safety
+///
+/// Requires AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16_many<const N: usize>(row: &[u8], xs: [&[f32]; N]) -> [f32; N] {
+    let n = row.len() / 2;
+    for x in xs {
+        assert!(row.len() == 2 * x.len(), "f16 row length");
+    }
+    let main = n / F16_STEP * F16_STEP;
+    unsafe {
+        let mut acc0 = [_mm256_setzero_ps(); N];
+        let mut acc1 = [_mm256_setzero_ps(); N];
+        let mut i = 0;
+        while i < main {
+            let w0 = f16x8(row, i);
+            let w1 = f16x8(row, i + 8);
+            for ((a0, a1), x) in acc0.iter_mut().zip(acc1.iter_mut()).zip(xs) {
+                let p = x.as_ptr().add(i);
+                *a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), *a0);
+                *a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), *a1);
+            }
+            i += F16_STEP;
+        }
+        let mut out = [0.0; N];
+        for (((o, a0), a1), x) in out.iter_mut().zip(acc0).zip(acc1).zip(xs) {
+            let mut sum = hsum(_mm256_add_ps(a0, a1));
+            for (j, &v) in x.iter().enumerate().skip(main) {
+                sum += f16(row, 2 * j) * v;
+            }
+            *o = sum;
+        }
+        out
     }
 }
