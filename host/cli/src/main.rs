@@ -2,6 +2,7 @@
 //! configuration, or start the all-in-one local POP.
 
 mod gpu_host;
+mod model;
 mod plugin;
 mod up;
 
@@ -52,6 +53,12 @@ enum Command {
         #[command(subcommand)]
         command: plugin::PluginCommand,
     },
+    /// Model versions in object storage: `model push`, `ls`, `show`,
+    /// `promote`, `verify`, `pull`, `replicate`.
+    Model {
+        #[command(subcommand)]
+        command: model::ModelCommand,
+    },
     /// The all-in-one local POP: the demo site on http://127.0.0.1:8080,
     /// and a GPU host serving the demo model for `/v1/*`.
     Up {
@@ -89,6 +96,7 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { file },
         } => return check_config(&file),
         Command::Plugin { command } => return plugin::run(command),
+        Command::Model { command } => return model::run(command),
         Command::GpuHost(args) => gpu_host::run(args),
         Command::Edge { config } => load(&config).and_then(|initial| {
             run_edge(initial, breakwater_edge::ConfigSource::file(config), None)

@@ -9,6 +9,8 @@
 //! - [`fetch_verified`]: an object fetched into a local content-addressed
 //!   cache, hashed while it streams, refused on a pin mismatch, and served
 //!   from the cache without the network once there.
+//! - [`model`]: model versions in a store (manifests, channels), pushed,
+//!   pulled into a verified local cache, verified and replicated.
 //! - [`wheel`]: files shipped in sha256-pinned PyPI wheels (the demo model,
 //!   the test server).
 //! - `testing` (feature `test-server`): a real S3 server for test suites.
@@ -26,6 +28,7 @@
 mod digest;
 mod error;
 mod fetch;
+pub mod model;
 mod store;
 mod url;
 pub mod wheel;

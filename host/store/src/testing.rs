@@ -83,6 +83,9 @@ pub struct S3Server {
     log: PathBuf,
     /// Unix sockets the server makes in `/tmp` whatever it is told.
     sockets: Vec<PathBuf>,
+    /// The program and its arguments, for [`S3Server::restart`].
+    weed: PathBuf,
+    args: Vec<std::ffi::OsString>,
     /// The server's data; removed after the process is gone.
     _dir: tempfile::TempDir,
 }
@@ -189,6 +192,13 @@ impl S3Server {
             .arg("-webdav=false")
             .arg("-admin.ui=false")
             .arg("-master.telemetry=false")
+            // Mini sizes volumes (up to 1 GiB) and counts them from the free
+            // disk space: on a nearly full disk it starts with no free
+            // volume, and every write waits for one that never comes.
+            // Small volumes and a fixed count (nothing is preallocated)
+            // keep it writable.
+            .arg("-volume.max=32")
+            .arg("-master.volumeSizeLimitMB=64")
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
@@ -196,6 +206,7 @@ impl S3Server {
         // Its own process group, so that stopping it reaches anything it
         // starts.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let args = command.get_args().map(ToOwned::to_owned).collect();
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", weed.display()));
@@ -204,8 +215,64 @@ impl S3Server {
             port: s3_port,
             log,
             sockets,
+            weed: weed.to_path_buf(),
+            args,
             _dir: dir,
         }
+    }
+
+    /// Starts the server again after [`S3Server::stop`], on the same ports
+    /// and with the same data (a region coming back), and waits until it
+    /// answers S3 requests.
+    ///
+    /// # Panics
+    ///
+    /// When it does not answer within a minute (the message carries its
+    /// log), for instance because another process took one of its ports.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("open the S3 server's log");
+        let log_err = log.try_clone().expect("clone the log handle");
+        let mut command = Command::new(&self.weed);
+        command
+            .args(&self.args)
+            .current_dir(self._dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        remove_sockets(&self.sockets);
+        self.child = Some(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("restarting {}: {e}", self.weed.display())),
+        );
+        let client = http_client();
+        let deadline = Instant::now() + START_DEADLINE;
+        while Instant::now() < deadline {
+            // The bucket exists already: any answer but a server error
+            // means the S3 API is up.
+            // Then objects must be writable and readable: the volume
+            // server answers 500 until it has registered again.
+            if let Ok(status) = self.create_bucket_once(&client, Self::BUCKET).await
+                && (status.is_success() || status == http::StatusCode::CONFLICT)
+            {
+                let store = self.store(Self::BUCKET);
+                if store.put(".restart-probe", &b"up"[..]).await.is_ok()
+                    && store.get(".restart-probe", 2).await.is_ok()
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the S3 test server did not come back; its log:\n{}",
+            self.log_tail()
+        );
     }
 
     /// Polls bucket creation until it succeeds. `false` when the process
