@@ -212,29 +212,29 @@ impl ModelStore {
 
     /// The names under `prefix` one level down (`models/` → model names).
     async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, ModelError> {
-        let location = self.store.location(prefix)?;
-        match self
-            .store
-            .inner()
-            .list_with_delimiter(Some(&location))
-            .await
-        {
-            Ok(list) => {
-                let mut names: Vec<String> = list
-                    .common_prefixes
-                    .iter()
-                    .filter_map(|p| p.filename().map(str::to_owned))
-                    .collect();
-                names.sort();
-                Ok(names)
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
-            Err(e) => Err(StoreError::request("listing", self.store.object_url(prefix), e).into()),
-        }
+        let list = self.list_one_level(prefix).await?;
+        Ok(sorted_names(
+            list.iter()
+                .flat_map(|l| &l.common_prefixes)
+                .filter_map(|p| p.filename()),
+        ))
     }
 
     /// The objects directly under `prefix` (channel pointers).
     async fn list_files(&self, prefix: &str) -> Result<Vec<String>, ModelError> {
+        let list = self.list_one_level(prefix).await?;
+        Ok(sorted_names(
+            list.iter()
+                .flat_map(|l| &l.objects)
+                .filter_map(|o| o.location.filename()),
+        ))
+    }
+
+    /// One level of listing under `prefix`; `None` when nothing is there.
+    async fn list_one_level(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<object_store::ListResult>, ModelError> {
         let location = self.store.location(prefix)?;
         match self
             .store
@@ -242,16 +242,8 @@ impl ModelStore {
             .list_with_delimiter(Some(&location))
             .await
         {
-            Ok(list) => {
-                let mut names: Vec<String> = list
-                    .objects
-                    .iter()
-                    .filter_map(|o| o.location.filename().map(str::to_owned))
-                    .collect();
-                names.sort();
-                Ok(names)
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+            Ok(list) => Ok(Some(list)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(StoreError::request("listing", self.store.object_url(prefix), e).into()),
         }
     }
@@ -476,4 +468,10 @@ pub(crate) async fn with_deadline<T>(
             seconds: deadline.as_secs(),
         }),
     }
+}
+
+fn sorted_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut names: Vec<String> = names.map(str::to_owned).collect();
+    names.sort();
+    names
 }
