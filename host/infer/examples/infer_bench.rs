@@ -17,7 +17,11 @@
 //! - `decode`: generated tokens per second over the whole run (prefill
 //!   included), as `transformers`' `generate` is timed in the peer script;
 //! - `prefill`: prompt tokens per second, every stream's prompt with one
-//!   token generated.
+//!   token generated;
+//! - `decode_steady`: generated tokens per second while every stream is
+//!   decoding, from the moment the last stream has its first token to the
+//!   end (the prompts are prefilled in one step, so that is the batched
+//!   decode rate without the prefill).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -130,15 +134,32 @@ fn run(model: &str, get: &dyn Fn(&str, &str) -> String) -> Result<(), BoxError> 
 
     // Warm-up: allocations and kernel first launches out of the timings.
     measure(&engine, max_batch, prompt_tokens, 4, vocab, 0)?;
+    let median = |mut rates: Vec<f64>| {
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    };
     for &n in &streams {
-        for (kind, generate) in [("prefill", 1), ("decode", gen_tokens)] {
-            let mut rates: Vec<f64> = (0..repeat.max(1))
+        let mut lines = Vec::new();
+        for generate in [1, gen_tokens] {
+            let runs: Vec<Rates> = (0..repeat.max(1))
                 .map(|r| measure(&engine, n, prompt_tokens, generate, vocab, r as u64 + 1))
                 .collect::<Result<_, _>>()?;
-            rates.sort_by(f64::total_cmp);
-            let median = rates[rates.len() / 2];
+            if generate == 1 {
+                lines.push((
+                    "prefill",
+                    1,
+                    median(runs.iter().map(|r| r.prompt).collect()),
+                ));
+            } else {
+                let whole = median(runs.iter().map(|r| r.generated).collect());
+                let steady = median(runs.iter().map(|r| r.steady).collect());
+                lines.push(("decode", generate, whole));
+                lines.push(("decode_steady", generate, steady));
+            }
+        }
+        for (kind, generate, rate) in lines {
             println!(
-                "{{\"engine\":\"breakwater\",\"backend\":\"{backend}\",\"kind\":\"{kind}\",\"streams\":{n},\"prompt_tokens\":{prompt_tokens},\"gen_tokens\":{generate},\"tokens_per_second\":{median:.1}}}"
+                "{{\"engine\":\"breakwater\",\"backend\":\"{backend}\",\"kind\":\"{kind}\",\"streams\":{n},\"prompt_tokens\":{prompt_tokens},\"gen_tokens\":{generate},\"tokens_per_second\":{rate:.1}}}"
             );
         }
     }
@@ -146,9 +167,18 @@ fn run(model: &str, get: &dyn Fn(&str, &str) -> String) -> Result<(), BoxError> 
     Ok(())
 }
 
-/// Submits `streams` requests at once and waits for all; returns prompt
-/// tokens per second when `generate` is 1, else generated tokens per
-/// second.
+/// Rates of one measurement, in tokens per second.
+struct Rates {
+    /// Prompt tokens over the whole run.
+    prompt: f64,
+    /// Generated tokens over the whole run.
+    generated: f64,
+    /// Generated tokens after every stream had its first, over the time
+    /// after that.
+    steady: f64,
+}
+
+/// Submits `streams` requests at once and waits for all of them.
 fn measure(
     engine: &Engine,
     streams: usize,
@@ -156,7 +186,7 @@ fn measure(
     generate: usize,
     vocab: usize,
     seed: u64,
-) -> Result<f64, BoxError> {
+) -> Result<Rates, BoxError> {
     let started = Instant::now();
     let mut receivers = Vec::with_capacity(streams);
     for s in 0..streams {
@@ -179,11 +209,17 @@ fn measure(
     let waiters: Vec<_> = receivers
         .into_iter()
         .map(|mut rx| {
-            std::thread::spawn(move || -> Result<usize, String> {
+            std::thread::spawn(move || -> Result<(usize, Instant), String> {
+                let mut first = None;
                 while let Some(event) = rx.blocking_recv() {
                     match event {
-                        Event::Text(_) => {}
-                        Event::Done(finish) => return Ok(finish.completion_tokens),
+                        Event::Text(_) => {
+                            first.get_or_insert_with(Instant::now);
+                        }
+                        Event::Done(finish) => {
+                            let first = first.unwrap_or_else(Instant::now);
+                            return Ok((finish.completion_tokens, first));
+                        }
                         Event::Failed(f) => return Err(f.to_string()),
                     }
                 }
@@ -191,17 +227,20 @@ fn measure(
             })
         })
         .collect();
-    let mut generated = 0;
+    let (mut generated, mut all_started) = (0, started);
     for w in waiters {
-        generated += w.join().map_err(|_| "a waiter panicked")??;
+        let (tokens, first) = w.join().map_err(|_| "a waiter panicked")??;
+        generated += tokens;
+        all_started = all_started.max(first);
     }
     let seconds = started.elapsed().as_secs_f64();
-    let tokens = if generate == 1 {
-        streams * prompt_tokens
-    } else {
-        generated
-    };
-    Ok(tokens as f64 / seconds)
+    let steady_seconds = all_started.elapsed().as_secs_f64();
+    Ok(Rates {
+        prompt: (streams * prompt_tokens) as f64 / seconds,
+        generated: generated as f64 / seconds,
+        // Each stream's first token came before the window.
+        steady: generated.saturating_sub(streams) as f64 / steady_seconds,
+    })
 }
 
 fn num_cpus() -> usize {

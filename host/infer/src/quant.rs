@@ -201,6 +201,17 @@ pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     out
 }
 
+/// `x` rounded to the nearest integer, ties to even, for |x| < 2^22: adding
+/// and taking away 1.5·2^23 leaves no fraction bits, so the addition rounds
+/// (in the default rounding mode, to nearest even). It is
+/// `f32::round_ties_even`, which without SSE4.1 in the build is a call to
+/// the C library's `rintf`; here it is two additions.
+#[inline(always)]
+fn round_ties_even(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    (x + SHIFT) - SHIFT
+}
+
 /// A vector quantized to 8 bits in blocks of 32, for integer dot products.
 ///
 /// Holds both ggml's Q8_0 (`d`) and Q8_1 (`d` and `s = d * Σq`) views, so one
@@ -236,11 +247,14 @@ impl Q8Vector {
         {
             let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            // ggml's reciprocal and its rounding (to nearest, ties to even,
+            // as its SIMD quantizer does): the demo model turns a single
+            // value rounded the other way into a different greedy answer.
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in qs.iter_mut().zip(xs) {
                 // `as` saturates, and |v * id| <= 127 by construction.
-                *q = (v * id).round() as i8;
+                *q = round_ties_even(v * id) as i8;
                 sum += i32::from(*q);
             }
             self.d[b] = f16::from_f32(d).to_f32();
@@ -340,6 +354,19 @@ mod tests {
                     assert!((a - b).abs() <= tolerance, "{ty:?}: {a} vs {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        for x in [
+            -127.5f32, -2.5, -1.5, -0.5, -0.49, 0.0, 0.5, 1.5, 2.5, 2.51, 126.5, 127.0,
+        ] {
+            assert_eq!(round_ties_even(x), x.round_ties_even(), "{x}");
+        }
+        for i in -2540..=2540 {
+            let x = i as f32 / 20.0;
+            assert_eq!(round_ties_even(x), x.round_ties_even(), "{x}");
         }
     }
 

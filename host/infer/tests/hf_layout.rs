@@ -237,8 +237,15 @@ fn to_f64(dtype: Dtype, data: &[u8]) -> Vec<f64> {
     }
 }
 
+/// How far our logits may be from the f64 reference. The runtime keeps keys,
+/// values, queries and attention weights in f16, as llama.cpp does (see
+/// `backend::cpu::ggml`); on these models that moves the logits by up to
+/// 0.012 (0.00001 when attention ran in f32). A real error is far outside:
+/// pairing RoPE dimensions the other way moves them by about 7.
+const LOGIT_TOLERANCE: f32 = 0.03;
+
 /// Loads `dir` and checks its logits at every prompt position against the
-/// reference, within `1e-4`.
+/// reference, within [`LOGIT_TOLERANCE`].
 fn assert_matches_reference(dir: &Path) -> Vec<Vec<f32>> {
     let loaded = loader::load(dir).expect("load");
     assert_eq!(loaded.format, ModelFormat::HuggingFace);
@@ -247,7 +254,7 @@ fn assert_matches_reference(dir: &Path) -> Vec<Vec<f32>> {
     let got = logits_per_position(&loaded, &ids);
     let want = Reference::read(dir).logits(&ids);
     let diff = max_abs_diff(&got, &want);
-    assert!(diff < 1e-4, "max |logit difference| {diff}");
+    assert!(diff < LOGIT_TOLERANCE, "max |logit difference| {diff}");
 
     // The whole prompt in one batched pass ends with the same logits.
     let backend = CpuBackend::new(2).expect("backend");
@@ -256,7 +263,7 @@ fn assert_matches_reference(dir: &Path) -> Vec<Vec<f32>> {
         .model
         .forward_tokens(&backend, &ids, &mut state)
         .expect("forward");
-    assert!(max_abs_diff(&[last.to_vec()], &want[want.len() - 1..]) < 1e-4);
+    assert!(max_abs_diff(&[last.to_vec()], &want[want.len() - 1..]) < LOGIT_TOLERANCE);
     got
 }
 

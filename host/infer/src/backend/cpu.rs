@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::Matrix;
 use crate::quant::{GgmlType, Q8Vector, QK, f16_at};
 
+pub mod ggml;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
@@ -146,6 +147,11 @@ fn rows(w: &Matrix, first_row: usize, xs: &[Input], out: &mut [f32]) {
             continue;
         }
         #[cfg(target_arch = "x86_64")]
+        if w.ty == GgmlType::Q8_0 && xs.len() > 1 && x86::available() {
+            q8_0_many(row, xs, row_out);
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
         if w.ty == GgmlType::F16 && xs.len() > 1 && x86::available() {
             f16_many(row, xs, row_out);
             continue;
@@ -170,6 +176,26 @@ fn q4_1_many(row: &[u8], xs: &[Input], out: &mut [f32]) {
                 [a, b, c] => out.copy_from_slice(&x86::dot_q4_1_many(row, [&a.q8, &b.q8, &c.q8])),
                 [a, b] => out.copy_from_slice(&x86::dot_q4_1_many(row, [&a.q8, &b.q8])),
                 [a] => out.copy_from_slice(&x86::dot_q4_1_many(row, [&a.q8])),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// One Q8_0 row against a batch, four inputs at a time.
+#[cfg(target_arch = "x86_64")]
+fn q8_0_many(row: &[u8], xs: &[Input], out: &mut [f32]) {
+    for (xs, out) in xs.chunks(4).zip(out.chunks_mut(4)) {
+        // SAFETY: the caller detected the CPU features, and matmul_many
+        // checked that every input has as many blocks as the row.
+        unsafe {
+            match xs {
+                [a, b, c, d] => {
+                    out.copy_from_slice(&x86::dot_q8_0_many(row, [&a.q8, &b.q8, &c.q8, &d.q8]))
+                }
+                [a, b, c] => out.copy_from_slice(&x86::dot_q8_0_many(row, [&a.q8, &b.q8, &c.q8])),
+                [a, b] => out.copy_from_slice(&x86::dot_q8_0_many(row, [&a.q8, &b.q8])),
+                [a] => out.copy_from_slice(&x86::dot_q8_0_many(row, [&a.q8])),
                 _ => {}
             }
         }
@@ -301,7 +327,10 @@ fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
 
 /// `out = x / rms(x) * weight`.
 pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
-    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    // Squares in f32, summed in f64 in order, as ggml does: this model
+    // amplifies one-ulp differences here into different greedy tokens.
+    let sum_squares: f64 = x.iter().map(|v| f64::from(v * v)).sum();
+    let mean_square = (sum_squares / x.len() as f64) as f32;
     let scale = 1.0 / (mean_square + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * scale * w;
@@ -454,6 +483,10 @@ mod tests {
             let row = random_blocks(GgmlType::Q8_0, cols / QK, seed);
             let fast = unsafe { x86::dot_q8_0(&row, &q) };
             assert!((fast - dot_q8_0(&row, &q)).abs() < 1e-3, "q8_0 seed {seed}");
+            // SAFETY: as above.
+            let many = unsafe { x86::dot_q8_0_many(&row, [&q2, &q]) };
+            assert_eq!(many[1], fast, "batched q8_0 is bit-identical");
+            assert_eq!(many[0], unsafe { x86::dot_q8_0(&row, &q2) });
         }
     }
 

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::ModelError;
-use crate::backend::cpu::{self, CpuBackend, Input};
+use crate::backend::cpu::{self, CpuBackend, Input, ggml};
 use crate::backend::{Matrix, load_vector};
 use crate::gguf::{Gguf, GgufError};
 use crate::hf::HfDir;
@@ -362,8 +362,14 @@ impl Llama {
                 self.rope(k, pos, &mut b.rope_cos_sin);
                 let state = &mut *steps[seq].state;
                 let at = (l * state.capacity + pos) * kv_dim;
-                state.key_cache[at..at + kv_dim].copy_from_slice(k);
-                state.value_cache[at..at + kv_dim].copy_from_slice(v);
+                // The cache holds f16 values, as llama.cpp's does (kept in
+                // f32 storage so attention reads them without converting).
+                for (c, &x) in state.key_cache[at..at + kv_dim].iter_mut().zip(k.iter()) {
+                    *c = ggml::round_f16(x);
+                }
+                for (c, &x) in state.value_cache[at..at + kv_dim].iter_mut().zip(v) {
+                    *c = ggml::round_f16(x);
+                }
             }
 
             // Each query head attends over the cached keys of its kv group up
@@ -374,29 +380,38 @@ impl Llama {
                 group: c.n_heads / c.n_kv_heads,
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 layer: l,
+                // A lone token's order; rows of prompt chunks say otherwise.
+                order: ggml::DotOrder::VecDot,
             };
             let steps: &[Step<'_>] = steps;
             let max_len = b.rows.iter().map(|&(_, pos)| pos + 1).max().unwrap_or(1);
+            // Per worker: scores over the positions, then the head's scratch.
+            let stride = max_len + ggml::attend_scratch_len(head_dim);
             let threads = backend.threads();
             if n > 1 {
                 // Several tokens: each thread takes a share of them.
                 let per = n.div_ceil(threads);
-                if b.att.len() < threads * max_len {
-                    b.att.resize(threads * max_len, 0.0);
+                if b.att.len() < threads * stride {
+                    b.att.resize(threads * stride, 0.0);
                 }
                 let (xb, q, rows, att) = (&mut b.xb, &b.q, &b.rows, &mut b.att);
                 backend.install(|| {
                     xb.par_chunks_mut(per * dim)
                         .zip(q.par_chunks(per * dim))
                         .zip(rows.par_chunks(per))
-                        .zip(att.par_chunks_mut(max_len))
+                        .zip(att.par_chunks_mut(stride))
                         .for_each(|(((out, q), rows), att)| {
+                            let (att, scratch) = att.split_at_mut(max_len);
                             let tokens = out.chunks_exact_mut(dim).zip(q.chunks_exact(dim));
                             for ((out, q), &(seq, pos)) in tokens.zip(rows) {
                                 let state = &*steps[seq].state;
+                                let row = Attention {
+                                    order: dot_order(steps[seq].tokens.len()),
+                                    ..geometry
+                                };
                                 let heads = out.chunks_exact_mut(head_dim).enumerate();
                                 for (h, out) in heads {
-                                    geometry.head(state, h, q, out, &mut att[..=pos]);
+                                    row.head(state, h, q, out, &mut att[..=pos], scratch);
                                 }
                             }
                         });
@@ -405,24 +420,26 @@ impl Llama {
                 let (seq, pos) = b.rows[0];
                 let state = &*steps[seq].state;
                 let (q, out) = (&b.q[..dim], &mut b.xb[..dim]);
-                if b.att.len() < c.n_heads * max_len {
-                    b.att.resize(c.n_heads * max_len, 0.0);
+                if b.att.len() < c.n_heads * stride {
+                    b.att.resize(c.n_heads * stride, 0.0);
                 }
                 let heads = out.chunks_exact_mut(head_dim);
                 // Over a short past the heads are too little work to be
                 // worth waking the other threads for.
                 if pos < PARALLEL_ATTENTION_FROM {
+                    let (att, scratch) = b.att.split_at_mut(max_len);
                     for (h, out) in heads.enumerate() {
-                        geometry.head(state, h, q, out, &mut b.att[..=pos]);
+                        geometry.head(state, h, q, out, &mut att[..=pos], scratch);
                     }
                 } else {
                     let att = &mut b.att;
                     backend.install(|| {
                         out.par_chunks_exact_mut(head_dim)
-                            .zip(att.par_chunks_mut(max_len))
+                            .zip(att.par_chunks_mut(stride))
                             .enumerate()
                             .for_each(|(h, (out, att))| {
-                                geometry.head(state, h, q, out, &mut att[..=pos]);
+                                let (att, scratch) = att.split_at_mut(max_len);
+                                geometry.head(state, h, q, out, &mut att[..=pos], scratch);
                             });
                     });
                 }
@@ -447,7 +464,7 @@ impl Llama {
                 b.hb.chunks_exact_mut(c.hidden_dim)
                     .zip(b.hb2.chunks_exact(c.hidden_dim)),
             ) {
-                cpu::swiglu(gate, up);
+                ggml::swiglu(gate, up);
                 input.set(gate);
             }
             let td = &mut b.t1[..n * dim];
@@ -480,21 +497,36 @@ impl Llama {
     /// by `pos · θ^(-2i/rope_dim)`.
     fn rope(&self, x: &mut [f32], pos: usize, cos_sin: &mut [(f32, f32)]) {
         let c = &self.config;
-        let position = pos as f32 * c.rope_position_scale;
+        // The angles and the rotation are computed as ggml computes them
+        // (each frequency the previous one times θ^(-2/d), fused
+        // multiply-adds in the rotation), so that they round alike.
+        let theta_scale = c.rope_theta.powf(-2.0 / c.rope_dim as f32);
+        let mut theta = pos as f32;
         for (i, cs) in cos_sin.iter_mut().enumerate() {
-            let mut angle = position * c.rope_theta.powf(-2.0 * i as f32 / c.rope_dim as f32);
-            if let Some(factors) = &self.rope_freq_factors {
-                angle /= factors[i];
-            }
+            let divisor = self.rope_freq_factors.as_ref().map_or(1.0, |f| f[i]);
+            let angle = c.rope_position_scale * (theta / divisor);
             *cs = (angle.cos(), angle.sin());
+            theta *= theta_scale;
         }
         for head in x.chunks_exact_mut(c.head_dim()) {
             for (pair, &(cos, sin)) in head[..c.rope_dim].chunks_exact_mut(2).zip(cos_sin.iter()) {
                 let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0 * cos - x1 * sin;
-                pair[1] = x0 * sin + x1 * cos;
+                pair[0] = x0.mul_add(cos, -(x1 * sin));
+                pair[1] = x0.mul_add(sin, x1 * cos);
             }
         }
+    }
+}
+
+/// How llama.cpp sums a sequence's attention products when it is fed
+/// `tokens` tokens in a step: a prompt chunk goes through a GEMM, a lone
+/// token through a dot product. Decided per sequence, so that a sequence's
+/// results do not depend on what it is batched with.
+fn dot_order(tokens: usize) -> ggml::DotOrder {
+    if tokens > 1 {
+        ggml::DotOrder::Gemm
+    } else {
+        ggml::DotOrder::VecDot
     }
 }
 
@@ -508,47 +540,67 @@ struct Attention {
     /// `1 / √head_dim`
     scale: f32,
     layer: usize,
+    /// How llama.cpp would sum this row's products ([`dot_order`]).
+    order: ggml::DotOrder,
 }
 
 impl Attention {
     /// Query head `h` of a token (`q` is the token's whole query vector)
     /// attends over the first `att.len()` positions of `state`'s cache, the
     /// token's own included: `out = softmax(q·K/√d)·V`.
-    fn head(&self, state: &State, h: usize, q: &[f32], out: &mut [f32], att: &mut [f32]) {
+    fn head(
+        &self,
+        state: &State,
+        h: usize,
+        q: &[f32],
+        out: &mut [f32],
+        att: &mut [f32],
+        scratch: &mut [f32],
+    ) {
         let (hd, kv_dim) = (self.head_dim, self.kv_dim);
-        let base = self.layer * state.capacity * kv_dim;
-        let kv_off = (h / self.group) * hd;
-        let q = &q[h * hd..(h + 1) * hd];
-        for (t, a) in att.iter_mut().enumerate() {
-            let at = base + t * kv_dim + kv_off;
-            *a = cpu::dot(q, &state.key_cache[at..at + hd]) * self.scale;
-        }
-        cpu::softmax(att);
-        out.fill(0.0);
-        for (t, &a) in att.iter().enumerate() {
-            let at = base + t * kv_dim + kv_off;
-            cpu::axpy(out, a, &state.value_cache[at..at + hd]);
-        }
+        let base = self.layer * state.capacity * kv_dim + (h / self.group) * hd;
+        let span = |t: usize| base + t * kv_dim..base + t * kv_dim + hd;
+        let (keys, values) = (&state.key_cache, &state.value_cache);
+        ggml::attend(
+            self.order,
+            &q[h * hd..(h + 1) * hd],
+            |t| (&keys[span(t)], &values[span(t)]),
+            self.scale,
+            att,
+            scratch,
+            out,
+        );
     }
 }
 
 /// `dst[i][r] = src[r][i]` for `n` columns: the matmul's row-major batch
 /// output back to one vector per token.
 fn transpose(src: &[f32], n: usize, dst: &mut [f32]) {
-    let rows = src.len() / n;
-    for (r, row) in src.chunks_exact(n).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            dst[i * rows + r] = v;
-        }
-    }
+    for_each_tile(src.len() / n, n, |r, i| {
+        dst[i * (src.len() / n) + r] = src[r * n + i]
+    });
 }
 
 /// `x[i][r] += y[r][i]`: a residual add from a batch matmul output.
 fn add_transposed(x: &mut [f32], y: &[f32], n: usize) {
-    let rows = y.len() / n;
-    for (r, row) in y.chunks_exact(n).enumerate() {
-        for (i, &v) in row.iter().enumerate() {
-            x[i * rows + r] += v;
+    for_each_tile(y.len() / n, n, |r, i| {
+        x[i * (y.len() / n) + r] += y[r * n + i]
+    });
+}
+
+/// Calls `f(r, i)` for every `r < rows`, `i < n`, a square tile at a time:
+/// over a prompt's thousands of tokens, going row by row would touch a new
+/// cache line of the transposed side at every step.
+#[inline(always)]
+fn for_each_tile(rows: usize, n: usize, mut f: impl FnMut(usize, usize)) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for i0 in (0..n).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for i in i0..(i0 + TILE).min(n) {
+                    f(r, i);
+                }
+            }
         }
     }
 }

@@ -171,6 +171,34 @@ pub unsafe fn dot_q8_0(row: &[u8], x: &Q8Vector) -> f32 {
     }
 }
 
+/// One Q8_0 row against up to four Q8_0 inputs: the row is loaded (and its
+/// sign split off) once per block for all of them. Each result is
+/// bit-identical to [`dot_q8_0`]'s.
+///
+/// # Safety
+///
+/// Requires AVX2, FMA and F16C; `row` must hold `x.len() / 32` Q8_0 blocks
+/// for every input `x`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0_many<const N: usize>(row: &[u8], xs: [&Q8Vector; N]) -> [f32; N] {
+    let bb = GgmlType::Q8_0.block_bytes();
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, block) in row.chunks_exact(bb).enumerate() {
+            let dw = f16(block, 0);
+            let w = _mm256_loadu_si256(block[2..2 + QK].as_ptr().cast());
+            let w_abs = _mm256_sign_epi8(w, w);
+            for (acc, x) in acc.iter_mut().zip(xs) {
+                debug_assert_eq!(row.len() / bb * QK, x.len());
+                let d = _mm256_set1_ps(dw * x.d[b]);
+                let y = _mm256_loadu_si256(x.qs[b * QK..(b + 1) * QK].as_ptr().cast());
+                *acc = _mm256_fmadd_ps(d, sum_u8_i8(w_abs, _mm256_sign_epi8(y, w)), *acc);
+            }
+        }
+        acc.map(|a| hsum(a))
+    }
+}
+
 /// Elements of an F16 row taken per step: two registers of 8.
 const F16_STEP: usize = 16;
 
