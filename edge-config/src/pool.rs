@@ -230,6 +230,64 @@ pub struct ConcurrencyConfig {
     /// How long one may wait.
     #[serde(default = "default_queue_timeout", with = "humantime_serde")]
     pub queue_timeout: Duration,
+    /// Priority tiers: which requests are admitted first when the limit
+    /// is reached. None: one tier, first come first served.
+    #[serde(default)]
+    pub priority: Option<PriorityConfig>,
+}
+
+/// Priority tiers in load shedding (as the partitions of Netflix's
+/// concurrency-limits, or Google's request criticality): the tier is read
+/// from a request header, the queue hands free slots to the highest tier
+/// first (first come first served within a tier), a full queue makes room
+/// for a higher tier's request by shedding the newest waiter of the lowest
+/// tier queued, and `reserved` keeps a share of the limit for the first
+/// tier alone.
+///
+/// The header is believed as it arrives here: in front of untrusted
+/// clients, a plugin in the route's chain should set it (overwriting
+/// whatever the client sent), e.g. from the API key's tier.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityConfig {
+    /// The request header naming the request's tier.
+    #[serde(default = "default_priority_header")]
+    pub header: String,
+    /// Tier names, highest priority first, e.g. `["paid", "free"]`;
+    /// header values match them ignoring ASCII case.
+    pub tiers: Vec<String>,
+    /// The tier of a request whose header is absent or names no tier.
+    /// Default: the last (lowest) tier, so that an unknown value never
+    /// buys priority.
+    #[serde(default)]
+    pub default: Option<String>,
+    /// Share of the limit (0 ≤ share < 1) that only the first tier may
+    /// use: the other tiers together hold at most
+    /// `floor(limit × (1 − reserved))` slots. Default 0.
+    #[serde(default)]
+    pub reserved: f64,
+}
+
+impl PriorityConfig {
+    /// Most tiers a pool may define.
+    pub const MAX_TIERS: usize = 16;
+
+    /// The index (0 = highest) of the default tier.
+    pub fn default_index(&self) -> usize {
+        self.default
+            .as_deref()
+            .and_then(|name| self.index_of(name))
+            .unwrap_or(self.tiers.len().saturating_sub(1))
+    }
+
+    /// The index of the tier named `value` (ASCII case ignored, spaces
+    /// around it too), if any.
+    pub fn index_of(&self, value: &str) -> Option<usize> {
+        let value = value.trim();
+        self.tiers
+            .iter()
+            .position(|t| t.eq_ignore_ascii_case(value))
+    }
 }
 
 /// Retries on another endpoint, within a budget.
@@ -356,4 +414,61 @@ fn default_concurrency_queue() -> u32 {
 }
 fn default_queue_timeout() -> Duration {
     Duration::from_millis(50)
+}
+fn default_priority_header() -> String {
+    "x-breakwater-tier".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    const HEAD: &str = "[[listener]]\naddress = \"127.0.0.1:8080\"\n[[pool]]\nname = \"a\"\nendpoints = [\"http://127.0.0.1:1\"]\n";
+
+    #[test]
+    fn priority_tiers_take_defaults_and_match_ignoring_case() {
+        let text = format!("{HEAD}[pool.concurrency.priority]\ntiers = [\"paid\", \"free\"]\n");
+        let config = crate::parse(&text, Path::new("t.toml"), Path::new("."))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let limit = config.pools[0].concurrency.as_ref().expect("concurrency");
+        assert_eq!(limit.initial, 64, "the limit keeps its defaults");
+        let priority = limit.priority.as_ref().expect("priority");
+        assert_eq!(priority.header, "x-breakwater-tier");
+        assert_eq!(priority.default_index(), 1, "absent: the last tier");
+        assert_eq!(priority.index_of(" PAID"), Some(0));
+        assert_eq!(priority.index_of("gold"), None);
+        assert_eq!(priority.reserved, 0.0);
+    }
+
+    #[test]
+    fn bad_priority_tiers_are_located_and_fixed() {
+        let cases = [
+            // (the priority table's lines, line and column of the error, fix says)
+            ("tiers = []\n", (7, 9), "highest first"),
+            ("tiers = [\"paid\", \"Paid\"]\n", (7, 18), "once"),
+            (
+                "tiers = [\"paid\", \"free\"]\nreserved = 1.0\n",
+                (8, 12),
+                "e.g. 0.2",
+            ),
+            (
+                "header = \"x tier\"\ntiers = [\"paid\"]\n",
+                (7, 10),
+                "header name",
+            ),
+            (
+                "tiers = [\"paid\", \"free\"]\ndefault = \"frea\"\n",
+                (8, 11),
+                "replace `frea` with `free`",
+            ),
+        ];
+        for (table, (line, column), fix) in cases {
+            let text = format!("{HEAD}[pool.concurrency.priority]\n{table}");
+            let err = crate::parse(&text, Path::new("t.toml"), Path::new("."))
+                .expect_err("a bad priority table");
+            let d = &err.diagnostics()[0];
+            assert_eq!((d.line, d.column), (line, column), "{table}: {d}");
+            assert!(d.fix.contains(fix), "{table}: {d}");
+        }
+    }
 }

@@ -417,6 +417,9 @@ fn check_pool_limits(checker: &mut Checker<'_>, i: usize, pool: &crate::model::P
                 "write the time to first byte a healthy pool keeps, e.g. \"2s\"",
             );
         }
+        if let Some(priority) = &limit.priority {
+            check_priority(checker, i, priority);
+        }
     }
     let retry = &pool.retry;
     let at_retry = |key| [Key("pool"), Index(i), Key("retry"), Key(key)];
@@ -445,6 +448,88 @@ fn check_pool_limits(checker: &mut Checker<'_>, i: usize, pool: &crate::model::P
                 retry.backoff_base, retry.backoff_max
             ),
             "make backoff_base at most backoff_max (defaults \"10ms\" and \"200ms\")",
+        );
+    }
+}
+
+fn check_priority(checker: &mut Checker<'_>, i: usize, priority: &crate::model::PriorityConfig) {
+    let at = |key| {
+        [
+            Key("pool"),
+            Index(i),
+            Key("concurrency"),
+            Key("priority"),
+            Key(key),
+        ]
+    };
+    if http::HeaderName::from_bytes(priority.header.as_bytes()).is_err() {
+        checker.report(
+            &at("header"),
+            format!("`{}` is not a header name", priority.header),
+            "write a header name such as \"x-breakwater-tier\"",
+        );
+    }
+    if priority.tiers.is_empty() || priority.tiers.len() > crate::model::PriorityConfig::MAX_TIERS {
+        checker.report(
+            &at("tiers"),
+            format!(
+                "{} tiers; a pool takes 1 to {}",
+                priority.tiers.len(),
+                crate::model::PriorityConfig::MAX_TIERS
+            ),
+            "list the tier names highest first, e.g. tiers = [\"paid\", \"free\"]",
+        );
+    }
+    for (j, tier) in priority.tiers.iter().enumerate() {
+        let at = [
+            Key("pool"),
+            Index(i),
+            Key("concurrency"),
+            Key("priority"),
+            Key("tiers"),
+            Index(j),
+        ];
+        let printable = !tier.is_empty()
+            && tier.trim() == tier
+            && tier.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+        if !printable {
+            checker.report(
+                &at,
+                format!("tier name {tier:?} is not a header value a request can carry"),
+                "use printable ASCII without spaces around it, e.g. \"paid\"",
+            );
+        } else if priority.tiers[..j]
+            .iter()
+            .any(|earlier| earlier.eq_ignore_ascii_case(tier))
+        {
+            checker.report(
+                &at,
+                format!("tier `{tier}` is listed twice (tier names ignore case)"),
+                "list each tier once, highest priority first",
+            );
+        }
+    }
+    if let Some(default) = &priority.default
+        && priority.index_of(default).is_none()
+    {
+        let fix = match nearest(default, priority.tiers.iter().map(String::as_str)) {
+            Some(near) => format!("replace `{default}` with `{near}`"),
+            None => "name one of `tiers`, or leave `default` out for the last tier".to_owned(),
+        };
+        checker.report(
+            &at("default"),
+            format!("default tier `{default}` is not in `tiers`"),
+            fix,
+        );
+    }
+    if !(0.0..1.0).contains(&priority.reserved) {
+        checker.report(
+            &at("reserved"),
+            format!(
+                "reserved = {} is not a share from 0 up to (not including) 1",
+                priority.reserved
+            ),
+            "write the share of the limit kept for the first tier, e.g. 0.2",
         );
     }
 }

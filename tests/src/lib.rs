@@ -412,6 +412,93 @@ impl EdgeProcess {
     }
 }
 
+/// A `breakwater gpu-host` process on a free loopback port, on the CPU
+/// backend with one thread.
+pub struct GpuHostProcess {
+    child: Option<ChildGuard>,
+    pub addr: SocketAddr,
+}
+
+impl GpuHostProcess {
+    /// Starts `breakwater gpu-host ARGS --listen … --device cpu --threads
+    /// 1`, with `configure` applied to the command (environment), and
+    /// waits until `/health/ready` answers 200: within `patience`, and
+    /// failing at once with the host's output if it exits first.
+    pub async fn start(
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+        patience: Duration,
+    ) -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let listen = addr.to_string();
+        let mut all = vec!["gpu-host"];
+        all.extend_from_slice(args);
+        all.extend(["--listen", &listen, "--device", "cpu", "--threads", "1"]);
+        let mut command = breakwater(&all);
+        configure(&mut command);
+        let mut child = ChildGuard::spawn(command);
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(status) = child.try_wait() {
+                panic!("gpu-host exited ({status}):\n{}", child.stderr());
+            }
+            let ready = http
+                .get(format!("http://{addr}/health/ready"))
+                .timeout(PATIENCE)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gpu-host not ready within {patience:?}:\n{}",
+                child.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child: Some(child),
+            addr,
+        }
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The host's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::Client::new()
+            .get(self.url("/metrics"))
+            .timeout(PATIENCE)
+            .send()
+            .await
+            .expect("GET the host's /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Its log so far (empty once killed).
+    pub fn stderr(&self) -> String {
+        self.child
+            .as_ref()
+            .map(ChildGuard::stderr)
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL: in-flight connections reset, the port refuses.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            tokio::task::block_in_place(|| child.sigkill());
+        }
+    }
+}
+
 /// The value of the first sample of `name` whose labels include every
 /// `key="value"` in `labels`; 0 when there is none.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -630,3 +630,168 @@ async fn overload_is_shed_with_503_and_retry_after_while_admitted_requests_keep_
         ) >= 16.0
     );
 }
+
+/// One answer seen by a tiered load loop.
+#[derive(Debug)]
+struct TierSeen {
+    status: u16,
+    latency: Duration,
+    retry_after: bool,
+    body: String,
+}
+
+/// `clients` loops of `GET /work` with `X-Breakwater-Tier: tier` (none
+/// when empty) until `stop`; a shed request's loop pauses briefly so that
+/// the free tier's retries do not take the machine's CPUs.
+fn drive_tier(
+    edge: &EdgeProcess,
+    tier: &'static str,
+    clients: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Arc<Mutex<Vec<TierSeen>>>, Vec<tokio::task::JoinHandle<()>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let tasks = (0..clients)
+        .map(|_| {
+            let url = edge.url("/work");
+            let seen = seen.clone();
+            let stop = stop.clone();
+            let http = client();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let mut request = http.get(&url);
+                    if !tier.is_empty() {
+                        request = request.header("x-breakwater-tier", tier);
+                    }
+                    let started = Instant::now();
+                    let answer = match request.send().await {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let retry_after = response.headers().contains_key("retry-after");
+                            let body = response.text().await.unwrap_or_default();
+                            TierSeen {
+                                status,
+                                latency: started.elapsed(),
+                                retry_after,
+                                body,
+                            }
+                        }
+                        Err(e) => TierSeen {
+                            status: 0,
+                            latency: started.elapsed(),
+                            retry_after: false,
+                            body: e.to_string(),
+                        },
+                    };
+                    let pause = if answer.status == 200 { 0 } else { 20 };
+                    seen.lock().await.push(answer);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            })
+        })
+        .collect();
+    (seen, tasks)
+}
+
+fn median(mut latencies: Vec<Duration>) -> Duration {
+    latencies.sort();
+    latencies
+        .get(latencies.len() / 2)
+        .copied()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_overload_the_paid_tier_is_admitted_first_while_the_free_tier_is_shed() {
+    let a = StandIn::start(STAND_IN, "a");
+    a.control("delay_ms=200").await;
+    // 4 slots, a quarter kept for `paid`; 4 queue places, `paid` first.
+    let edge = tokio::task::block_in_place(|| {
+        EdgeProcess::start(&edge_config(
+            &[&a],
+            "concurrency = { initial = 4, min = 4, max = 4, queue = 4, queue_timeout = \"2s\", \
+             priority = { header = \"x-breakwater-tier\", tiers = [\"paid\", \"free\"], reserved = 0.25 } }",
+            "",
+        ))
+    });
+    let http = client();
+    let mut alone = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = http
+            .get(edge.url("/work"))
+            .header("x-breakwater-tier", "paid")
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status(), 200);
+        alone.push(started.elapsed());
+    }
+    let normal = median(alone);
+
+    // Free traffic (absent or unknown tier means `free`) far over the
+    // limit, and two paid clients.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (free, mut tasks) = drive_tier(&edge, "free", 10, stop.clone());
+    let (anonymous, more) = drive_tier(&edge, "", 2, stop.clone());
+    tasks.extend(more);
+    // The free queue fills before the paid clients start.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (paid, more) = drive_tier(&edge, "PAID", 2, stop.clone());
+    tasks.extend(more);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_driving(&stop, tasks).await;
+
+    let paid = paid.lock().await;
+    assert!(paid.len() >= 5, "only {} paid requests", paid.len());
+    let failed: Vec<&TierSeen> = paid.iter().filter(|s| s.status != 200).collect();
+    assert!(failed.is_empty(), "paid requests failed: {failed:?}");
+    let paid_median = median(paid.iter().map(|s| s.latency).collect());
+    let paid_max = paid.iter().map(|s| s.latency).max().unwrap_or_default();
+    // At worst a paid request waits for one slot to come free (one upstream
+    // delay) before its own turn; slack for a loaded machine.
+    assert!(
+        paid_median < normal * 2 + Duration::from_millis(300)
+            && paid_max < normal * 3 + Duration::from_millis(1000),
+        "paid latency under overload: median {paid_median:?}, max {paid_max:?}; alone {normal:?}"
+    );
+
+    let mut free = free.lock().await;
+    free.extend(anonymous.lock().await.drain(..));
+    let shed: Vec<&TierSeen> = free.iter().filter(|s| s.status == 503).collect();
+    let served = free.iter().filter(|s| s.status == 200).count();
+    let other: Vec<&TierSeen> = free
+        .iter()
+        .filter(|s| s.status != 200 && s.status != 503)
+        .collect();
+    assert!(
+        other.is_empty(),
+        "free answers neither 200 nor 503: {other:?}"
+    );
+    assert!(shed.len() >= 10, "only {} free requests shed", shed.len());
+    assert!(served > 0, "the free tier was starved entirely");
+    for s in &shed {
+        assert!(
+            s.retry_after && s.body.contains("overloaded") && s.body.contains("free"),
+            "{s:?}"
+        );
+    }
+
+    let metrics = edge.metrics().await;
+    assert!(
+        metric_sum(
+            &metrics,
+            "breakwater_upstream_shed_total",
+            &[("pool", "eu"), ("tier", "free")]
+        ) >= shed.len() as f64,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "breakwater_upstream_shed_total",
+            &[("pool", "eu"), ("tier", "paid")]
+        ),
+        0.0,
+        "{metrics}"
+    );
+}

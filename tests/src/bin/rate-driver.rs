@@ -3,7 +3,7 @@
 //! requests, not as a slower client), and writes one line per request:
 //!
 //! ```text
-//! <start ms since the driver started> <status, 0 = no answer> <X-Served-By or -> <latency ms>
+//! <start ms since the driver started> <status, 0 = no answer> <X-Served-By or -> <latency ms> <Retry-After or ->
 //! ```
 //!
 //! ```text
@@ -93,7 +93,7 @@ async fn main() {
         tokio::time::sleep_until(due.into()).await;
         let at = started.elapsed().as_millis();
         if in_flight.load(Ordering::SeqCst) >= cap {
-            lines.push(format!("{at} 0 - 0"));
+            lines.push(format!("{at} 0 - 0 -"));
             continue;
         }
         in_flight.fetch_add(1, Ordering::SeqCst);
@@ -102,24 +102,32 @@ async fn main() {
         let in_flight = in_flight.clone();
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let (status, by) = match client.get(&url).send().await {
+            let header = |response: &reqwest::Response, name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty() && !v.contains(char::is_whitespace))
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            let (status, by, retry_after) = match client.get(&url).send().await {
                 Ok(response) => {
                     let status = response.status().as_u16();
-                    let by = response
-                        .headers()
-                        .get("x-served-by")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
+                    let by = header(&response, "x-served-by");
+                    let retry_after = header(&response, "retry-after");
                     match response.bytes().await {
-                        Ok(_) => (status, by),
-                        Err(_) => (0, by),
+                        Ok(_) => (status, by, retry_after),
+                        Err(_) => (0, by, retry_after),
                     }
                 }
-                Err(_) => (0, "-".to_owned()),
+                Err(_) => (0, "-".to_owned(), "-".to_owned()),
             };
             in_flight.fetch_sub(1, Ordering::SeqCst);
-            format!("{at} {status} {by} {}", sent.elapsed().as_millis())
+            format!(
+                "{at} {status} {by} {} {retry_after}",
+                sent.elapsed().as_millis()
+            )
         }));
     }
     for task in tasks {

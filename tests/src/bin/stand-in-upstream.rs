@@ -11,19 +11,23 @@
 //!   current delay, or the current failure status;
 //! - `/stream?n=N&delay_ms=D`: N server-sent events, D ms apart (N ≤ 10000);
 //! - `/health/ready`: `200`, or `503` while told to fail health checks;
-//! - `POST /_control?status=S&retry_after=R&delay_ms=D&health=ok|fail`:
+//! - `POST /_control?status=S&retry_after=R&delay_ms=D&health=ok|fail&capacity=C&queue=Q`:
 //!   sets the failure status (0 or 200 clears it), its `Retry-After`, the
-//!   delay (≤ 600000 ms), the health verdict; absent keys keep their value;
+//!   delay (≤ 600000 ms), the health verdict, and a GPU host's bounded
+//!   capacity: at most C requests served at once (0: unbounded), up to Q
+//!   more waiting in turn, and beyond them `503` with `Retry-After: 1`
+//!   at once; absent keys keep their value;
 //! - `GET /_control/stats`: JSON counts: `requests` (not counting control
 //!   and health paths), `retries` (requests with `X-Breakwater-Attempt`),
 //!   `max_concurrent_retries`, `in_flight`, `cancelled` (the client went
 //!   away before the answer ended), `last_deadline` (the last
-//!   `X-Request-Deadline` seen, Unix ms, 0 when none), `health_checks`.
+//!   `X-Request-Deadline` seen, Unix ms, 0 when none), `health_checks`,
+//!   `overloaded` (turned away for capacity).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,6 +52,12 @@ struct State {
     cancelled: AtomicU64,
     last_deadline: AtomicU64,
     health_checks: AtomicU64,
+    /// Slots for requests served at once; none: unbounded.
+    capacity: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// Requests that may wait for a slot.
+    queue: AtomicU64,
+    waiting: AtomicU64,
+    overloaded: AtomicU64,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -125,6 +135,7 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body>
             "cancelled": s.cancelled.load(Ordering::SeqCst),
             "last_deadline": s.last_deadline.load(Ordering::SeqCst),
             "health_checks": s.health_checks.load(Ordering::SeqCst),
+            "overloaded": s.overloaded.load(Ordering::SeqCst),
         });
         return Response::new(full(json.to_string()));
     }
@@ -142,6 +153,16 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body>
         }
         if let Some(health) = query_str(&request, "health") {
             state.health_fail.store(health == "fail", Ordering::SeqCst);
+        }
+        if let Some(queue) = query(&request, "queue") {
+            state.queue.store(queue, Ordering::SeqCst);
+        }
+        if let Some(capacity) = query(&request, "capacity") {
+            let slots = usize::try_from(capacity.min(100_000)).unwrap_or(0);
+            let semaphore = (slots > 0).then(|| Arc::new(tokio::sync::Semaphore::new(slots)));
+            if let Ok(mut current) = state.capacity.lock() {
+                *current = semaphore;
+            }
         }
         return Response::new(full("ok"));
     }
@@ -175,6 +196,34 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body>
     let (parts, body) = request.into_parts();
     let _ = body.collect().await;
     let request = Request::from_parts(parts, ());
+    // A bounded capacity: a slot now, a wait in a bounded queue, or 503.
+    let semaphore = state.capacity.lock().ok().and_then(|c| c.clone());
+    let _slot = match semaphore {
+        None => None,
+        Some(semaphore) => match semaphore.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                let waiting = state.waiting.fetch_add(1, Ordering::SeqCst);
+                let slot = if waiting < state.queue.load(Ordering::SeqCst) {
+                    semaphore.acquire_owned().await.ok()
+                } else {
+                    None
+                };
+                state.waiting.fetch_sub(1, Ordering::SeqCst);
+                if slot.is_none() {
+                    flight.finish();
+                    state.overloaded.fetch_add(1, Ordering::SeqCst);
+                    let mut response = Response::new(full(format!("{} at capacity", state.name)));
+                    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    response
+                        .headers_mut()
+                        .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
+                    return response;
+                }
+                slot
+            }
+        },
+    };
     let delay = state.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;

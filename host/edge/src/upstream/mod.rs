@@ -17,7 +17,13 @@
 //! `OPTIONS`, `TRACE`, `PUT`, `DELETE`) or it carries `Idempotency-Key`.
 //! A connection that was never established sent nothing: sending the
 //! request elsewhere is a reroute, allowed for any method and outside the
-//! retry budget, bounded by the endpoints there are.
+//! retry budget, bounded by the endpoints there are. A retriable request
+//! whose attempt got no answer (reset, timeout) while the retry budget is
+//! spent is answered `503` + `Retry-After`: it was shed to protect the
+//! pool, and the client may try again.
+//!
+//! Shedding at the pool's concurrency limit is by priority tier when the
+//! pool configures tiers (see [`limit`]); the answer names the tier.
 
 mod balance;
 mod budget;
@@ -238,10 +244,13 @@ impl UpstreamPool {
         }
         let permit = match &self.limit {
             None => None,
-            Some(limit) => match limit.acquire().await {
-                Ok(permit) => Some(permit),
-                Err(shed) => return self.shed(shed.label()),
-            },
+            Some(limit) => {
+                let tier = limit.tier_of(&parts.headers);
+                match limit.acquire(tier).await {
+                    Ok(permit) => Some(permit),
+                    Err(shed) => return self.shed(shed.label(), limit.tier_name(tier)),
+                }
+            }
         };
         prepare_request_headers(&mut parts, client);
         let retriable = idempotent(&parts.method) || parts.headers.contains_key("idempotency-key");
@@ -323,6 +332,13 @@ impl UpstreamPool {
                     Some(slot) => _slot = Some(slot),
                     None => {
                         metrics::counter!("breakwater_upstream_retry_budget_exhausted_total", "pool" => self.name.clone()).increment(1);
+                        // No answer to pass on, and a retry that would have
+                        // saved the request was refused to protect the
+                        // pool: that is shedding, answered as such (503 +
+                        // Retry-After), not a broken upstream (502).
+                        if response.is_none() {
+                            return self.shed_retry(&detail);
+                        }
                         return give_up(failure, response, &detail, core);
                     }
                 }
@@ -439,12 +455,30 @@ impl UpstreamPool {
 
     /// Over the concurrency limit and its queue: 503 now, a stale answer
     /// from the cache when it has one.
-    fn shed(&self, reason: &str) -> Response<Body> {
+    fn shed(&self, reason: &str, tier: &str) -> Response<Body> {
         let mut response = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             &format!(
-                "pool `{}` is at its concurrency limit ({reason})",
+                "pool `{}` is at its concurrency limit ({reason}, tier `{tier}`)",
+                self.name
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        unreachable(response)
+    }
+
+    /// A retriable request whose attempt failed without an answer, when
+    /// the retry budget is spent.
+    fn shed_retry(&self, detail: &str) -> Response<Body> {
+        tracing::warn!(pool = %self.name, error = %detail, "upstream attempt failed; retry budget spent");
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "retry_budget_exhausted",
+            &format!(
+                "an upstream of pool `{}` failed and the pool's retry budget is spent",
                 self.name
             ),
         );
