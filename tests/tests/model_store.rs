@@ -15,19 +15,12 @@ use breakwater_store::testing::S3Server;
 const BIG: usize = 128 << 20;
 
 fn store_url(server: &S3Server) -> String {
-    format!(
-        "s3://{}/e2e?endpoint={}",
-        S3Server::BUCKET,
-        server.endpoint()
-    )
+    server.store_url("e2e")
 }
 
 fn with_credentials(mut command: Command) -> Command {
-    command
-        .env("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY_ID)
-        .env("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_ACCESS_KEY)
-        .env("AWS_REGION", S3Server::REGION)
-        .env("RUST_LOG", "info");
+    S3Server::pass_credentials(&mut command);
+    command.env("RUST_LOG", "info");
     command
 }
 

@@ -46,11 +46,8 @@ cache_dir = "cache"
 /// environment variables only.
 fn edge(server: &S3Server, config: &str) -> ChildGuard {
     let mut command = breakwater(&["edge", "--config", config]);
-    command
-        .env("AWS_ENDPOINT_URL", server.endpoint())
-        .env("AWS_REGION", S3Server::REGION)
-        .env("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY_ID)
-        .env("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_ACCESS_KEY);
+    S3Server::pass_credentials(&mut command);
+    command.env("AWS_ENDPOINT_URL", server.endpoint());
     ChildGuard::spawn(command)
 }
 

@@ -6,6 +6,14 @@
 //! answer at once and `/health/ready` turns 200 when the model is loaded and
 //! warm. SIGTERM (or Ctrl-C) stops taking connections, gives in-flight
 //! requests `--drain-seconds` to finish, then stops the engine.
+//!
+//! The model is a file (`--model`) or a version in model stores
+//! (`--model-ref NAME@VERSION|NAME:CHANNEL --store URL… --model-cache DIR`):
+//! pulled into the cache (verified; a cached version needs no network),
+//! then loaded. A channel is followed: checked right after the start, every
+//! `--poll-interval`, and on `POST /admin/models/reload`; a new version is
+//! loaded beside the serving one and swapped in (see
+//! `breakwater_infer::server::swap`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,20 +25,59 @@ use breakwater_infer::backend::Device;
 use breakwater_infer::demo_model;
 use breakwater_infer::loader;
 use breakwater_infer::scheduler::EngineConfig;
+use breakwater_infer::server::swap::{self, ModelSource, ReloadAuth, SwapOptions, Swapper};
 use breakwater_infer::server::{self, AppState, BackendOptions, Served, ServerConfig};
 use breakwater_infer::telemetry::Telemetry;
+use breakwater_store::model::{ModelRef, PullOptions};
 use tokio::signal::unix::{SignalKind, signal};
 
-/// `breakwater gpu-host` options.
-#[derive(clap::Args, Debug)]
+use crate::model::{StoreAccess, parse_duration};
+
+/// `breakwater gpu-host` options (no `Debug`: they hold secrets).
+#[derive(clap::Args)]
 pub struct GpuHostArgs {
     /// The model: a GGUF file, or a Hugging Face model directory
-    /// (`config.json`, `tokenizer.json`, `*.safetensors`).
-    #[arg(long)]
-    model: PathBuf,
-    /// The name clients ask for in `model` (default: the demo model's name
-    /// for the demo file, else the file or directory name without `.gguf`,
-    /// lower-cased).
+    /// (`config.json`, `tokenizer.json`, `*.safetensors`). Or `--model-ref`.
+    #[arg(
+        long,
+        required_unless_present = "model_ref",
+        conflicts_with = "model_ref"
+    )]
+    model: Option<PathBuf>,
+    /// A model version from the stores: `NAME@VERSION`, or `NAME:CHANNEL`
+    /// to follow the channel (hot swap). Needs `--store` and
+    /// `--model-cache`.
+    #[arg(long, requires_all = ["stores", "model_cache"])]
+    model_ref: Option<ModelRef>,
+    /// A model store URL (`s3://bucket/prefix[?endpoint=URL&region=R]` or
+    /// `file:///dir`); repeat it for fallbacks, in priority order (the
+    /// local region first).
+    #[arg(long = "store", value_name = "URL")]
+    stores: Vec<String>,
+    /// The local cache model versions are pulled into (verified, landed by
+    /// rename); a version there starts without the network.
+    #[arg(long, value_name = "DIR")]
+    model_cache: Option<PathBuf>,
+    /// How often to check the channel of `--model-ref NAME:CHANNEL` for a
+    /// new version (`30s`, `5m`, or seconds; default: only right after the
+    /// start and on `POST /admin/models/reload`).
+    #[arg(long, value_parser = parse_duration)]
+    poll_interval: Option<Duration>,
+    /// Deadline for pulling a version from one store (`1h`, `10m`).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pull_timeout: Duration,
+    /// Deadline for loading and warming a version.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    load_timeout: Duration,
+    /// Bearer token that `POST /admin/models/reload` requires; without one,
+    /// only loopback callers may reload.
+    #[arg(long, env = "BREAKWATER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[command(flatten)]
+    access: StoreAccess,
+    /// The name clients ask for in `model` (default: the stored model's
+    /// name; for a file, the demo model's name for the demo file, else the
+    /// file or directory name without `.gguf`, lower-cased).
     #[arg(long)]
     model_name: Option<String>,
     /// Address to serve the API on.
@@ -57,7 +104,8 @@ pub struct GpuHostArgs {
     /// not given.
     #[arg(long, default_value_t = server::DEFAULT_GPU_MEMORY_FRACTION)]
     gpu_memory_fraction: f64,
-    /// Seconds in-flight requests get to finish after SIGTERM.
+    /// Seconds in-flight requests get to finish after SIGTERM, and on a
+    /// replaced model version after a hot swap.
     #[arg(long, default_value_t = 30)]
     drain_seconds: u64,
 }
@@ -96,35 +144,46 @@ async fn serve(args: GpuHostArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let telemetry = Telemetry::new();
-    let app = AppState::new(ServerConfig::new(&name), telemetry.clone());
+    let app = AppState::new(ServerConfig::new(&name), Telemetry::new());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(server::serve(listener, Arc::clone(&app), async {
         let _ = stopped.await;
     }));
     tracing::info!(%addr, model = %name, "gpu-host listening on http://{addr}; loading the model");
 
-    let path = args.model.clone();
-    let (device, gpu_memory_fraction) = (args.device, args.gpu_memory_fraction);
-    let load = tokio::task::spawn_blocking(move || -> anyhow::Result<Served> {
-        let loaded = loader::load(&path).with_context(|| format!("opening {}", path.display()))?;
-        let backend = BackendOptions {
-            device,
-            threads,
-            gpu_memory_fraction,
-        };
-        Served::from_loaded(loaded, backend, engine, telemetry)
-            .with_context(|| format!("loading {}", path.display()))
-    });
+    let backend = BackendOptions {
+        device: args.device,
+        threads,
+        gpu_memory_fraction: args.gpu_memory_fraction,
+    };
+    let mut follower = None;
+    let load = async {
+        match (&args.model, &args.model_ref) {
+            (Some(path), _) => load_file(&app, path.clone(), backend, engine).await,
+            (None, Some(reference)) => {
+                let swapper = swapper(&args, reference.clone(), backend, engine)?;
+                swap::record_store_metrics(&app);
+                if app.set_swapper(Arc::clone(&swapper)).is_err() {
+                    anyhow::bail!("a model swapper was already set");
+                }
+                swapper
+                    .start(&app)
+                    .await
+                    .with_context(|| format!("serving {reference}"))?;
+                follower = swapper.follow(Arc::clone(&app), args.poll_interval);
+                Ok(())
+            }
+            // clap requires one of them.
+            (None, None) => anyhow::bail!("give --model or --model-ref"),
+        }
+    };
     tokio::select! {
         loaded = load => {
-            let served = loaded.context("the model loading task")??;
+            loaded?;
+            let served = app.model().context("no model after loading")?;
             let backend = served.backend();
             let blocks = served.engine().kv_blocks_total();
             let context = served.engine().max_sequence_tokens();
-            if app.set_model(served).is_err() {
-                anyhow::bail!("a model was already set");
-            }
             tracing::info!(backend, threads, kv_blocks = blocks, max_sequence_tokens = context, "ready");
         }
         _ = term.recv() => return Ok(()),
@@ -144,6 +203,10 @@ async fn serve(args: GpuHostArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down: draining in-flight requests");
+    // No swap starts while draining.
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     let _ = stop.send(());
     let drain = Duration::from_secs(args.drain_seconds);
     let drained = tokio::time::timeout(drain, &mut server).await.is_ok();
@@ -159,10 +222,72 @@ async fn serve(args: GpuHostArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads the model file at `path` and makes it the model.
+async fn load_file(
+    app: &AppState,
+    path: PathBuf,
+    backend: BackendOptions,
+    engine: EngineConfig,
+) -> anyhow::Result<()> {
+    let telemetry = app.telemetry().clone();
+    let served = tokio::task::spawn_blocking(move || -> anyhow::Result<Served> {
+        let loaded = loader::load(&path).with_context(|| format!("opening {}", path.display()))?;
+        Served::from_loaded(loaded, backend, engine, telemetry)
+            .with_context(|| format!("loading {}", path.display()))
+    })
+    .await
+    .context("the model loading task")??;
+    if app.set_model(served).is_err() {
+        anyhow::bail!("a model was already set");
+    }
+    Ok(())
+}
+
+/// The swapper for `--model-ref`: its stores, cache and limits.
+fn swapper(
+    args: &GpuHostArgs,
+    reference: ModelRef,
+    backend: BackendOptions,
+    engine: EngineConfig,
+) -> anyhow::Result<Arc<Swapper>> {
+    let cache = args
+        .model_cache
+        .clone()
+        .context("--model-ref needs --model-cache")?;
+    anyhow::ensure!(!args.stores.is_empty(), "--model-ref needs --store");
+    let stores = args.access.open_all(&args.stores)?;
+    let source = ModelSource {
+        reference,
+        stores,
+        pull: PullOptions {
+            deadline: args.pull_timeout,
+            ..PullOptions::new(cache)
+        },
+    };
+    let auth = match args.admin_token.as_deref().filter(|t| !t.is_empty()) {
+        Some(token) => ReloadAuth::Token(token.to_owned()),
+        None => ReloadAuth::LoopbackOnly,
+    };
+    Ok(Swapper::new(
+        source,
+        SwapOptions {
+            backend,
+            engine,
+            drain: Duration::from_secs(args.drain_seconds),
+            load_deadline: args.load_timeout,
+            auth,
+        },
+    ))
+}
+
 fn default_name(args: &GpuHostArgs) -> String {
+    if let Some(reference) = &args.model_ref {
+        return reference.name.clone();
+    }
     let file = args
         .model
-        .file_name()
+        .as_deref()
+        .and_then(|m| m.file_name())
         .and_then(|f| f.to_str())
         .unwrap_or("");
     if file == demo_model::FILE_NAME {

@@ -147,6 +147,13 @@ pub struct StoreArgs {
     /// `file:///dir`. `pull` takes several, in priority order.
     #[arg(long = "store", env = "BREAKWATER_MODEL_STORE", required = true)]
     urls: Vec<String>,
+    #[command(flatten)]
+    access: StoreAccess,
+}
+
+/// How to reach the stores (shared by `model …` and `gpu-host`).
+#[derive(Args, Clone)]
+pub struct StoreAccess {
     /// S3 endpoint (default: `AWS_ENDPOINT_URL`, else AWS).
     #[arg(long)]
     endpoint: Option<String>,
@@ -215,7 +222,7 @@ pub struct ToAccess {
 }
 
 /// `500ms`, `10s`, `2m`, `1h`, or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("`{text}` is not a duration like 500ms, 10s, 2m or 1h");
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
@@ -241,7 +248,7 @@ impl Timeouts {
     }
 }
 
-impl StoreArgs {
+impl StoreAccess {
     fn options(&self) -> StoreOptions {
         self.timeouts.apply(StoreOptions {
             endpoint: self.endpoint.clone(),
@@ -253,14 +260,20 @@ impl StoreArgs {
         })
     }
 
-    fn open_all(&self) -> anyhow::Result<Vec<ModelStore>> {
-        self.urls
-            .iter()
+    /// Opens every store of `urls`, in their order.
+    pub(crate) fn open_all(&self, urls: &[String]) -> anyhow::Result<Vec<ModelStore>> {
+        urls.iter()
             .map(|url| {
                 let spec = StoreSpec::parse_with(url, self.options())?;
                 Ok(ModelStore::open(&spec)?)
             })
             .collect()
+    }
+}
+
+impl StoreArgs {
+    fn open_all(&self) -> anyhow::Result<Vec<ModelStore>> {
+        self.access.open_all(&self.urls)
     }
 
     /// The one store of a command that takes one.

@@ -2,6 +2,14 @@
 //! behind the OpenAI-compatible API in a child process (`breakwater
 //! gpu-host`), as a real deployment would, so the edge's `/v1/*` pool has
 //! something to forward to.
+//!
+//! Unless `--model` names a file, the demo model is served the way a
+//! deployment serves models: from a model store. `up` makes sure it is in
+//! the local `file://` store `.cache/model-store` (fetched and pushed once),
+//! and the GPU host follows `smollm2-135m-instruct:stable` there, pulling
+//! into `.cache/model-cache`: promoting another version to `stable` in that
+//! store and calling `POST http://127.0.0.1:9000/admin/models/reload` swaps
+//! it in.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +27,8 @@ const STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// What `up` starts the GPU host with.
 pub struct GpuHostPlan {
     pub listen: SocketAddr,
-    /// `None`: the demo model, fetched on first use.
+    /// `None`: the demo model, from the local model store (put there on
+    /// first use).
     pub model: Option<PathBuf>,
     pub log_json: bool,
 }
@@ -40,20 +49,38 @@ impl GpuHostChild {
             model,
             log_json,
         } = plan;
-        let model = match model {
-            Some(path) => path,
-            None => demo_model::ensure(&demo_model::default_dir())
-                .context("fetching the demo model (`cargo xtask up` does this too)")?,
-        };
         let exe = std::env::current_exe().context("locating the breakwater binary")?;
         let mut command = Command::new(exe);
         if log_json {
             command.args(["--log-format", "json"]);
         }
+        command.arg("gpu-host");
+        match model {
+            Some(path) => {
+                command.arg("--model").arg(path);
+            }
+            None => {
+                let store_dir = demo_model::default_store_dir();
+                demo_model::ensure_store(&demo_model::default_dir(), &store_dir)
+                    .await
+                    .context(
+                        "putting the demo model into the local model store (`cargo xtask up` \
+                         does this too)",
+                    )?;
+                command
+                    .arg("--model-ref")
+                    .arg(format!(
+                        "{}:{}",
+                        demo_model::MODEL_NAME,
+                        demo_model::STORE_CHANNEL
+                    ))
+                    .arg("--store")
+                    .arg(format!("file://{}", store_dir.display()))
+                    .arg("--model-cache")
+                    .arg(demo_model::default_pull_cache_dir());
+            }
+        }
         command
-            .arg("gpu-host")
-            .arg("--model")
-            .arg(&model)
             .arg("--listen")
             .arg(listen.to_string())
             .stdin(Stdio::null());

