@@ -298,6 +298,41 @@ fn only_the_listed_path_prefixes_are_limited() {
     assert!(allowed(&plugin, &get("/v2/v1/models")));
 }
 
+/// The headers a request goes on with (panics on a 429 or no changes).
+#[track_caller]
+fn set_headers(plugin: &LoadedPlugin, req: &Request) -> Vec<(String, String)> {
+    match plugin.on_request(req).expect("call") {
+        RequestDecision::ContinueWith(changes) => changes.set_headers,
+        other => panic!("expected the request to go on with changes, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_tier_header_carries_the_tier_and_overrides_the_client() {
+    let sandbox = sandbox();
+    let plugin = load(
+        &sandbox,
+        r#"{"tiers":{"paid":{"rate_per_second":100,"burst":100}},"keys":{"k-paid":"paid"},
+            "anonymous":{"rate_per_second":100,"burst":100},"path_prefixes":["/v1/"],
+            "tier_header":"X-Breakwater-Tier"}"#,
+    );
+    let tier = |headers: Vec<(String, String)>| {
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers[0].0, "x-breakwater-tier");
+        headers[0].1.clone()
+    };
+    let paid = replace_header(get("/v1/chat"), "authorization", "Bearer k-paid");
+    assert_eq!(tier(set_headers(&plugin, &paid)), "paid");
+    // A client claiming a tier gets its real one.
+    let claims = replace_header(get("/v1/chat"), "x-breakwater-tier", "paid");
+    assert_eq!(tier(set_headers(&plugin, &claims)), "anonymous");
+    let unknown_key = replace_header(claims, "x-api-key", "k-invented");
+    assert_eq!(tier(set_headers(&plugin, &unknown_key)), "anonymous");
+    // Paths that are not limited are still told their tier.
+    let elsewhere = replace_header(get("/static/a.css"), "x-breakwater-tier", "paid");
+    assert_eq!(tier(set_headers(&plugin, &elsewhere)), "anonymous");
+}
+
 #[test]
 fn bad_configurations_refuse_to_load() {
     let sandbox = sandbox();
@@ -311,6 +346,8 @@ fn bad_configurations_refuse_to_load() {
         r#"{"tiers":{"t":{"rate_per_second":1,"burst":0}}}"#,
         r#"{"tiers":{"\"q\"":{"rate_per_second":1,"burst":1}}}"#,
         r#"{"path_prefixes":[]}"#,
+        r#"{"tier_header":""}"#,
+        r#"{"tier_header":"x tier"}"#,
         "not json",
     ] {
         let error = try_load(&sandbox, config).expect_err(config);

@@ -15,7 +15,8 @@
 //!   "anonymous": { "rate_per_second": 5, "burst": 20 },
 //!   "key_header": "x-api-key",
 //!   "cost_header": "x-request-cost",
-//!   "path_prefixes": ["/v1/"]
+//!   "path_prefixes": ["/v1/"],
+//!   "tier_header": "x-breakwater-tier"
 //! }
 //! ```
 //!
@@ -31,6 +32,11 @@
 //!   bucket's burst is capped at the burst (so it can still be taken).
 //! - `path_prefixes` (optional): only paths starting with one of these are
 //!   limited; by default every path is.
+//! - `tier_header` (optional): every request that goes on carries this
+//!   header set to its tier (its key's, or `anonymous`), replacing whatever
+//!   the client sent, on every path. The node's priority tiers in load
+//!   shedding (`[pool.concurrency.priority] header`) read it, so a client
+//!   cannot promote itself by sending the header.
 //!
 //! A refused request gets status 429, the body
 //! `{"error":"rate_limited","retry_after_ms":…,"request_id":"…"}`, and the
@@ -41,7 +47,8 @@
 //! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`. The tier
 //! of anonymous traffic is named `anonymous`.
 //!
-//! Allowed requests continue unchanged: a plugin instance lives for one
+//! Allowed requests continue unchanged (but for `tier_header`): a plugin
+//! instance lives for one
 //! phase only, so the outcome of the take cannot reach the response phase,
 //! and the headers are sent on the 429 only.
 //!
@@ -52,7 +59,7 @@
 use std::collections::BTreeMap;
 
 use breakwater_sdk::counters::Bucket;
-use breakwater_sdk::{Plugin, Request, RequestDecision, Response, export_plugin};
+use breakwater_sdk::{Plugin, Request, RequestChanges, RequestDecision, Response, export_plugin};
 use serde::{Deserialize, Serialize};
 
 /// The node refuses counter keys longer than this many bytes.
@@ -78,6 +85,9 @@ struct Config {
     cost_header: Option<String>,
     /// The path prefixes limited; none: every path.
     path_prefixes: Option<Vec<String>>,
+    /// The header set to the request's tier on every request that goes
+    /// on; none: requests go on unchanged.
+    tier_header: Option<String>,
 }
 
 impl Default for Config {
@@ -89,6 +99,7 @@ impl Default for Config {
             key_header: "x-api-key".to_owned(),
             cost_header: None,
             path_prefixes: None,
+            tier_header: None,
         }
     }
 }
@@ -177,6 +188,19 @@ impl Plugin for RateLimit {
         if config.cost_header.as_deref() == Some("") {
             return Err("`cost_header` must not be empty".to_owned());
         }
+        let bad_tier_header = config.tier_header.as_deref().is_some_and(|name| {
+            name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        });
+        if bad_tier_header {
+            return Err(
+                "`tier_header` must be a header name (letters, digits and `-`), such as \
+                 \"x-breakwater-tier\""
+                    .to_owned(),
+            );
+        }
         // Written without let-chains: the workspace's MSRV is 1.85.
         let bad_prefixes = config
             .path_prefixes
@@ -193,22 +217,29 @@ impl Plugin for RateLimit {
 
     fn on_request(&self, req: &Request) -> RequestDecision {
         let config = &self.config;
-        if let Some(prefixes) = &config.path_prefixes {
-            let path = req.path_only();
-            if !prefixes.iter().any(|p| path.starts_with(p.as_str())) {
-                return RequestDecision::Continue;
-            }
-        }
-
         let known = self
             .api_key(req)
             .and_then(|key| Some((key, config.keys.get(key)?)))
             .and_then(|(key, tier)| Some((key, tier, config.tiers.get(tier)?)));
-        let (bucket, tier, limit) = match known {
-            Some((key, tier, limit)) => (bucket_key("key:", key), tier.as_str(), *limit),
+        let tier = known.map_or(ANONYMOUS, |(_, tier, _)| tier.as_str());
+        let go_on = || match &config.tier_header {
+            Some(header) => {
+                RequestDecision::ContinueWith(RequestChanges::default().set_header(header, tier))
+            }
+            None => RequestDecision::Continue,
+        };
+        if let Some(prefixes) = &config.path_prefixes {
+            let path = req.path_only();
+            if !prefixes.iter().any(|p| path.starts_with(p.as_str())) {
+                return go_on();
+            }
+        }
+
+        let (bucket, limit) = match known {
+            Some((key, _, limit)) => (bucket_key("key:", key), *limit),
             None => match config.anonymous {
-                Some(limit) => (bucket_key("ip:", &req.client_ip), ANONYMOUS, limit),
-                None => return RequestDecision::Continue,
+                Some(limit) => (bucket_key("ip:", &req.client_ip), limit),
+                None => return go_on(),
             },
         };
 
@@ -216,10 +247,10 @@ impl Plugin for RateLimit {
         let taken = match Bucket::new(limit.rate_per_second, limit.burst).take(&bucket, cost) {
             Ok(taken) => taken,
             // Fail open: see the module documentation.
-            Err(_) => return RequestDecision::Continue,
+            Err(_) => return go_on(),
         };
         if taken.allowed {
-            return RequestDecision::Continue;
+            return go_on();
         }
 
         let reset_secs = taken.retry_after_ms.div_ceil(1000).max(1);
