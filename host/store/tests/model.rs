@@ -333,6 +333,27 @@ async fn a_flipped_byte_is_detected_and_the_version_refused() {
     assert_eq!(still.dir, serving.dir);
     assert_eq!(still.bytes_fetched, 0);
     same_tree(v1.path(), &still.dir);
+
+    // Through a channel: moved to the corrupt v2, the pull is refused, and
+    // the cache's resolution of the channel stays v1, so a start that
+    // prefers the cache (a restart) serves v1.
+    store.promote("m", "1", "stable").await.expect("stable → 1");
+    let stable: ModelRef = "m:stable".parse().expect("ref");
+    pull(&stores, &stable, &pull_options(cache.path()))
+        .await
+        .expect("pull stable (v1)");
+    store.promote("m", "2", "stable").await.expect("stable → 2");
+    pull(&stores, &stable, &pull_options(cache.path()))
+        .await
+        .expect_err("stable now names the corrupt v2");
+    let restart = PullOptions {
+        prefer_cache: true,
+        ..pull_options(cache.path())
+    };
+    let restarted = pull(&stores, &stable, &restart)
+        .await
+        .expect("a restart serves the last verified version");
+    assert_eq!(restarted.dir, serving.dir);
 }
 
 #[tokio::test]

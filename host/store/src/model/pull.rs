@@ -123,18 +123,24 @@ pub async fn pull(
         }
         let what = format!("pulling {reference} from {}", store.label());
         let attempt = with_deadline(what, options.deadline, async {
-            let version = match &reference.selector {
-                Selector::Version(v) => v.clone(),
+            let (version, pointer) = match &reference.selector {
+                Selector::Version(v) => (v.clone(), None),
                 Selector::Channel(c) => {
                     let pointer = store.channel(name, c).await?;
-                    cache.set_channel(name, c, &pointer).await?;
-                    pointer.version
+                    (pointer.version.clone(), Some((c, pointer)))
                 }
             };
-            if let Some(pulled) = cache.cached(name, &version, options.verify_cache).await? {
-                return Ok(pulled);
+            let pulled = match cache.cached(name, &version, options.verify_cache).await? {
+                Some(pulled) => pulled,
+                None => download(store, &cache, name, &version, options).await?,
+            };
+            // The channel's cached resolution moves only to a version that
+            // is verified in the cache: a refused one never becomes what a
+            // restart (which prefers the cache) serves.
+            if let Some((channel, pointer)) = pointer {
+                cache.set_channel(name, channel, &pointer).await?;
             }
-            download(store, &cache, name, &version, options).await
+            Ok(pulled)
         })
         .await;
         match attempt {
