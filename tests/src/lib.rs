@@ -400,16 +400,21 @@ impl EdgeProcess {
 
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
-        reqwest::Client::new()
-            .get(format!("http://{}/metrics", self.admin))
-            .timeout(PATIENCE)
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text")
+        get_text(&format!("http://{}/metrics", self.admin)).await
     }
+}
+
+/// The body of `GET url` as text, within [`PATIENCE`]; panics on failure.
+async fn get_text(url: &str) -> String {
+    reqwest::Client::new()
+        .get(url)
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: body: {e}"))
 }
 
 /// A `breakwater gpu-host` process on a free loopback port, on the CPU
@@ -472,15 +477,7 @@ impl GpuHostProcess {
 
     /// The host's `/metrics` text.
     pub async fn metrics(&self) -> String {
-        reqwest::Client::new()
-            .get(self.url("/metrics"))
-            .timeout(PATIENCE)
-            .send()
-            .await
-            .expect("GET the host's /metrics")
-            .text()
-            .await
-            .expect("metrics text")
+        get_text(&self.url("/metrics")).await
     }
 
     /// Its log so far (empty once killed).
@@ -502,27 +499,24 @@ impl GpuHostProcess {
 /// The value of the first sample of `name` whose labels include every
 /// `key="value"` in `labels`; 0 when there is none.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse().ok())
-            .flatten()
-        })
-        .next()
-        .unwrap_or(0.0)
+    samples(text, name, labels).next().unwrap_or(0.0)
 }
 
 /// The sum of every sample of `name` whose labels include `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text, name, labels).sum()
+}
+
+/// The values of the samples of `name` whose labels include `labels`, in
+/// the order of the Prometheus text.
+fn samples<'t>(
+    text: &'t str,
+    name: &'t str,
+    labels: &'t [(&str, &str)],
+) -> impl Iterator<Item = f64> + 't {
     text.lines()
         .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
+        .filter_map(move |line| {
             let (series, value) = line.rsplit_once(' ')?;
             let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
             (metric == name
@@ -532,5 +526,4 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             .then(|| value.parse::<f64>().ok())
             .flatten()
         })
-        .sum()
 }
