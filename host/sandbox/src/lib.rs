@@ -41,6 +41,7 @@ mod capability;
 mod engine;
 mod error;
 mod host;
+mod time;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -53,6 +54,7 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 pub use artifact::sha256_hex;
 pub use capability::Capability;
 pub use error::{CallError, FailureKind, LoadError, OnFailure, SandboxError};
+pub use time::{Clock, ManualClock};
 
 use host::HostState;
 use host::counters::Counters;
@@ -134,6 +136,10 @@ pub struct SandboxConfig {
     pub max_counter_keys: usize,
     /// Metric series (name and label set) each plugin may create.
     pub max_metric_series: usize,
+    /// The time plugins see (`clock`, `counters` refills, `kv` expiry): the
+    /// system's, or a [`Clock::manual`] a test moves. CPU deadlines always
+    /// count real time.
+    pub clock: Clock,
 }
 
 impl Default for SandboxConfig {
@@ -149,6 +155,7 @@ impl Default for SandboxConfig {
             kv_max_value_bytes: 64 * 1024,
             max_counter_keys: 1 << 20,
             max_metric_series: 256,
+            clock: Clock::system(),
         }
     }
 }
@@ -200,7 +207,6 @@ pub struct Sandbox {
     config: SandboxConfig,
     counters: Arc<Counters>,
     kv: OnceLock<sled::Db>,
-    started: Instant,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -224,10 +230,9 @@ impl Sandbox {
         engine::start_ticker(&engine, config.epoch_tick)?;
         Ok(Sandbox {
             engine,
-            counters: Arc::new(Counters::new(config.max_counter_keys)),
+            counters: Arc::new(Counters::new(config.max_counter_keys, config.clock.clone())),
             config,
             kv: OnceLock::new(),
-            started: Instant::now(),
         })
     }
 
@@ -283,6 +288,7 @@ impl Sandbox {
                 name,
                 self.config.kv_max_key_bytes,
                 self.config.kv_max_value_bytes,
+                self.config.clock.clone(),
             );
             Some(namespace.map_err(|e| LoadError::Kv(e.to_string()))?)
         } else {
@@ -294,7 +300,7 @@ impl Sandbox {
                 kv,
                 counters: Arc::clone(&self.counters),
                 series: SeriesLimit::new(self.config.max_metric_series),
-                started: self.started,
+                clock: self.config.clock.clone(),
             }),
             pre,
             config: spec.config,
@@ -417,7 +423,7 @@ pub(crate) struct PluginShared {
     pub(crate) kv: Option<KvNamespace>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) series: SeriesLimit,
-    pub(crate) started: Instant,
+    pub(crate) clock: Clock,
 }
 
 /// A loaded plugin, ready to be called from any thread. Each call gets a

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use breakwater_sandbox::{RequestDecision, Response, ResponseDecision, ResponseHead};
-use common::{get, load_all_granted, sandbox, spec};
+use common::{get, load_all_granted, sandbox, sandbox_on_manual_clock, spec};
 
 fn respond(decision: RequestDecision) -> Response {
     match decision {
@@ -25,7 +25,7 @@ fn header<'r>(response: &'r Response, name: &str) -> &'r str {
 
 #[test]
 fn kv_get_set_delete_and_ttl() {
-    let sandbox = sandbox();
+    let (sandbox, clock) = sandbox_on_manual_clock();
     let plugin = load_all_granted(&sandbox, "calls", "fixture_host_calls");
     let call = |path: &str| respond(plugin.on_request(&get(path)).expect(path));
 
@@ -37,8 +37,9 @@ fn kv_get_set_delete_and_ttl() {
     assert_eq!(call("/kv/get/colour").status, 404);
 
     assert_eq!(call("/kv/set/brief/here?ttl=300").status, 200);
+    clock.advance(Duration::from_millis(299));
     assert_eq!(call("/kv/get/brief").status, 200);
-    std::thread::sleep(Duration::from_millis(400));
+    clock.advance(Duration::from_millis(1));
     assert_eq!(call("/kv/get/brief").status, 404, "expired");
 
     // Another plugin has its own namespace.
@@ -50,7 +51,7 @@ fn kv_get_set_delete_and_ttl() {
 
 #[test]
 fn counters_take_honours_rate_and_burst() {
-    let sandbox = sandbox();
+    let (sandbox, clock) = sandbox_on_manual_clock();
     let plugin = load_all_granted(&sandbox, "calls", "fixture_host_calls");
     let take = |query: &str| {
         respond(
@@ -60,8 +61,8 @@ fn counters_take_honours_rate_and_burst() {
         )
     };
 
-    // 1/s with a burst of 3: three at once, then one a second. (A slow rate
-    // keeps the test honest on a loaded machine: no refill sneaks in.)
+    // 1/s with a burst of 3: three at once, then one a second (the clock
+    // moves only when the test says).
     for remaining in ["2", "1", "0"] {
         let taken = take("k?cost=1&rate=1&burst=3");
         assert_eq!(header(&taken, "x-allowed"), "true");
@@ -73,8 +74,8 @@ fn counters_take_honours_rate_and_burst() {
     let retry: u64 = header(&refused, "x-retry-after-ms")
         .parse()
         .expect("number");
-    assert!((900..=1000).contains(&retry), "retry after {retry} ms");
-    std::thread::sleep(Duration::from_millis(retry + 5));
+    assert_eq!(retry, 1000);
+    clock.advance(Duration::from_millis(retry));
     assert_eq!(
         header(&take("k?cost=1&rate=1&burst=3"), "x-allowed"),
         "true"

@@ -11,32 +11,32 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
 
 use crate::bindings::breakwater::plugin::counters::{Host, TakeResult};
 use crate::host::HostState;
+use crate::time::Clock;
 
 const SHARDS: usize = 16;
 
 /// Longer keys are refused: keys come from requests, and memory is bounded.
 const MAX_KEY: usize = 256;
 
-/// One shard of buckets: key → TAT in nanoseconds since `Counters::started`.
+/// One shard of buckets: key → TAT in nanoseconds since the clock's start.
 type Buckets = HashMap<Box<str>, u64>;
 
 /// Token buckets for all plugins of a node, keyed by plugin and key.
 #[derive(Debug)]
 pub(crate) struct Counters {
-    started: Instant,
+    clock: Clock,
     hasher: RandomState,
     max_keys_per_shard: usize,
     shards: Box<[Mutex<Buckets>]>,
 }
 
 impl Counters {
-    pub(crate) fn new(max_keys: usize) -> Self {
+    pub(crate) fn new(max_keys: usize, clock: Clock) -> Self {
         Counters {
-            started: Instant::now(),
+            clock,
             hasher: RandomState::new(),
             max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -44,7 +44,7 @@ impl Counters {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Takes `cost` tokens from bucket `key` (already namespaced and
@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn burst_then_rate() {
-        let counters = Counters::new(1000);
+        let counters = Counters::new(1000, Clock::system());
         // 10/s, burst 3: three at once, the fourth waits 100 ms.
         for remaining in [2, 1, 0] {
             let taken = counters.take_at(0, "k", 1, 10.0, 3).expect("valid");
@@ -177,7 +177,7 @@ mod tests {
 
     #[test]
     fn cost_takes_several_tokens() {
-        let counters = Counters::new(1000);
+        let counters = Counters::new(1000, Clock::system());
         let taken = counters.take_at(0, "k", 4, 1.0, 5).expect("valid");
         assert!(taken.allowed);
         assert_eq!(taken.remaining, 1);
@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn invalid_arguments_are_errors() {
-        let counters = Counters::new(1000);
+        let counters = Counters::new(1000, Clock::system());
         assert!(counters.take_at(0, "k", 1, 0.0, 1).is_err());
         assert!(counters.take_at(0, "k", 1, f64::NAN, 1).is_err());
         assert!(counters.take_at(0, "k", 1, 1.0, 0).is_err());
@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn full_buckets_are_evicted_when_the_table_is_full() {
-        let counters = Counters::new(SHARDS);
+        let counters = Counters::new(SHARDS, Clock::system());
         for i in 0..100 {
             counters.take_at(0, &format!("k{i}"), 1, 1000.0, 1).ok();
         }

@@ -1,10 +1,9 @@
 //! The `kv` capability: a `sled` tree per plugin, each value stored with
 //! its expiry.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use crate::bindings::breakwater::plugin::kv::{Host, KvError};
 use crate::host::HostState;
+use crate::time::Clock;
 
 /// One plugin's namespace in the node's key-value store.
 #[derive(Debug, Clone)]
@@ -12,19 +11,12 @@ pub(crate) struct KvNamespace {
     tree: sled::Tree,
     max_key: usize,
     max_value: usize,
+    clock: Clock,
 }
 
 /// Stored values are prefixed with their expiry, in milliseconds since the
 /// Unix epoch, big-endian; 0 means never.
 const EXPIRY_LEN: usize = 8;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
-}
 
 fn storage(error: sled::Error) -> KvError {
     KvError::Storage(error.to_string())
@@ -40,11 +32,13 @@ impl KvNamespace {
         plugin: &str,
         max_key: usize,
         max_value: usize,
+        clock: Clock,
     ) -> Result<Self, sled::Error> {
         Ok(KvNamespace {
             tree: db.open_tree(format!("plugin/{plugin}"))?,
             max_key,
             max_value,
+            clock,
         })
     }
 
@@ -65,7 +59,7 @@ impl KvNamespace {
             return Ok(None);
         };
         let expiry = u64::from_be_bytes(*expiry);
-        if expiry != 0 && expiry <= now_ms() {
+        if expiry != 0 && expiry <= self.clock.unix_ms() {
             // Remove only if unchanged, so a concurrent fresh write survives.
             let _ = self
                 .tree
@@ -81,7 +75,7 @@ impl KvNamespace {
         if value.len() > self.max_value {
             return Err(KvError::ValueTooLarge(limit(self.max_value)));
         }
-        let expiry = ttl_ms.map_or(0, |ttl| now_ms().saturating_add(ttl.max(1)));
+        let expiry = ttl_ms.map_or(0, |ttl| self.clock.unix_ms().saturating_add(ttl.max(1)));
         let mut stored = Vec::with_capacity(EXPIRY_LEN + value.len());
         stored.extend_from_slice(&expiry.to_be_bytes());
         stored.extend_from_slice(value);
@@ -130,7 +124,7 @@ mod tests {
     use super::*;
 
     fn namespace(db: &sled::Db, plugin: &str) -> KvNamespace {
-        KvNamespace::open(db, plugin, 16, 8).expect("open tree")
+        KvNamespace::open(db, plugin, 16, 8, Clock::system()).expect("open tree")
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use breakwater_sandbox::{
-    Capability, Limits, LoadedPlugin, PluginSpec, Request, Sandbox, SandboxConfig, sha256_hex,
+    Capability, Clock, Limits, LoadedPlugin, ManualClock, PluginSpec, Request, Sandbox,
+    SandboxConfig, sha256_hex,
 };
 
 const COMPONENTS: &[&str] = &[
@@ -71,12 +72,24 @@ pub fn component(name: &str) -> PathBuf {
 /// whose thread was merely descheduled. Tests of the deadline itself set
 /// [`Limits::default`] on the plugin.
 pub fn sandbox() -> Sandbox {
+    sandbox_with(Clock::system())
+}
+
+/// [`sandbox`] on a clock that moves only when the test advances it:
+/// rates, refills and expiries are then exact, however busy the machine.
+pub fn sandbox_on_manual_clock() -> (Sandbox, ManualClock) {
+    let (clock, hand) = Clock::manual();
+    (sandbox_with(clock), hand)
+}
+
+fn sandbox_with(clock: Clock) -> Sandbox {
     Sandbox::new(SandboxConfig {
         max_concurrent_instances: 16,
         default_limits: Limits {
             cpu_deadline: Duration::from_millis(500),
             ..Limits::default()
         },
+        clock,
         ..SandboxConfig::default()
     })
     .expect("sandbox")
