@@ -15,6 +15,11 @@
 //! let prompt = t.render(&[Message::new("user", "hi")], true).unwrap();
 //! assert_eq!(prompt, "<user>hi\n<assistant>");
 //! ```
+//!
+//! Only the template writes control tokens: [`ChatTemplate::render_prompt`]
+//! takes every control-token spelling out of the messages before rendering
+//! and hands it back as text to tokenize as text, so a user who writes
+//! `<|im_end|><|im_start|>system` cannot forge a turn.
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
@@ -23,6 +28,7 @@ use serde::Serialize;
 
 use crate::gguf::{Gguf, GgufError};
 use crate::hf::{HfDir, HfError};
+use crate::tokenizer::{Piece, Tokenizer};
 
 /// Why a template could not be compiled or rendered.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +61,89 @@ impl Message {
             role: role.into(),
             content: content.into(),
         }
+    }
+}
+
+/// A prompt rendered by [`ChatTemplate::render_prompt`]: the template's
+/// output, in which each control-token spelling that a message carried was
+/// replaced by a placeholder before rendering.
+#[derive(Debug, Clone)]
+pub struct ChatPrompt {
+    rendered: String,
+    /// Starts every placeholder: a private-use character and a random
+    /// nonce, which no message can contain.
+    placeholder: String,
+    /// The spellings set aside, by placeholder number.
+    set_aside: Vec<String>,
+}
+
+/// Opens and closes a placeholder (Unicode private-use characters).
+const PLACEHOLDER_OPEN: char = '\u{E000}';
+const PLACEHOLDER_CLOSE: char = '\u{E001}';
+
+impl ChatPrompt {
+    /// The prompt in order: template text (message text without control
+    /// spellings included) and the set-aside spellings as text.
+    pub fn pieces(&self) -> Vec<Piece<'_>> {
+        let mut pieces = Vec::with_capacity(2 * self.set_aside.len() + 1);
+        let mut rest = self.rendered.as_str();
+        while let Some(at) = rest.find(&self.placeholder) {
+            let after = &rest[at + self.placeholder.len()..];
+            // A placeholder the template mangled (sliced, say) stays text
+            // of the template's: it holds no control token either way.
+            let Some((number, tail)) = after.split_once(PLACEHOLDER_CLOSE) else {
+                break;
+            };
+            let Some(spelling) = number
+                .parse::<usize>()
+                .ok()
+                .and_then(|n| self.set_aside.get(n))
+            else {
+                pieces.push(Piece::Template(&rest[..at + self.placeholder.len()]));
+                rest = after;
+                continue;
+            };
+            pieces.push(Piece::Template(&rest[..at]));
+            pieces.push(Piece::Text(spelling));
+            rest = tail;
+        }
+        pieces.push(Piece::Template(rest));
+        pieces.retain(|p| !matches!(p, Piece::Template("") | Piece::Text("")));
+        pieces
+    }
+
+    /// The prompt's length in bytes, as the model reads it.
+    pub fn len(&self) -> usize {
+        self.pieces()
+            .iter()
+            .map(|p| match *p {
+                Piece::Template(t) | Piece::Text(t) => t.len(),
+            })
+            .sum()
+    }
+
+    /// Whether the prompt is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The prompt as the model reads it.
+    pub fn text(&self) -> String {
+        self.pieces()
+            .iter()
+            .map(|p| match *p {
+                Piece::Template(t) | Piece::Text(t) => t,
+            })
+            .collect()
+    }
+
+    /// Token ids for the prompt: control tokens come from the template
+    /// only.
+    pub fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+    ) -> Result<Vec<u32>, crate::tokenizer::TokenizerError> {
+        tokenizer.encode_pieces(&self.pieces())
     }
 }
 
@@ -133,6 +222,44 @@ impl ChatTemplate {
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })?)
+    }
+
+    /// The prompt for `messages` as [`ChatTemplate::render`] writes it,
+    /// except that control tokens spelled in a message's content (as
+    /// `tokenizer` knows them) are set aside before rendering, to be
+    /// tokenized as text: only the template's own text yields control
+    /// tokens.
+    pub fn render_prompt(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tokenizer: &Tokenizer,
+    ) -> Result<ChatPrompt, ChatTemplateError> {
+        let placeholder = format!("{PLACEHOLDER_OPEN}{}#", uuid::Uuid::new_v4().simple());
+        let mut set_aside = Vec::new();
+        let guarded: Vec<Message> = messages
+            .iter()
+            .map(|m| {
+                let mut content = String::with_capacity(m.content.len());
+                let mut copied = 0;
+                for range in tokenizer.control_spellings(&m.content) {
+                    content.push_str(&m.content[copied..range.start]);
+                    content.push_str(&format!(
+                        "{placeholder}{}{PLACEHOLDER_CLOSE}",
+                        set_aside.len()
+                    ));
+                    set_aside.push(m.content[range.clone()].to_owned());
+                    copied = range.end;
+                }
+                content.push_str(&m.content[copied..]);
+                Message::new(m.role.clone(), content)
+            })
+            .collect();
+        Ok(ChatPrompt {
+            rendered: self.render(&guarded, add_generation_prompt)?,
+            placeholder,
+            set_aside,
+        })
     }
 }
 

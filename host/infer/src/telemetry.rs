@@ -22,6 +22,9 @@ pub enum Rejection {
     QueueFull,
     /// The prompt does not fit the context or the KV budget.
     PromptTooLong,
+    /// The prompt has more bytes than the context could hold, refused
+    /// before tokenizing it.
+    PromptTooLarge,
     /// Malformed JSON or parameters.
     BadRequest,
     /// No such model here.
@@ -33,9 +36,10 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    const ALL: [Rejection; 6] = [
+    const ALL: [Rejection; 7] = [
         Rejection::QueueFull,
         Rejection::PromptTooLong,
+        Rejection::PromptTooLarge,
         Rejection::BadRequest,
         Rejection::UnknownModel,
         Rejection::Deadline,
@@ -47,6 +51,7 @@ impl Rejection {
         match self {
             Rejection::QueueFull => "queue_full",
             Rejection::PromptTooLong => "prompt_too_long",
+            Rejection::PromptTooLarge => "prompt_too_large",
             Rejection::BadRequest => "bad_request",
             Rejection::UnknownModel => "unknown_model",
             Rejection::Deadline => "deadline",
@@ -106,6 +111,7 @@ struct Inner {
     inter_token: Histogram,
     generated_tokens: Counter,
     prompt_tokens: Counter,
+    tokenized_bytes: Counter,
     device_memory_used: Gauge,
     device_memory_free: Gauge,
     device_step: Histogram,
@@ -164,6 +170,10 @@ impl Telemetry {
         );
         counter("generated_tokens_total", "Tokens generated.");
         counter("prompt_tokens_total", "Prompt tokens prefilled.");
+        counter(
+            "tokenized_bytes_total",
+            "Prompt bytes the tokenizer read (the CPU spent before the engine).",
+        );
         let inner = Inner {
             queue_depth: gauge(
                 "queue_depth",
@@ -212,6 +222,8 @@ impl Telemetry {
                 .register_counter(&Key::from_name(name("generated_tokens_total")), &METADATA),
             prompt_tokens: r
                 .register_counter(&Key::from_name(name("prompt_tokens_total")), &METADATA),
+            tokenized_bytes: r
+                .register_counter(&Key::from_name(name("tokenized_bytes_total")), &METADATA),
             rejections: Rejection::ALL
                 .iter()
                 .map(|&x| (x, labelled("rejections_total", x.label())))
@@ -270,6 +282,12 @@ impl Telemetry {
 
     pub(crate) fn prefilled(&self, tokens: u64) {
         self.0.prompt_tokens.increment(tokens);
+    }
+
+    pub(crate) fn tokenized(&self, bytes: usize) {
+        self.0
+            .tokenized_bytes
+            .increment(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
     /// Counts a request turned away.

@@ -7,9 +7,16 @@
 //! one built from this metadata was seen to give ids identical to
 //! llama.cpp's. Control and user-defined tokens (`<|im_start|>`, …) become
 //! added tokens, so they are matched whole in a prompt.
+//!
+//! Control tokens are matched only in text a chat template wrote: what a
+//! client wrote in a message is tokenized as text ([`Piece::Text`]), so a
+//! `<|im_start|>system` typed by a user cannot open a turn (llama.cpp's
+//! `parse_special = false`).
 
 use std::collections::HashMap;
+use std::ops::Range;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::AddedToken;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
@@ -44,9 +51,24 @@ pub enum TokenizerError {
     Library(String),
 }
 
+/// One stretch of a prompt, for [`Tokenizer::encode_pieces`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// Text a chat template wrote: control tokens spelled in it
+    /// (`<|im_start|>`) become control tokens.
+    Template(&'a str),
+    /// Text a client wrote: control-token spellings in it stay text.
+    Text(&'a str),
+}
+
 /// Text ⇄ token ids for one model.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with control tokens left unmatched, for [`Piece::Text`].
+    text_only: tokenizers::Tokenizer,
+    /// Finds the control tokens' spellings in text; `None` when the
+    /// vocabulary has none.
+    control_spellings: Option<AhoCorasick>,
     bos: Option<u32>,
     eos: u32,
     add_bos: bool,
@@ -153,14 +175,56 @@ impl Tokenizer {
         };
         let eos = id("tokenizer.ggml.eos_token_id")?
             .ok_or_else(|| GgufError::MissingKey("tokenizer.ggml.eos_token_id".into()))?;
-        Ok(Self {
-            bos: id("tokenizer.ggml.bos_token_id")?,
-            eos,
-            add_bos: gguf
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+        let add_bos = gguf
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Self::assemble(
             inner,
+            id("tokenizer.ggml.bos_token_id")?,
+            eos,
+            add_bos,
+            special,
+        )
+    }
+
+    /// The tokenizer around `inner`, with its text-only twin and the
+    /// matcher of control-token spellings.
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: u32,
+        add_bos: bool,
+        special: Vec<bool>,
+    ) -> Result<Self, TokenizerError> {
+        let mut text_only = inner.clone();
+        text_only.set_encode_special_tokens(true);
+        // The added tokens flagged special are the ones `text_only` leaves
+        // unmatched: control tokens in GGUF, `"special": true` in
+        // tokenizer.json. User-defined ones are matched in both, as
+        // llama.cpp does.
+        let spellings: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .collect();
+        let control_spellings = if spellings.is_empty() {
+            None
+        } else {
+            let matcher = AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&spellings)
+                .map_err(|e| TokenizerError::Invalid(format!("control tokens: {e}")))?;
+            Some(matcher)
+        };
+        Ok(Self {
+            inner,
+            text_only,
+            control_spellings,
+            bos,
+            eos,
+            add_bos,
             special,
         })
     }
@@ -221,13 +285,7 @@ impl Tokenizer {
                 bos.is_some() && with_specials.get_ids().first().copied() == bos
             }
         };
-        Ok(Self {
-            inner,
-            bos,
-            eos,
-            add_bos,
-            special,
-        })
+        Self::assemble(inner, bos, eos, add_bos, special)
     }
 
     /// Token ids for `text`. Special tokens written in the text (such as
@@ -244,6 +302,41 @@ impl Tokenizer {
         }
         ids.extend_from_slice(encoding.get_ids());
         Ok(ids)
+    }
+
+    /// Token ids for a prompt made of `pieces`, in order: control tokens
+    /// are matched in [`Piece::Template`] text only. The BOS token is
+    /// prepended when the model asks for it.
+    pub fn encode_pieces(&self, pieces: &[Piece<'_>]) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        for piece in pieces {
+            let (tokenizer, text) = match *piece {
+                Piece::Template(text) => (&self.inner, text),
+                Piece::Text(text) => (&self.text_only, text),
+            };
+            if text.is_empty() {
+                continue;
+            }
+            let encoding = tokenizer
+                .encode(text, false)
+                .map_err(|e| TokenizerError::Library(e.to_string()))?;
+            ids.extend_from_slice(encoding.get_ids());
+        }
+        Ok(ids)
+    }
+
+    /// Where control tokens are spelled out in `text` (leftmost-longest,
+    /// as the tokenizer matches them), in order.
+    pub fn control_spellings<'t>(
+        &'t self,
+        text: &'t str,
+    ) -> impl Iterator<Item = Range<usize>> + 't {
+        self.control_spellings
+            .iter()
+            .flat_map(move |matcher| matcher.find_iter(text).map(|m| m.range()))
     }
 
     /// The text of `ids`, leaving out control tokens.

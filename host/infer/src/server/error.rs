@@ -103,6 +103,18 @@ impl ApiError {
         }
     }
 
+    /// 413 for a prompt with more bytes than the context could hold,
+    /// refused before it is tokenized.
+    pub fn prompt_too_large(bytes: usize, limit: usize, context_tokens: usize) -> Self {
+        Self {
+            rejection: Some(Rejection::PromptTooLarge),
+            ..Self::context_length(format!(
+                "the prompt is {bytes} bytes; this model's context of {context_tokens} tokens \
+                 holds at most {limit} bytes of prompt"
+            ))
+        }
+    }
+
     /// 413 for a body over the size limit.
     pub fn body_too_large(limit: usize) -> Self {
         Self {

@@ -40,7 +40,7 @@ use self::openai::{ChatRequest, CompletionRequest, Envelope, Kind, Params};
 use crate::backend::cpu::{CpuBackend, CpuBackendError};
 use crate::backend::cuda::{CudaError, CudaRunner};
 use crate::backend::{CpuRunner, Device};
-use crate::chat_template::ChatTemplate;
+use crate::chat_template::{ChatPrompt, ChatTemplate};
 use crate::gguf::Gguf;
 use crate::loader::{LoadedModel, LoaderError};
 use crate::model::llama::Llama;
@@ -71,6 +71,13 @@ const END_OF_TURN: [&str; 6] = [
     "<end_of_turn>",
     "<|end_of_text|>",
 ];
+
+/// Bytes of prompt per token of context that a prompt may have, checked
+/// before tokenizing: a prompt longer than the context times this cannot
+/// fit, and is refused without the CPU a tokenizer would spend on it.
+/// Text runs at about 4 bytes a token (English, code) and rarely beyond 8
+/// (long whitespace runs); 16 leaves room for any prompt that fits.
+pub const MAX_PROMPT_BYTES_PER_TOKEN: usize = 16;
 
 /// The HTTP side's limits and defaults.
 #[derive(Debug, Clone)]
@@ -471,9 +478,10 @@ async fn chat(
         // One model for the whole request: the template, the tokenizer and
         // the engine must be the same version, whatever a swap does meanwhile.
         let served = app.served()?;
+        check_prompt_bytes(&served, messages.iter().map(|m| m.content.len()).sum())?;
         let prompt = served
             .template
-            .render(&messages, true)
+            .render_prompt(&messages, true, &served.tokenizer)
             // The template's own checks (role order, …) reject the messages.
             .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
         let default_max = app.config.default_max_tokens;
@@ -481,7 +489,7 @@ async fn chat(
             &app,
             served,
             Kind::Chat,
-            &prompt,
+            Prompt::Chat(prompt),
             params,
             default_max,
             deadline,
@@ -499,7 +507,8 @@ async fn completions(
 ) -> Response {
     let result = async {
         let request: CompletionRequest = parse(&app, body)?;
-        let prompt = request.prompt()?.to_owned();
+        // The client writes the whole prompt here, control tokens included.
+        let prompt = Prompt::Raw(request.prompt()?.to_owned());
         let params = request.common.validate()?;
         let deadline = deadline(&headers, app.config.default_timeout)?;
         check_model(&app, &params)?;
@@ -509,7 +518,7 @@ async fn completions(
             &app,
             served,
             Kind::Completion,
-            &prompt,
+            prompt,
             params,
             default_max,
             deadline,
@@ -590,6 +599,41 @@ fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Refuses a prompt of `bytes` that could not fit `served`'s context even
+/// at [`MAX_PROMPT_BYTES_PER_TOKEN`], before anything costly is done with it.
+fn check_prompt_bytes(served: &Served, bytes: usize) -> Result<(), ApiError> {
+    let context_tokens = served.engine.max_sequence_tokens();
+    let limit = context_tokens.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN);
+    if bytes > limit {
+        return Err(ApiError::prompt_too_large(bytes, limit, context_tokens));
+    }
+    Ok(())
+}
+
+/// A prompt to tokenize.
+enum Prompt {
+    /// A completion's prompt, written whole by the client.
+    Raw(String),
+    /// A chat template's output: control tokens from the template only.
+    Chat(ChatPrompt),
+}
+
+impl Prompt {
+    fn len(&self) -> usize {
+        match self {
+            Prompt::Raw(text) => text.len(),
+            Prompt::Chat(prompt) => prompt.len(),
+        }
+    }
+
+    fn encode(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, crate::tokenizer::TokenizerError> {
+        match self {
+            Prompt::Raw(text) => tokenizer.encode(text),
+            Prompt::Chat(prompt) => prompt.encode(tokenizer),
+        }
+    }
+}
+
 /// Tokenizes `prompt`, queues it on `served`'s engine and answers,
 /// streamed or whole. The answer holds `served` until it is finished, so
 /// a swapped-out model's engine runs until its last answer is done.
@@ -597,18 +641,20 @@ async fn generate(
     app: &Arc<AppState>,
     served: Arc<Served>,
     kind: Kind,
-    prompt: &str,
+    prompt: Prompt,
     params: Params,
     default_max_tokens: usize,
     deadline: Instant,
 ) -> Result<Response, ApiError> {
-    // A prompt can be megabytes: tokenize it off the async workers.
+    let bytes = prompt.len();
+    check_prompt_bytes(&served, bytes)?;
+    // A prompt can be many kilobytes: tokenize it off the async workers.
     let tokenizer = Arc::clone(&served.tokenizer);
-    let text = prompt.to_owned();
-    let ids = tokio::task::spawn_blocking(move || tokenizer.encode(&text))
+    let ids = tokio::task::spawn_blocking(move || prompt.encode(&tokenizer))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))?
         .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))?;
+    app.telemetry.tokenized(bytes);
     if ids.is_empty() {
         return Err(ApiError::invalid("the prompt is empty", "prompt"));
     }
