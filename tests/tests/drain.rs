@@ -1,13 +1,29 @@
 //! SIGTERM drains: an in-flight request completes and the process exits 0.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, free_port, start_slow_upstream};
+use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, free_port, start_raw_upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_in_flight_request_finish_then_exits_0() {
-    let upstream = start_slow_upstream(Duration::from_secs(1)).await;
+    // Counts the requests that reached it, then answers a second later.
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let upstream = start_raw_upstream({
+        let arrived = Arc::clone(&arrived);
+        move |_| {
+            arrived.fetch_add(1, Ordering::SeqCst);
+            (
+                Duration::from_secs(1),
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+                  Content-Length: 5\r\nConnection: close\r\n\r\nslept"
+                    .to_vec(),
+            )
+        }
+    })
+    .await;
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -47,7 +63,15 @@ first_byte_timeout = "10s"
         .build()
         .expect("client");
     let request = tokio::spawn(client.get(format!("http://{addr}/slow")).send());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM once the request is in flight (it reached the upstream), not
+    // after a fixed time that a busy machine may not honour.
+    tokio::time::timeout(PATIENCE, async {
+        while arrived.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the request never reached the upstream\n{}", node.stderr()));
     node.sigterm();
 
     let response = request

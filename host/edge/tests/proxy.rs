@@ -262,13 +262,13 @@ async fn upstream_slower_than_first_byte_timeout_is_a_json_504() {
     ))
     .await;
 
-    let started = Instant::now();
+    // The upstream would answer after a minute, beyond the client's
+    // timeout: an answer at all is the edge's own 504, with no clock read.
     let response = client()
-        .get(url(&node, "/sleep?ms=5000"))
+        .get(url(&node, "/sleep?ms=60000"))
         .send()
         .await
         .expect("request");
-    let elapsed = started.elapsed();
     assert_eq!(response.status(), 504);
     assert_eq!(
         response
@@ -281,11 +281,6 @@ async fn upstream_slower_than_first_byte_timeout_is_a_json_504() {
         &response.bytes().await.expect("body"),
         504,
         "upstream_timeout",
-    );
-    // Well before the upstream would have answered.
-    assert!(
-        elapsed < Duration::from_millis(4000),
-        "504 took {elapsed:?}"
     );
 }
 

@@ -222,7 +222,6 @@ async fn push_pull_round_trip_and_warm_cache_offline() {
     // version, and by channel (its last resolution).
     server.stop();
     for reference in ["smol@1.0.0", "smol:stable"] {
-        let started = Instant::now();
         let warm = tokio::time::timeout(
             Duration::from_secs(10),
             pull(
@@ -235,14 +234,9 @@ async fn push_pull_round_trip_and_warm_cache_offline() {
         .expect("within the deadline")
         .unwrap_or_else(|e| panic!("{reference}: {e}"));
         assert_eq!(warm.dir, pulled.dir);
+        // Nothing fetched, and an answer at all with the server gone: the
+        // cache served it (a wall-clock bound would measure the machine).
         assert_eq!(warm.bytes_fetched, 0);
-        if reference.contains('@') {
-            assert!(
-                started.elapsed() < Duration::from_secs(1),
-                "{:?}",
-                started.elapsed()
-            );
-        }
     }
     let prefer = PullOptions {
         prefer_cache: true,
