@@ -36,6 +36,15 @@ struct Script {
     /// Stream `n` SSE events, `gap` apart; `cut` drops the connection
     /// after that many.
     sse: Option<(usize, Duration, Option<usize>)>,
+    /// Hold the answer until the test cancels this token.
+    gate: Option<CancellationToken>,
+    /// Append the request's value of this header to the body: whose
+    /// answer a client got.
+    echo_header: Option<&'static str>,
+    /// Append the request body to the body.
+    echo_body: bool,
+    /// Read the request, then close the connection without an answer.
+    disconnect: bool,
 }
 
 fn script(status: u16, headers: &[(&str, &str)], body: &str) -> Script {
@@ -54,6 +63,7 @@ fn script(status: u16, headers: &[(&str, &str)], body: &str) -> Script {
 #[derive(Clone, Debug)]
 struct Seen {
     headers: HashMap<String, String>,
+    body: String,
 }
 
 #[derive(Clone, Default)]
@@ -142,7 +152,7 @@ type UpBody = BoxBody<Bytes, std::io::Error>;
 async fn answer(
     request: Request<Incoming>,
     shared: Shared,
-) -> Result<Response<UpBody>, Infallible> {
+) -> Result<Response<UpBody>, std::io::Error> {
     shared.count.fetch_add(1, Ordering::SeqCst);
     let path = request.uri().path().to_owned();
     let headers: HashMap<String, String> = request
@@ -150,8 +160,15 @@ async fn answer(
         .iter()
         .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
         .collect();
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
     shared.seen.lock().unwrap().push(Seen {
         headers: headers.clone(),
+        body: body.clone(),
     });
     let script = shared
         .scripts
@@ -161,6 +178,20 @@ async fn answer(
         .cloned()
         .unwrap_or_else(|| script(404, &[], "no script"));
     tokio::time::sleep(script.delay).await;
+    if let Some(gate) = &script.gate {
+        gate.cancelled().await;
+    }
+    if script.disconnect {
+        // hyper closes the connection when the service fails.
+        return Err(std::io::Error::other("disconnect"));
+    }
+    let mut text = script.body.clone();
+    if let Some(name) = script.echo_header {
+        text.push_str(headers.get(name).map_or("", String::as_str));
+    }
+    if script.echo_body {
+        text.push_str(&body);
+    }
     let validated = script.honour_validators
         && (headers.contains_key("if-none-match") || headers.contains_key("if-modified-since"));
     let status = if validated { 304 } else { script.status };
@@ -189,7 +220,7 @@ async fn answer(
             });
             BodyExt::boxed(StreamBody::new(events))
         }
-        (false, None) => Full::new(Bytes::from(script.body))
+        (false, None) => Full::new(Bytes::from(text))
             .map_err(|n: Infallible| match n {})
             .boxed(),
     };
@@ -202,6 +233,17 @@ async fn node_for(
     upstream: SocketAddr,
     route: &str,
     cache: &str,
+    dir: &Path,
+) -> breakwater_edge::RunningNode {
+    node_with_pool(upstream, route, cache, "", dir).await
+}
+
+/// [`node_for`] with extra `[[pool]]` keys in `pool`.
+async fn node_with_pool(
+    upstream: SocketAddr,
+    route: &str,
+    cache: &str,
+    pool: &str,
     dir: &Path,
 ) -> breakwater_edge::RunningNode {
     let toml = format!(
@@ -227,6 +269,7 @@ cache = true
 name = "upstream"
 endpoints = ["http://{upstream}"]
 first_byte_timeout = "5s"
+{pool}
 "#
     );
     start_node_in(&toml, dir).await
@@ -960,5 +1003,375 @@ config = {{ default_ttl = 60, bypass_cookies = ["session"] }}
         "{body}"
     );
     assert_eq!(get(&node, "/plain").await.x_cache, "MISS");
+    node.shutdown().await;
+}
+
+/// An unlabelled metric's value on the node's `/metrics`; 0 when absent.
+async fn metric(node: &breakwater_edge::RunningNode, name: &str) -> f64 {
+    let text = client()
+        .get(admin_url(node, "/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn get_request(
+    node: &breakwater_edge::RunningNode,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> tokio::task::JoinHandle<Got> {
+    let mut request = client().get(url(node, path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    tokio::spawn(async move { got(request.send().await.expect("request")).await })
+}
+
+/// Two requests for `path` that overlap for certain: the leader reaches
+/// the upstream, which holds its answer on `gate` until the waiter has
+/// joined the leader's flight; then both get their answers.
+async fn overlap(
+    node: &breakwater_edge::RunningNode,
+    up: &Upstream,
+    path: &str,
+    gate: &CancellationToken,
+    leader: &[(&str, &str)],
+    waiter: &[(&str, &str)],
+) -> (Got, Got) {
+    let before = up.count();
+    let leading = get_request(node, path, leader);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while up.count() == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path}: the leader never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let waiting = get_request(node, path, waiter);
+    while metric(node, "breakwater_cache_coalesced_waiting").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path}: the waiter never joined"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.cancel();
+    let leader = leading.await.expect("leader task");
+    let waiter = waiting.await.expect("waiter task");
+    (leader, waiter)
+}
+
+#[tokio::test]
+async fn a_coalesced_waiter_gets_the_leaders_answer_only_when_it_is_a_fresh_hit_for_it() {
+    struct Case {
+        path: &'static str,
+        response: &'static [(&'static str, &'static str)],
+        leader: &'static [(&'static str, &'static str)],
+        waiter: &'static [(&'static str, &'static str)],
+        shared: bool,
+    }
+    const ALICE: &[(&str, &str)] = &[("cookie", "user=alice")];
+    const BOB: &[(&str, &str)] = &[("cookie", "user=bob")];
+    let cases = [
+        Case {
+            path: "/fresh",
+            response: &[("cache-control", "max-age=60")],
+            leader: ALICE,
+            waiter: BOB,
+            shared: true,
+        },
+        Case {
+            path: "/no-cache",
+            response: &[("cache-control", "no-cache")],
+            leader: ALICE,
+            waiter: BOB,
+            shared: false,
+        },
+        Case {
+            path: "/max-age-0",
+            response: &[("cache-control", "max-age=0")],
+            leader: ALICE,
+            waiter: BOB,
+            shared: false,
+        },
+        Case {
+            path: "/must-revalidate",
+            response: &[("cache-control", "max-age=0, must-revalidate")],
+            leader: ALICE,
+            waiter: BOB,
+            shared: false,
+        },
+        // Personalised by the cookie, with no freshness at all: stored
+        // (a 200 may be), but never fresh.
+        Case {
+            path: "/no-freshness",
+            response: &[],
+            leader: ALICE,
+            waiter: BOB,
+            shared: false,
+        },
+        Case {
+            path: "/authorization",
+            response: &[("cache-control", "max-age=60")],
+            leader: &[("cookie", "user=alice"), ("authorization", "Bearer alice")],
+            waiter: BOB,
+            shared: false,
+        },
+        // `s-maxage` makes an answer to `Authorization` storable, but at
+        // 0 it is never fresh.
+        Case {
+            path: "/authorization-s-maxage-0",
+            response: &[("cache-control", "s-maxage=0")],
+            leader: &[("cookie", "user=alice"), ("authorization", "Bearer alice")],
+            waiter: BOB,
+            shared: false,
+        },
+        Case {
+            path: "/vary",
+            response: &[("cache-control", "max-age=60"), ("vary", "accept-language")],
+            leader: &[("cookie", "user=alice"), ("accept-language", "en")],
+            waiter: &[("cookie", "user=bob"), ("accept-language", "de")],
+            shared: false,
+        },
+        // The waiter's own directives: it wants the origin's answer.
+        Case {
+            path: "/waiter-no-cache",
+            response: &[("cache-control", "max-age=60")],
+            leader: ALICE,
+            waiter: &[("cookie", "user=bob"), ("cache-control", "no-cache")],
+            shared: false,
+        },
+        Case {
+            path: "/waiter-min-fresh",
+            response: &[("cache-control", "max-age=60")],
+            leader: ALICE,
+            waiter: &[("cookie", "user=bob"), ("cache-control", "min-fresh=120")],
+            shared: false,
+        },
+    ];
+    let up = Upstream::start().await;
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+    // Every case runs; the wrong ones are listed together at the end.
+    let mut wrong = Vec::new();
+    for case in cases {
+        let gate = CancellationToken::new();
+        let mut s = script(200, case.response, "page for ");
+        s.gate = Some(gate.clone());
+        s.echo_header = Some("cookie");
+        up.set(case.path, s);
+        let before = up.count();
+        let (leader, waiter) =
+            overlap(&node, &up, case.path, &gate, case.leader, case.waiter).await;
+        let upstream_requests = up.count() - before;
+        let seen = (
+            (leader.status, leader.x_cache, leader.body),
+            (waiter.status, waiter.x_cache, waiter.body),
+            upstream_requests,
+        );
+        let leaders = (200, "MISS".to_owned(), "page for user=alice".to_owned());
+        let expected = if case.shared {
+            (
+                leaders.clone(),
+                (200, "HIT".to_owned(), leaders.2.clone()),
+                1,
+            )
+        } else {
+            // The waiter went upstream itself and got its own answer.
+            (
+                leaders,
+                (200, "MISS".to_owned(), "page for user=bob".to_owned()),
+                2,
+            )
+        };
+        if seen != expected {
+            wrong.push(format!(
+                "{}: got {seen:?}, expected {expected:?}",
+                case.path
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn public_answers_are_stored_without_set_cookie() {
+    let up = Upstream::start().await;
+    up.set(
+        "/public",
+        script(
+            200,
+            &[
+                ("cache-control", "public, max-age=60"),
+                ("set-cookie", "id=first"),
+            ],
+            "shared",
+        ),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    let first = get(&node, "/public").await;
+    assert_eq!(first.x_cache, "MISS");
+    assert_eq!(
+        first.headers.get("set-cookie").map(|v| v.to_str().unwrap()),
+        Some("id=first"),
+        "the client the origin answered keeps its cookie"
+    );
+    let hit = get(&node, "/public").await;
+    assert_eq!((hit.x_cache.as_str(), hit.body.as_str()), ("HIT", "shared"));
+    assert_eq!(
+        hit.headers.get("set-cookie"),
+        None,
+        "never another client's cookie"
+    );
+
+    // A waiter that shares the leader's answer does not get its cookie.
+    let gate = CancellationToken::new();
+    let mut s = script(
+        200,
+        &[
+            ("cache-control", "public, max-age=60"),
+            ("set-cookie", "id=leader"),
+        ],
+        "shared",
+    );
+    s.gate = Some(gate.clone());
+    up.set("/public-coalesced", s);
+    let (leader, waiter) = overlap(&node, &up, "/public-coalesced", &gate, &[], &[]).await;
+    assert_eq!(
+        leader
+            .headers
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap()),
+        Some("id=leader")
+    );
+    assert_eq!(waiter.x_cache, "HIT");
+    assert_eq!(waiter.headers.get("set-cookie"), None);
+
+    // A 304 that sets a cookie refreshes the entry but adds no cookie to it.
+    let mut s = script(
+        200,
+        &[("cache-control", "public, max-age=0"), ("etag", "\"e\"")],
+        "validated",
+    );
+    s.honour_validators = true;
+    up.set("/public-304", s);
+    get(&node, "/public-304").await;
+    let mut s = script(
+        200,
+        &[
+            ("cache-control", "public, max-age=60"),
+            ("etag", "\"e\""),
+            ("set-cookie", "id=revalidator"),
+        ],
+        "unused",
+    );
+    s.honour_validators = true;
+    up.set("/public-304", s);
+    let revalidated = get(&node, "/public-304").await;
+    assert_eq!(
+        (revalidated.x_cache.as_str(), revalidated.body.as_str()),
+        ("HIT", "validated")
+    );
+    assert_eq!(
+        revalidated
+            .headers
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap()),
+        Some("id=revalidator"),
+        "the client whose request was validated gets the cookie"
+    );
+    let hit = get(&node, "/public-304").await;
+    assert_eq!(
+        (hit.x_cache.as_str(), hit.body.as_str()),
+        ("HIT", "validated")
+    );
+    assert_eq!(hit.headers.get("set-cookie"), None);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_get_with_a_body_bypasses_the_cache_and_is_never_stored() {
+    let up = Upstream::start().await;
+    let mut s = script(200, &[("cache-control", "max-age=60")], "results for ");
+    s.echo_body = true;
+    up.set("/search", s);
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    let with_body = client()
+        .get(url(&node, "/search"))
+        .body("q=poison")
+        .send()
+        .await
+        .expect("request");
+    let with_body = got(with_body).await;
+    assert_eq!(
+        (with_body.x_cache.as_str(), with_body.body.as_str()),
+        ("BYPASS", "results for q=poison")
+    );
+    assert_eq!(up.last().body, "q=poison", "the origin saw the body");
+    let plain = get(&node, "/search").await;
+    assert_eq!(
+        (plain.x_cache.as_str(), plain.body.as_str()),
+        ("MISS", "results for "),
+        "nothing was stored under the bodiless key"
+    );
+    assert_eq!(get(&node, "/search").await.x_cache, "HIT");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn stale_is_never_served_when_the_origin_breaks_the_connection_and_a_directive_forbids_it() {
+    let cases = [
+        ("/plain", "max-age=1", true),
+        ("/must-revalidate", "max-age=1, must-revalidate", false),
+        ("/proxy-revalidate", "max-age=1, proxy-revalidate", false),
+        ("/no-cache", "max-age=1, no-cache", false),
+        ("/s-maxage", "s-maxage=1", false),
+    ];
+    let up = Upstream::start().await;
+    let dir = tmp();
+    // Broken connections in a row must not eject the only endpoint here.
+    let pool = "outlier = { consecutive_failures = 1000 }";
+    let node = node_with_pool(up.addr, "", "", pool, dir.path()).await;
+    for (path, cc, _) in cases {
+        up.set(path, script(200, &[("cache-control", cc)], "stored"));
+        assert_eq!(get(&node, path).await.x_cache, "MISS", "{path}");
+    }
+    // Staleness only grows: sleeping longer than needed cannot change the
+    // outcome.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for (path, cc, stale_allowed) in cases {
+        let mut s = script(200, &[("cache-control", cc)], "never sent");
+        s.disconnect = true;
+        up.set(path, s);
+        let before = up.count();
+        let answer = get(&node, path).await;
+        assert!(up.count() > before, "{path}: the origin was asked");
+        if stale_allowed {
+            assert_eq!(
+                (answer.status, answer.x_cache.as_str(), answer.body.as_str()),
+                (200, "STALE", "stored"),
+                "{path}: disconnected, stale may be served"
+            );
+        } else {
+            assert_eq!(
+                (answer.status, answer.x_cache.as_str()),
+                (502, "MISS"),
+                "{path}: `{cc}` forbids serving it stale"
+            );
+        }
+    }
     node.shutdown().await;
 }

@@ -13,16 +13,18 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 
+use super::entry::Entry;
+
 /// The response head a recording shares with its followers.
 #[derive(Debug)]
 pub(crate) struct SharedHead {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
+    /// The answer as it will be stored, body aside: followers judge its
+    /// freshness for their own request as they would a stored hit's.
+    pub stored: Entry,
     pub vary_names: Vec<String>,
     /// The leader's secondary key: followers with other `Vary` values
     /// cannot use this answer.
@@ -143,6 +145,7 @@ impl Recording {
 
     /// Waits up to `limit` for the head.
     pub(crate) async fn wait_head(&self, limit: Duration) -> Waited {
+        let _waiting = Waiting::enter();
         let mut rx = self.changed.subscribe();
         let waited = tokio::time::timeout(limit, async {
             loop {
@@ -195,6 +198,25 @@ impl Recording {
             },
         );
         Body::from_stream(stream)
+    }
+}
+
+/// Counts a follower in `breakwater_cache_coalesced_waiting` while it
+/// waits for a head, however the wait ends (the client may go away).
+struct Waiting;
+
+impl Waiting {
+    const GAUGE: &str = "breakwater_cache_coalesced_waiting";
+
+    fn enter() -> Self {
+        metrics::gauge!(Self::GAUGE).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        metrics::gauge!(Self::GAUGE).decrement(1.0);
     }
 }
 

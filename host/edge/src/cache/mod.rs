@@ -179,7 +179,12 @@ impl ResponseCache {
         let (parts, body) = request.into_parts();
         let url = default_key(&parts);
         let method = parts.method.clone();
+        // A body on GET or HEAD asks something the key does not say: the
+        // origin gets the request as sent, and its answer is not stored.
+        let bodied_read = (method == Method::GET || method == Method::HEAD)
+            && !http_body::Body::is_end_stream(&body);
         let bypass = overrides.bypass
+            || bodied_read
             || parts.headers.contains_key(header::RANGE)
             || parts.headers.contains_key(header::UPGRADE);
         let cacheable = method == Method::GET
@@ -231,17 +236,13 @@ impl ResponseCache {
         trip: BodyLimitTrip,
     ) -> Response<Body> {
         let age = entry.current_age_ms(now_ms());
+        if fresh_hit(&ask, &entry, age) {
+            return answer(&ask, &entry, Outcome::Hit, Some(tier));
+        }
         let stored_cc = Directives::response(&entry.headers);
         let fresh = age < entry.freshness_ms;
         let must_validate = stored_cc.no_cache || ask.cc.no_cache;
-        let client_ok = ask.cc.max_age.is_none_or(|s| age <= s * 1000)
-            && ask
-                .cc
-                .min_fresh
-                .is_none_or(|s| entry.freshness_ms.saturating_sub(age) >= s * 1000);
-        if !must_validate && fresh && client_ok {
-            return answer(&ask, &entry, Outcome::Hit, Some(tier));
-        }
+        let client_ok = client_accepts(&ask, &entry, age);
         let may_be_stale = !must_validate && !fresh && !stored_cc.forbids_stale();
         let staleness = age.saturating_sub(entry.freshness_ms);
         if may_be_stale
@@ -282,8 +283,15 @@ impl ResponseCache {
             }
             Role::Follower(rec) => {
                 match rec.wait_head(self.coalesce_wait).await {
+                    // Only what the waiter could have had from the store:
+                    // its Vary values, and fresh for its own request.
                     Waited::Ready(head)
-                        if head.vary == policy::vary_key(&head.vary_names, &ask.headers) =>
+                        if head.vary == policy::vary_key(&head.vary_names, &ask.headers)
+                            && fresh_hit(
+                                &ask,
+                                &head.stored,
+                                head.stored.current_age_ms(now_ms()),
+                            ) =>
                     {
                         metrics::counter!("breakwater_cache_coalesced_waits_total", "outcome" => "shared").increment(1);
                         return follow(&ask, &head, &rec);
@@ -297,8 +305,7 @@ impl ResponseCache {
                         // rather than shared a body.
                         if let Some((entry, tier)) =
                             self.tiers.lookup(&ask.primary, &ask.headers).await
-                            && entry.current_age_ms(now_ms()) < entry.freshness_ms
-                            && !ask.cc.no_cache
+                            && fresh_hit(&ask, &entry, entry.current_age_ms(now_ms()))
                         {
                             return answer(&ask, &entry, Outcome::Hit, Some(tier));
                         }
@@ -350,7 +357,14 @@ impl ResponseCache {
                 self.tiers
                     .insert(&ask.primary, names, &vary, (*refreshed).clone())
                     .await;
-                return answer(&ask, &refreshed, Outcome::Hit, None);
+                let mut answered = answer(&ask, &refreshed, Outcome::Hit, None);
+                // The cookie was set for this client only: not stored.
+                for cookie in response.headers().get_all(header::SET_COOKIE) {
+                    answered
+                        .headers_mut()
+                        .append(header::SET_COOKIE, cookie.clone());
+                }
+                return answered;
             }
             let stale_cc = Directives::response(&stale.headers);
             let staleness = stale
@@ -399,15 +413,9 @@ impl ResponseCache {
         }
         let vary_names = policy::vary_names(&parts.headers).unwrap_or_default();
         let vary = policy::vary_key(&vary_names, &ask.headers);
-        let head = Arc::new(SharedHead {
-            status,
-            headers: parts.headers.clone(),
-            vary_names,
-            vary,
-        });
         let template = Entry {
             status,
-            headers: parts.headers.clone(),
+            headers: shareable(&parts.headers),
             chunks: Vec::new(),
             request_time_ms: request_time,
             response_time_ms: response_time,
@@ -438,6 +446,11 @@ impl ResponseCache {
                 .map(str::to_owned)
                 .collect(),
         };
+        let head = Arc::new(SharedHead {
+            stored: template.clone(),
+            vary_names,
+            vary,
+        });
         let (flights, rec) = match guard {
             Some(guard) => {
                 let rec = guard.recording().clone();
@@ -632,6 +645,7 @@ fn freshen(
             headers.append(name.clone(), value.clone());
         }
     }
+    let headers = shareable(&headers);
     let cc = Directives::response(&headers);
     Entry {
         initial_age_ms: policy::corrected_initial_age_ms(&headers, request_time, response_time),
@@ -747,13 +761,45 @@ fn answer(ask: &Ask, entry: &Entry, outcome: Outcome, tier: Option<Tier>) -> Res
     client_view(ask, marked(response, outcome))
 }
 
-/// A coalesced follower's answer: the leader's head, the recording's body.
+/// A coalesced follower's answer: the leader's head as stored, the
+/// recording's body.
 fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> {
     count(None, Outcome::Hit);
     let mut response = Response::new(rec.reader());
-    *response.status_mut() = head.status;
-    *response.headers_mut() = head.headers.clone();
+    *response.status_mut() = head.stored.status;
+    *response.headers_mut() = head.stored.headers.clone();
+    let age = head.stored.current_age_ms(now_ms()) / 1000;
+    response
+        .headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
     client_view(ask, marked(response, Outcome::Hit))
+}
+
+/// Whether `entry`, `age_ms` old, answers `ask` as it is (RFC 9111 §4):
+/// fresh, `no-cache` on neither side, and within what the client accepts.
+fn fresh_hit(ask: &Ask, entry: &Entry, age_ms: u64) -> bool {
+    age_ms < entry.freshness_ms
+        && !ask.cc.no_cache
+        && !Directives::response(&entry.headers).no_cache
+        && client_accepts(ask, entry, age_ms)
+}
+
+/// The client's own `max-age` and `min-fresh` (RFC 9111 §5.2.1).
+fn client_accepts(ask: &Ask, entry: &Entry, age_ms: u64) -> bool {
+    ask.cc.max_age.is_none_or(|s| age_ms <= s * 1000)
+        && ask
+            .cc
+            .min_fresh
+            .is_none_or(|s| entry.freshness_ms.saturating_sub(age_ms) >= s * 1000)
+}
+
+/// An answer's header fields as the cache keeps them for everyone: a
+/// `Set-Cookie` (which only a `public` answer may carry into the cache)
+/// belongs to the client it was sent to.
+fn shareable(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = headers.clone();
+    kept.remove(header::SET_COOKIE);
+    kept
 }
 
 fn not_cached(ask: &Ask) -> Response<Body> {
