@@ -157,12 +157,10 @@ impl S3Server {
             ("volume", ports[3]),
             ("filer", ports[5]),
             ("s3", ports[7]),
-            ("admin", admin + GRPC_OFFSET),
         ]
         .iter()
-        .map(|(component, port)| {
-            PathBuf::from(format!("/tmp/seaweedfs-{component}-grpc-{port}.sock"))
-        })
+        .map(|(component, port)| grpc_socket(component, *port))
+        .chain([admin_socket(admin)])
         .collect();
         remove_sockets(&sockets);
         let socket = |name: &str| dir.path().join(name).display().to_string();
@@ -221,38 +219,61 @@ impl S3Server {
         }
     }
 
-    /// Starts the server again after [`S3Server::stop`], on the same ports
-    /// and with the same data (a region coming back), and waits until it
-    /// answers S3 requests.
+    /// Starts the server again after [`S3Server::stop`], on the same S3
+    /// port and with the same data (a region coming back), and waits until
+    /// it answers S3 requests. Its admin ports, which no client uses, are
+    /// chosen afresh when the process exits at start: another process may
+    /// have taken them while it was down.
     ///
     /// # Panics
     ///
     /// When it does not answer within a minute (the message carries its
     /// log), for instance because another process took one of its ports.
     pub async fn restart(&mut self) {
-        self.stop();
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.log)
-            .expect("open the S3 server's log");
-        let log_err = log.try_clone().expect("clone the log handle");
-        let mut command = Command::new(&self.weed);
-        command
-            .args(&self.args)
-            .current_dir(self._dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err));
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        remove_sockets(&self.sockets);
-        self.child = Some(
+        for attempt in 0..START_ATTEMPTS {
+            self.stop();
+            if attempt > 0 {
+                self.move_admin_ports();
+            }
+            let log = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.log)
+                .expect("open the S3 server's log");
+            let log_err = log.try_clone().expect("clone the log handle");
+            let mut command = Command::new(&self.weed);
             command
-                .spawn()
-                .unwrap_or_else(|e| panic!("restarting {}: {e}", self.weed.display())),
+                .args(&self.args)
+                .current_dir(self._dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::from(log_err));
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+            remove_sockets(&self.sockets);
+            self.child = Some(
+                command
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("restarting {}: {e}", self.weed.display())),
+            );
+            if self.wait_serving_again().await {
+                return;
+            }
+        }
+        panic!(
+            "the S3 test server did not come back in {START_ATTEMPTS} attempts; its log:\n{}",
+            self.log_tail()
         );
+    }
+
+    /// Polls until the restarted server stores and serves objects again.
+    /// `false` when the process exited (a port taken meanwhile) or the
+    /// deadline passed.
+    async fn wait_serving_again(&mut self) -> bool {
         let client = http_client();
         let deadline = Instant::now() + START_DEADLINE;
         while Instant::now() < deadline {
+            if self.has_exited() {
+                return false;
+            }
             // The bucket exists already: any answer but a server error
             // means the S3 API is up.
             // Then objects must be writable and readable: the volume
@@ -264,15 +285,36 @@ impl S3Server {
                 if store.put(".restart-probe", &b"up"[..]).await.is_ok()
                     && store.get(".restart-probe", 2).await.is_ok()
                 {
-                    return;
+                    return true;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!(
-            "the S3 test server did not come back; its log:\n{}",
-            self.log_tail()
-        );
+        false
+    }
+
+    fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| child.try_wait().ok().flatten().is_some())
+    }
+
+    /// Points `-admin.port` (and the admin gRPC socket) at a fresh free pair.
+    fn move_admin_ports(&mut self) {
+        let admin = free_port_pair(GRPC_OFFSET);
+        for arg in &mut self.args {
+            if arg.to_string_lossy().starts_with("-admin.port=") {
+                *arg = format!("-admin.port={admin}").into();
+            }
+        }
+        for socket in &mut self.sockets {
+            if socket
+                .to_string_lossy()
+                .starts_with("/tmp/seaweedfs-admin-grpc-")
+            {
+                *socket = admin_socket(admin);
+            }
+        }
     }
 
     /// Polls bucket creation until it succeeds. `false` when the process
@@ -281,9 +323,7 @@ impl S3Server {
         let client = http_client();
         let deadline = Instant::now() + START_DEADLINE;
         while Instant::now() < deadline {
-            if let Some(child) = &mut self.child
-                && child.try_wait().ok().flatten().is_some()
-            {
+            if self.has_exited() {
                 return false;
             }
             if let Ok(status) = self.create_bucket_once(&client, Self::BUCKET).await
@@ -404,6 +444,16 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Where `weed` puts a component's gRPC Unix socket, whatever it is told.
+fn grpc_socket(component: &str, port: u16) -> PathBuf {
+    PathBuf::from(format!("/tmp/seaweedfs-{component}-grpc-{port}.sock"))
+}
+
+/// The admin server's gRPC socket, for admin HTTP port `admin`.
+fn admin_socket(admin: u16) -> PathBuf {
+    grpc_socket("admin", admin + GRPC_OFFSET)
 }
 
 fn remove_sockets(sockets: &[PathBuf]) {
