@@ -43,6 +43,12 @@ pub struct PoolConfig {
     /// …once it has held that long (hysteresis).
     #[serde(default = "default_failback_after", with = "humantime_serde")]
     pub failback_after: Duration,
+    /// Healthy share of endpoint weight (0..=1) below which, when every
+    /// `failover` pool is below its own threshold too, requests go to all
+    /// of the pool's endpoints, ejected and failing ones included, rather
+    /// than none (Envoy's panic routing). 0 turns panic routing off.
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: f64,
     /// How the node speaks to the endpoints: `"http1"` or `"h2"` (prior knowledge).
     #[serde(default)]
     pub protocol: UpstreamProtocol,
@@ -50,7 +56,9 @@ pub struct PoolConfig {
     /// when no retry saves it).
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time from sending the request to the upstream's response head; beyond it: 504.
+    /// Time from the request having been sent whole (its body included:
+    /// a client's slow upload is not the endpoint's) to the upstream's
+    /// response head; beyond it: 504.
     #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
     pub first_byte_timeout: Duration,
     /// Time the whole exchange may take, the answer's body included, when
@@ -193,6 +201,11 @@ pub struct OutlierConfig {
     /// endpoint may always be ejected).
     #[serde(default = "default_max_ejected_share")]
     pub max_ejected_share: f64,
+    /// Whether an origin's own 5xx answers (complete responses from a live
+    /// endpoint) count toward `consecutive_failures`. Even then the last
+    /// healthy endpoint of a pool is never ejected for them.
+    #[serde(default = "default_count_5xx")]
+    pub count_5xx: bool,
 }
 
 impl Default for OutlierConfig {
@@ -202,6 +215,7 @@ impl Default for OutlierConfig {
             base_ejection: default_base_ejection(),
             max_ejection: default_max_ejection(),
             max_ejected_share: default_max_ejected_share(),
+            count_5xx: default_count_5xx(),
         }
     }
 }
@@ -340,6 +354,9 @@ fn default_failback_above() -> f64 {
 fn default_failback_after() -> Duration {
     Duration::from_secs(2)
 }
+fn default_panic_threshold() -> f64 {
+    0.5
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
 }
@@ -378,6 +395,9 @@ fn default_max_ejection() -> Duration {
 }
 fn default_max_ejected_share() -> f64 {
     0.5
+}
+fn default_count_5xx() -> bool {
+    true
 }
 fn default_attempts() -> u32 {
     2
@@ -438,6 +458,28 @@ mod tests {
         assert_eq!(priority.index_of(" PAID"), Some(0));
         assert_eq!(priority.index_of("gold"), None);
         assert_eq!(priority.reserved, 0.0);
+    }
+
+    #[test]
+    fn panic_routing_and_5xx_counting_have_defaults_and_validated_values() {
+        let config = crate::parse(HEAD, Path::new("t.toml"), Path::new("."))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pool = &config.pools[0];
+        assert_eq!(pool.panic_threshold, 0.5);
+        assert!(pool.outlier.count_5xx);
+
+        let text = format!("{HEAD}panic_threshold = 0\noutlier = {{ count_5xx = false }}\n");
+        let config = crate::parse(&text, Path::new("t.toml"), Path::new("."))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.pools[0].panic_threshold, 0.0);
+        assert!(!config.pools[0].outlier.count_5xx);
+
+        let text = format!("{HEAD}panic_threshold = 1.5\n");
+        let err =
+            crate::parse(&text, Path::new("t.toml"), Path::new(".")).expect_err("a share above 1");
+        let d = &err.diagnostics()[0];
+        assert_eq!((d.line, d.column), (6, 19), "{d}");
+        assert!(d.fix.contains("panic_threshold"), "{d}");
     }
 
     #[test]

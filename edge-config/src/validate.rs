@@ -276,6 +276,7 @@ fn check_pool_failover(
     for (key, share) in [
         ("failover_below", pool.failover_below),
         ("failback_above", pool.failback_above),
+        ("panic_threshold", pool.panic_threshold),
     ] {
         if !(0.0..=1.0).contains(&share) {
             checker.report(

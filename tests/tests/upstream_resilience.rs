@@ -795,3 +795,121 @@ async fn under_overload_the_paid_tier_is_admitted_first_while_the_free_tier_is_s
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_answering_500_ten_times_in_a_row_still_gets_the_next_request() {
+    let a = StandIn::start(STAND_IN, "a");
+    // The default pool settings: outlier detection counts 5xx answers.
+    let edge = tokio::task::block_in_place(|| EdgeProcess::start(&edge_config(&[&a], "", "")));
+    a.control("status=500").await;
+    let http = client();
+    for i in 0..10 {
+        let response = http.get(edge.url("/work")).send().await.expect("GET");
+        assert_eq!(response.status(), 500, "request {i}");
+        assert_eq!(
+            response.text().await.expect("body"),
+            "a failing",
+            "request {i}: the origin's own answer, not the edge's"
+        );
+    }
+    a.control("status=0").await;
+    let response = http.get(edge.url("/work")).send().await.expect("GET");
+    assert_eq!(response.status(), 200, "{}", edge.child.stderr());
+    assert_eq!(response.text().await.expect("body"), "a");
+    assert_eq!(
+        metric_sum(
+            &edge.metrics().await,
+            "breakwater_upstream_ejections_total",
+            &[("reason", "5xx")]
+        ),
+        0.0,
+        "the last healthy endpoint was ejected for its answers"
+    );
+}
+
+/// Ejects the only endpoint `a` of `edge` (see [`ejected_quickly`]) by
+/// three first-byte timeouts, lets it answer again, and returns the status
+/// of the next request.
+async fn after_the_only_endpoint_is_ejected(a: &StandIn, edge: &EdgeProcess) -> u16 {
+    a.control("delay_ms=3000").await;
+    let http = client();
+    for i in 0..3 {
+        let response = http.get(edge.url("/work")).send().await.expect("GET");
+        assert_eq!(response.status(), 504, "request {i}");
+    }
+    assert_eq!(
+        metric(
+            &edge.metrics().await,
+            "breakwater_upstream_ejections_total",
+            &[("reason", "timeout")]
+        ),
+        1.0
+    );
+    a.control("delay_ms=0").await;
+    http.get(edge.url("/work"))
+        .send()
+        .await
+        .expect("GET")
+        .status()
+        .as_u16()
+}
+
+/// A node in front of `a` alone, with a 300 ms first-byte timeout and 1 s
+/// ejections; `pool_extra` is added to the pool.
+fn ejected_quickly(a: &StandIn, pool_extra: &str) -> EdgeProcess {
+    tokio::task::block_in_place(|| {
+        EdgeProcess::start(
+            &edge_config(
+                &[a],
+                &format!("outlier = {{ base_ejection = \"1s\" }}\n{pool_extra}"),
+                "",
+            )
+            .replace(
+                "first_byte_timeout = \"5s\"",
+                "first_byte_timeout = \"300ms\"",
+            ),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_below_its_panic_threshold_sends_to_ejected_endpoints_rather_than_none() {
+    let a = StandIn::start(STAND_IN, "a");
+    let edge = ejected_quickly(&a, "");
+    assert_eq!(
+        after_the_only_endpoint_is_ejected(&a, &edge).await,
+        200,
+        "{}",
+        edge.child.stderr()
+    );
+    assert_eq!(
+        metric(
+            &edge.metrics().await,
+            "breakwater_upstream_panic",
+            &[("pool", "eu")]
+        ),
+        1.0
+    );
+    assert!(
+        edge.child.stderr().contains("panic routing:"),
+        "{}",
+        edge.child.stderr()
+    );
+    // The ejection ends: so does the panic, with a log line once.
+    wait_for("the panic ends", PATIENCE, async || {
+        metric(
+            &edge.metrics().await,
+            "breakwater_upstream_panic",
+            &[("pool", "eu")],
+        ) == 0.0
+    })
+    .await;
+    let log = edge.child.stderr();
+    assert_eq!(log.matches("panic routing:").count(), 1, "{log}");
+    assert_eq!(log.matches("panic routing ended").count(), 1, "{log}");
+
+    // With panic routing off, the ejected endpoint gets nothing.
+    let b = StandIn::start(STAND_IN, "b");
+    let edge = ejected_quickly(&b, "panic_threshold = 0");
+    assert_eq!(after_the_only_endpoint_is_ejected(&b, &edge).await, 503);
+}

@@ -24,19 +24,63 @@ pub(crate) fn request_head_bytes(parts: &Parts) -> usize {
     })
 }
 
-/// Why a request body was cut off.
+/// How the client broke its own request body. Any of these is the
+/// client's doing, never the upstream's: it is answered 400/408/413 (or not
+/// at all, when the client is gone) and never counts against an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum BodyLimitError {
+pub(crate) enum ClientBodyError {
     #[error("request body exceeds {0} bytes")]
     TooLarge(u64),
     #[error("request body not received within {0:?}")]
     TimedOut(Duration),
+    /// Bad framing, e.g. a malformed chunk size line.
+    #[error("request body is malformed")]
+    Malformed,
+    /// The client stopped sending before the body ended (connection
+    /// closed, stream reset).
+    #[error("request body ended before it was complete")]
+    Aborted,
+}
+
+impl ClientBodyError {
+    /// The metrics label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            ClientBodyError::TooLarge(_) => "too_large",
+            ClientBodyError::TimedOut(_) => "timeout",
+            ClientBodyError::Malformed => "malformed",
+            ClientBodyError::Aborted => "aborted",
+        }
+    }
+
+    /// Malformed when hyper's decoder refused the framing; aborted
+    /// otherwise (end of input, an h2 stream the client reset).
+    fn of_read_error(error: &hyper::Error) -> Self {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(cause) = source {
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                return match io.kind() {
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
+                        ClientBodyError::Malformed
+                    }
+                    _ => ClientBodyError::Aborted,
+                };
+            }
+            source = cause.source();
+        }
+        if error.is_parse() {
+            ClientBodyError::Malformed
+        } else {
+            ClientBodyError::Aborted
+        }
+    }
 }
 
 /// A request body that fails once it passes `max_bytes` or takes longer than
-/// `timeout` to arrive. The failure is also recorded in [`BodyLimitTrip`] so
-/// that whoever was consuming the body (the proxy) can answer 413 / 408
-/// instead of a generic upstream error.
+/// `timeout` to arrive. Every failure, the client's own read errors
+/// included, is also recorded in [`BodyLimitTrip`] so that whoever was
+/// consuming the body (the proxy) can tell it from an upstream's failure
+/// and answer 400 / 408 / 413 instead of a generic upstream error.
 pub(crate) struct LimitedBody {
     inner: Incoming,
     received: u64,
@@ -46,12 +90,12 @@ pub(crate) struct LimitedBody {
     trip: BodyLimitTrip,
 }
 
-/// Shared record of a tripped body limit.
+/// Shared record of how the client broke its request body, if it did.
 #[derive(Clone, Default)]
-pub(crate) struct BodyLimitTrip(Arc<OnceLock<BodyLimitError>>);
+pub(crate) struct BodyLimitTrip(Arc<OnceLock<ClientBodyError>>);
 
 impl BodyLimitTrip {
-    pub(crate) fn get(&self) -> Option<BodyLimitError> {
+    pub(crate) fn get(&self) -> Option<ClientBodyError> {
         self.0.get().copied()
     }
 }
@@ -70,7 +114,7 @@ impl LimitedBody {
         (body, trip)
     }
 
-    fn fail(&self, error: BodyLimitError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(&self, error: ClientBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let _ = self.trip.0.set(error);
         Poll::Ready(Some(Err(Box::new(error))))
     }
@@ -91,7 +135,7 @@ impl Body for LimitedBody {
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
             let timeout = self.timeout;
-            return self.fail(BodyLimitError::TimedOut(timeout));
+            return self.fail(ClientBodyError::TimedOut(timeout));
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -99,12 +143,15 @@ impl Body for LimitedBody {
                     self.received += data.len() as u64;
                     if self.received > self.max_bytes {
                         let max = self.max_bytes;
-                        return self.fail(BodyLimitError::TooLarge(max));
+                        return self.fail(ClientBodyError::TooLarge(max));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                let _ = self.trip.0.set(ClientBodyError::of_read_error(&e));
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -132,9 +132,13 @@ impl Endpoint {
 
     /// Healthy, not busy, and below its limit of outstanding requests.
     pub(crate) fn is_available(&self, now: u64, max_outstanding: usize) -> bool {
-        self.is_healthy(now)
-            && self.busy_for(now).is_none()
-            && self.outstanding.load(Ordering::Relaxed) < max_outstanding
+        self.is_healthy(now) && self.has_room(now, max_outstanding)
+    }
+
+    /// Not busy and below its limit of outstanding requests, healthy or
+    /// not (panic routing).
+    pub(crate) fn has_room(&self, now: u64, max_outstanding: usize) -> bool {
+        self.busy_for(now).is_none() && self.outstanding.load(Ordering::Relaxed) < max_outstanding
     }
 
     /// The load a new request would see: the latency estimate times the
@@ -339,6 +343,7 @@ mod tests {
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(3),
             max_ejected_share: 1.0,
+            count_5xx: true,
         };
         assert!(!e.record_failure(Failure::Status, &outlier, || true));
         assert!(e.record_failure(Failure::Status, &outlier, || true));

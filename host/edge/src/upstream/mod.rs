@@ -24,6 +24,19 @@
 //!
 //! Shedding at the pool's concurrency limit is by priority tier when the
 //! pool configures tiers (see [`limit`]); the answer names the tier.
+//!
+//! A request body the client breaks (bad framing, cut off, too large, too
+//! slow: [`ClientBodyError`]) ends the attempt it was streaming into; that
+//! failure is the client's, so it is answered 400/408/413, counted in
+//! `breakwater_edge_client_body_errors_total`, and neither counts against
+//! the endpoint (outlier detection, health, concurrency limit, attempt
+//! metrics) nor is retried.
+//!
+//! Panic routing (Envoy's panic threshold): while the healthy share of a
+//! pool and of every failover pool behind it is below the pool's
+//! `panic_threshold`, health is ignored and requests go to all endpoints,
+//! ejected ones included, by priority: some answers beat a 503 for
+//! everyone, and the load is not piled onto the few endpoints left.
 
 mod balance;
 mod budget;
@@ -34,6 +47,7 @@ mod pool;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,10 +58,11 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
+use metrics::Gauge;
 use tokio::time::Sleep;
 
 use crate::error::error_response;
-use crate::limits::{BodyLimitError, BodyLimitTrip, BoxError};
+use crate::limits::{BodyLimitTrip, BoxError, ClientBodyError};
 use crate::proxy::{
     ClientConnection, prepare_request_headers, prepare_response, unreachable, upstream_uri,
 };
@@ -75,6 +90,11 @@ pub(crate) struct UpstreamPool {
     /// The pool's adaptive concurrency limit, when configured.
     limit: Option<Arc<ConcurrencyLimit>>,
     rng: Rng,
+    /// The pool's `panic_threshold`, applied to every pool in `chain`.
+    panic_threshold: f64,
+    /// In panic routing now (for the log line on each change).
+    panicking: AtomicBool,
+    panic_gauge: Gauge,
 }
 
 /// Builds every configured pool once, with its failover chain, and starts
@@ -115,10 +135,31 @@ pub(crate) fn build_pools(config: &EdgeConfig) -> HashMap<String, Arc<UpstreamPo
                     .as_ref()
                     .map(|c| Arc::new(ConcurrencyLimit::new(&pool.name, c))),
                 rng: Rng::new(),
+                panic_threshold: pool.panic_threshold,
+                panicking: AtomicBool::new(false),
+                panic_gauge: metrics::gauge!("breakwater_upstream_panic", "pool" => pool.name.clone()),
             };
-            Some((pool.name.clone(), Arc::new(upstream)))
+            upstream.panic_gauge.set(0.0);
+            let upstream = Arc::new(upstream);
+            spawn_panic_watch(&upstream);
+            Some((pool.name.clone(), upstream))
         })
         .collect()
+}
+
+/// Re-evaluates panic routing while no request walks by, so that the gauge
+/// and the log say when it ends; stops when the pool is dropped.
+fn spawn_panic_watch(pool: &Arc<UpstreamPool>) {
+    let weak = Arc::downgrade(pool);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = weak.upgrade() else { return };
+            pool.in_panic(now_ms());
+        }
+    });
 }
 
 /// The request body, kept for another attempt or streamed once.
@@ -153,6 +194,11 @@ enum Outcome {
     /// A `503` with `Retry-After`: the endpoint is busy, not failing.
     Busy(Response<hyper::body::Incoming>),
     Failed(Failure, Option<Response<hyper::body::Incoming>>, String),
+    /// The client broke its request body while it was being sent: says
+    /// nothing about the endpoint.
+    ClientBroke(ClientBodyError),
+    /// The request's deadline passed while its body was still being sent.
+    DeadlinePassed,
 }
 
 fn idempotent(method: &Method) -> bool {
@@ -199,24 +245,51 @@ impl UpstreamPool {
         &self.chain[0]
     }
 
+    /// Whether requests are panic routed now: every pool that could take
+    /// this pool's traffic is below its `panic_threshold`. Logs and sets
+    /// the gauge when that changes.
+    fn in_panic(&self, now: u64) -> bool {
+        let panic = self
+            .chain
+            .iter()
+            .all(|core| core.is_below(now, self.panic_threshold));
+        if self.panicking.swap(panic, Ordering::Relaxed) != panic {
+            self.panic_gauge.set(if panic { 1.0 } else { 0.0 });
+            let healthy_share = self.primary().healthy_share(now);
+            if panic {
+                tracing::warn!(pool = %self.name, healthy_share, threshold = self.panic_threshold, "panic routing: too few healthy endpoints, sending to all of them, unhealthy ones included");
+            } else {
+                tracing::info!(pool = %self.name, healthy_share, "panic routing ended: healthy endpoints only");
+            }
+        }
+        panic
+    }
+
     /// The endpoint for the next attempt: the first pool by priority that
     /// is not spilled and has an available endpoint; when every pool is
-    /// spilled, any pool that has one.
+    /// spilled, any pool that has one. In panic, the first pool by
+    /// priority with an endpoint that has room, healthy or not.
     fn choose(&self, key: Option<u64>, tried: &[Arc<Endpoint>]) -> Option<(usize, Arc<Endpoint>)> {
         let now = now_ms();
+        let any = |panic: bool| {
+            self.chain.iter().enumerate().find_map(|(i, core)| {
+                core.choose(&self.rng, now, key, tried, panic)
+                    .map(|e| (i, e))
+            })
+        };
+        if self.in_panic(now) {
+            return any(true);
+        }
         let last = self.chain.len() - 1;
         for (i, core) in self.chain.iter().enumerate() {
             if i < last && core.is_spilled(now) {
                 continue;
             }
-            if let Some(endpoint) = core.choose(&self.rng, now, key, tried) {
+            if let Some(endpoint) = core.choose(&self.rng, now, key, tried, false) {
                 return Some((i, endpoint));
             }
         }
-        self.chain
-            .iter()
-            .enumerate()
-            .find_map(|(i, core)| core.choose(&self.rng, now, key, tried).map(|e| (i, e)))
+        any(false)
     }
 
     /// Sends `request` upstream and returns the upstream's response with its
@@ -265,7 +338,7 @@ impl UpstreamPool {
         .await
         {
             Ok(body) => body,
-            Err(()) => return body_error(body_trip),
+            Err(()) => return self.body_error(body_trip),
         };
         let key = self
             .chain
@@ -278,11 +351,7 @@ impl UpstreamPool {
         let mut last: Option<LastFailure> = None;
         loop {
             if Instant::now() >= deadline {
-                return unreachable(error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "deadline_exceeded",
-                    "the request's deadline passed before an upstream answered",
-                ));
+                return deadline_exceeded();
             }
             let Some((index, endpoint)) = self.choose(key, &tried) else {
                 return match last {
@@ -295,21 +364,40 @@ impl UpstreamPool {
             let attempt = tried.len();
             let sent = Instant::now();
             let outcome = self
-                .attempt(core, &endpoint, &parts, body.take(), attempt, deadline)
+                .attempt(
+                    core,
+                    &endpoint,
+                    &parts,
+                    body.take(),
+                    attempt,
+                    deadline,
+                    body_trip,
+                )
                 .await;
-            if let Some(permit) = &permit {
+            if let Some(permit) = &permit
+                && !matches!(outcome, Outcome::ClientBroke(_) | Outcome::DeadlinePassed)
+            {
                 let ok = matches!(outcome, Outcome::Answer(..));
                 permit.limit().record(sent.elapsed(), ok);
             }
             let (failure, response, detail) = match outcome {
                 Outcome::Answer(response, outstanding) => {
-                    return finish(response, outstanding, permit, core.clone(), deadline);
+                    return finish(
+                        response,
+                        outstanding,
+                        permit,
+                        core.clone(),
+                        deadline,
+                        body_trip.clone(),
+                    );
                 }
                 Outcome::Busy(response) => (None, Some(response), "busy".to_owned()),
                 Outcome::Failed(failure, response, detail) => (Some(failure), response, detail),
+                Outcome::ClientBroke(error) => return self.client_body_error(error),
+                Outcome::DeadlinePassed => return deadline_exceeded(),
             };
             if let Some(error) = body_trip.get() {
-                return limit_error(error);
+                return self.client_body_error(error);
             }
             let label = failure.map_or("busy", Failure::label);
             metrics::counter!(
@@ -371,7 +459,9 @@ impl UpstreamPool {
         }
     }
 
-    /// One attempt on `endpoint`; records its outcome on the endpoint.
+    /// One attempt on `endpoint`; records its outcome on the endpoint,
+    /// unless the client broke the request body meanwhile (`body_trip`).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         core: &PoolCore,
@@ -380,11 +470,13 @@ impl UpstreamPool {
         body: Body,
         attempt: usize,
         deadline: Instant,
+        body_trip: &BodyLimitTrip,
     ) -> Outcome {
         let Some(uri) = upstream_uri(&endpoint.uri, &parts.uri) else {
             return Outcome::Failed(Failure::Status, None, "bad uri".to_owned());
         };
-        let mut request = Request::new(body);
+        let (body, sent_whole) = SentWhole::wrap(body);
+        let mut request = Request::new(Body::new(body));
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
         *request.version_mut() = match core.config.protocol {
@@ -403,11 +495,36 @@ impl UpstreamPool {
         }
         let outstanding = endpoint.start();
         let started = Instant::now();
-        let limit = core
-            .config
-            .first_byte_timeout
-            .min(deadline.saturating_duration_since(started));
-        let sent = tokio::time::timeout(limit, core.client.request(request)).await;
+        let first_byte_timeout = core.config.first_byte_timeout;
+        // The endpoint is judged from the moment it has the whole request:
+        // the time a client takes to send its body is the client's (bounded
+        // by `body_read_timeout`), not the endpoint's.
+        let mut whole_sent = sent_whole.clone();
+        let first_byte = async move {
+            if whole_sent.wait_for(Option::is_some).await.is_err() {
+                // The body ended short: the request itself fails.
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(first_byte_timeout).await;
+        };
+        let sent = tokio::select! {
+            sent = core.client.request(request) => Ok(sent),
+            () = first_byte => Err(first_byte_timeout),
+            () = tokio::time::sleep_until(deadline.into()) => {
+                if sent_whole.borrow().is_none() {
+                    // Whose slowness ran the clock out is unknown: a
+                    // client's slow body, or an endpoint not reading it.
+                    return Outcome::DeadlinePassed;
+                }
+                Err(deadline.saturating_duration_since(started))
+            }
+        };
+        // A failure while the client's body was breaking is the body's:
+        // the upstream saw a request cut short, or none at all.
+        let answered = matches!(&sent, Ok(Ok(r)) if !r.status().is_server_error());
+        if !answered && let Some(error) = body_trip.get() {
+            return Outcome::ClientBroke(error);
+        }
         let outcome = match sent {
             Ok(Ok(response)) => {
                 let status = response.status();
@@ -422,7 +539,8 @@ impl UpstreamPool {
                     core.record_failure(endpoint, Failure::Status);
                     Outcome::Failed(Failure::Status, Some(response), status.to_string())
                 } else {
-                    endpoint.record_success(started.elapsed());
+                    let whole_at = sent_whole.borrow().unwrap_or(started);
+                    endpoint.record_success(whole_at.elapsed());
                     return Outcome::Answer(response, outstanding);
                 }
             }
@@ -435,12 +553,12 @@ impl UpstreamPool {
                 core.record_failure(endpoint, failure);
                 Outcome::Failed(failure, None, e.to_string())
             }
-            Err(_) => {
+            Err(waited) => {
                 core.record_failure(endpoint, Failure::Timeout);
                 Outcome::Failed(
                     Failure::Timeout,
                     None,
-                    format!("no answer within {limit:?}"),
+                    format!("no answer within {waited:?} of the request"),
                 )
             }
         };
@@ -486,6 +604,52 @@ impl UpstreamPool {
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         unreachable(response)
+    }
+
+    /// The client broke its request body: its own error, counted apart
+    /// from upstream errors.
+    fn client_body_error(&self, error: ClientBodyError) -> Response<Body> {
+        metrics::counter!(
+            "breakwater_edge_client_body_errors_total",
+            "pool" => self.name.clone(),
+            "kind" => error.label()
+        )
+        .increment(1);
+        tracing::debug!(pool = %self.name, %error, "request body broken by the client");
+        match error {
+            ClientBodyError::TooLarge(max) => error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!("the request body exceeds {max} bytes"),
+            ),
+            ClientBodyError::TimedOut(t) => error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                &format!("the request body was not received within {t:?}"),
+            ),
+            ClientBodyError::Malformed => error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request_body",
+                "the request body's framing is malformed",
+            ),
+            ClientBodyError::Aborted => error_response(
+                StatusCode::BAD_REQUEST,
+                "incomplete_request_body",
+                "the request body ended before it was complete",
+            ),
+        }
+    }
+
+    /// The body could not be kept for another attempt.
+    fn body_error(&self, trip: &BodyLimitTrip) -> Response<Body> {
+        match trip.get() {
+            Some(error) => self.client_body_error(error),
+            None => error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request_body",
+                "the request body could not be read",
+            ),
+        }
     }
 
     fn no_endpoint(&self) -> Response<Body> {
@@ -535,29 +699,65 @@ async fn keep_body(
     Ok(AttemptBody::Streaming(Some(body)))
 }
 
-fn limit_error(error: BodyLimitError) -> Response<Body> {
-    match error {
-        BodyLimitError::TooLarge(max) => error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            &format!("the request body exceeds {max} bytes"),
-        ),
-        BodyLimitError::TimedOut(t) => error_response(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            &format!("the request body was not received within {t:?}"),
-        ),
+fn deadline_exceeded() -> Response<Body> {
+    unreachable(error_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline_exceeded",
+        "the request's deadline passed before an upstream answered",
+    ))
+}
+
+/// A request body on its way upstream that says when it has been sent
+/// whole: the instant its end was reached.
+struct SentWhole {
+    inner: Body,
+    whole: Option<tokio::sync::watch::Sender<Option<Instant>>>,
+}
+
+impl SentWhole {
+    fn wrap(inner: Body) -> (Self, tokio::sync::watch::Receiver<Option<Instant>>) {
+        use http_body::Body as _;
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let mut body = Self {
+            inner,
+            whole: Some(tx),
+        };
+        if body.inner.is_end_stream() {
+            body.mark();
+        }
+        (body, rx)
+    }
+
+    fn mark(&mut self) {
+        if let Some(whole) = self.whole.take() {
+            whole.send_replace(Some(Instant::now()));
+        }
     }
 }
 
-fn body_error(trip: &BodyLimitTrip) -> Response<Body> {
-    match trip.get() {
-        Some(error) => limit_error(error),
-        None => error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request_body",
-            "the request body could not be read",
-        ),
+impl http_body::Body for SentWhole {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.mark(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.mark(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -595,6 +795,7 @@ fn finish(
     permit: Option<Permit>,
     core: Arc<PoolCore>,
     deadline: Instant,
+    body_trip: BodyLimitTrip,
 ) -> Response<Body> {
     prepare_response(response).map(|body| {
         Body::new(GuardedBody {
@@ -602,18 +803,21 @@ fn finish(
             outstanding: Some((outstanding, permit)),
             core,
             deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+            body_trip,
         })
     })
 }
 
 /// An answer's body while it streams: holds the endpoint's outstanding
 /// count and the pool's concurrency slot, cuts the stream at the deadline,
-/// and counts a broken stream against the endpoint.
+/// and counts a broken stream against the endpoint (unless the client's
+/// own request body broke it).
 struct GuardedBody {
     inner: Body,
     outstanding: Option<(Outstanding, Option<Permit>)>,
     core: Arc<PoolCore>,
     deadline: Pin<Box<Sleep>>,
+    body_trip: BodyLimitTrip,
 }
 
 impl http_body::Body for GuardedBody {
@@ -634,7 +838,9 @@ impl http_body::Body for GuardedBody {
             }
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
-                if let Some((outstanding, _)) = self.outstanding.take() {
+                if let Some((outstanding, _)) = self.outstanding.take()
+                    && self.body_trip.get().is_none()
+                {
                     self.core
                         .record_failure(outstanding.endpoint(), Failure::Reset);
                 }
@@ -684,6 +890,97 @@ mod tests {
     fn only_idempotent_methods_are_retriable() {
         assert!(idempotent(&Method::GET) && idempotent(&Method::PUT));
         assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
+    }
+
+    /// The pools of a node whose pool `a` has `a_endpoints` endpoints and
+    /// `extra` lines, and fails over to `b` with one endpoint.
+    fn node_pools(a_endpoints: usize, extra: &str) -> HashMap<String, Arc<UpstreamPool>> {
+        let endpoints: Vec<String> = (0..a_endpoints)
+            .map(|i| format!("\"http://127.0.0.1:{}\"", 1 + i))
+            .collect();
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:8080\"\n\
+             [[pool]]\nname = \"a\"\nendpoints = [{}]\nfailover = [\"b\"]\n{extra}\n\
+             [[pool]]\nname = \"b\"\nendpoints = [\"http://127.0.0.1:100\"]\n",
+            endpoints.join(", ")
+        );
+        let config = edge_config::parse(
+            &text,
+            std::path::Path::new("t.toml"),
+            std::path::Path::new("."),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        build_pools(&config)
+    }
+
+    /// Ejects `endpoint` of `core` by connection failures.
+    fn eject(core: &PoolCore, endpoint: &Arc<Endpoint>) {
+        for _ in 0..core.config.outlier.consecutive_failures {
+            core.record_failure(endpoint, Failure::Reset);
+        }
+        assert!(endpoint.is_ejected(now_ms()), "{}", endpoint.label);
+    }
+
+    #[tokio::test]
+    async fn below_the_panic_threshold_everywhere_requests_go_to_ejected_endpoints() {
+        let pools = node_pools(2, "outlier = { max_ejected_share = 1.0 }");
+        let a = &pools["a"];
+        let b = &pools["b"];
+        let (a_core, b_core) = (a.chain[0].clone(), a.chain[1].clone());
+        eject(&a_core, &a_core.endpoints[0]);
+        eject(&a_core, &a_core.endpoints[1]);
+        // `b` is healthy: a's traffic spills there, no panic.
+        let (pool, _) = a.choose(None, &[]).expect("b takes the traffic");
+        assert_eq!(pool, 1);
+        assert!(!a.in_panic(now_ms()));
+        // With `b` down too, every pool is below 50%: all of a's endpoints,
+        // by priority, rather than none.
+        eject(&b_core, &b_core.endpoints[0]);
+        let (pool, first) = a.choose(None, &[]).expect("panic routing");
+        assert_eq!(pool, 0, "the pool's own endpoints first");
+        let (_, second) = a
+            .choose(None, std::slice::from_ref(&first))
+            .expect("the other one");
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(a.in_panic(now_ms()));
+        // `b` alone is one pool of one ejected endpoint: its own.
+        assert!(b.choose(None, &[]).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_panic_threshold_of_zero_keeps_ejected_endpoints_out() {
+        let pools = node_pools(1, "panic_threshold = 0.0");
+        let a = &pools["a"];
+        for core in &a.chain {
+            eject(core, &core.endpoints[0]);
+        }
+        assert!(a.choose(None, &[]).is_none());
+        assert!(!a.in_panic(now_ms()));
+    }
+
+    #[tokio::test]
+    async fn an_origins_5xx_never_ejects_the_last_healthy_endpoint_and_counts_only_when_configured()
+    {
+        let pools = node_pools(2, "outlier = { max_ejected_share = 1.0 }");
+        let a = pools["a"].chain[0].clone();
+        let (first, last) = (&a.endpoints[0], &a.endpoints[1]);
+        for _ in 0..3 {
+            a.record_failure(first, Failure::Status);
+        }
+        assert!(first.is_ejected(now_ms()), "5xx counts by default");
+        for _ in 0..10 {
+            a.record_failure(last, Failure::Status);
+        }
+        assert!(last.is_healthy(now_ms()), "the last healthy endpoint stays");
+        // Other failures still eject it.
+        eject(&a, last);
+
+        let pools = node_pools(2, "outlier = { count_5xx = false }");
+        let a = pools["a"].chain[0].clone();
+        for _ in 0..10 {
+            a.record_failure(&a.endpoints[0], Failure::Status);
+        }
+        assert!(a.endpoints[0].is_healthy(now_ms()));
     }
 
     #[test]

@@ -140,19 +140,34 @@ impl PoolCore {
         (!value.is_empty()).then(|| stable_hash(value.as_bytes()))
     }
 
-    /// An endpoint for the next attempt, not among `tried`.
+    /// Whether the healthy share of this pool's endpoint weight is below
+    /// `threshold` (a panic threshold; 0 is never reached).
+    pub(crate) fn is_below(&self, now: u64, threshold: f64) -> bool {
+        self.healthy_share(now) < threshold
+    }
+
+    /// An endpoint for the next attempt, not among `tried`; in `panic`,
+    /// health is ignored (ejected and failing endpoints are candidates).
     pub(crate) fn choose(
         &self,
         rng: &Rng,
         now: u64,
         key: Option<u64>,
         tried: &[Arc<Endpoint>],
+        panic: bool,
     ) -> Option<Arc<Endpoint>> {
         let max = self.config.max_requests_per_endpoint;
         let candidates: Vec<&Arc<Endpoint>> = self
             .endpoints
             .iter()
-            .filter(|e| e.is_available(now, max) && !tried.iter().any(|t| Arc::ptr_eq(t, e)))
+            .filter(|e| {
+                let usable = if panic {
+                    e.has_room(now, max)
+                } else {
+                    e.is_available(now, max)
+                };
+                usable && !tried.iter().any(|t| Arc::ptr_eq(t, e))
+            })
             .collect();
         match key {
             Some(key) => rendezvous(key, &candidates),
@@ -167,8 +182,14 @@ impl PoolCore {
     }
 
     /// Records a failed attempt on `endpoint`; ejection respects the pool's
-    /// largest ejected share (at least one endpoint may always go).
+    /// largest ejected share (at least one endpoint may always go). An
+    /// origin's own 5xx answer counts only with `outlier.count_5xx`, and
+    /// never ejects the pool's last healthy endpoint.
     pub(crate) fn record_failure(&self, endpoint: &Arc<Endpoint>, failure: Failure) {
+        let outlier = &self.config.outlier;
+        if failure == Failure::Status && !outlier.count_5xx {
+            return;
+        }
         if let Some(health) = &self.config.health {
             match failure {
                 Failure::Connect => endpoint.mark_down("connect_refused"),
@@ -187,9 +208,19 @@ impl PoolCore {
                 _ => {}
             }
         }
-        let outlier = &self.config.outlier;
         endpoint.record_failure(failure, outlier, || {
             let now = now_ms();
+            // An endpoint that answers is alive: ejecting the last healthy
+            // one for its answers would turn an origin's errors into a
+            // total outage.
+            if failure == Failure::Status
+                && !self
+                    .endpoints
+                    .iter()
+                    .any(|e| !Arc::ptr_eq(e, endpoint) && e.is_healthy(now))
+            {
+                return false;
+            }
             let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
             let cap = ((self.endpoints.len() as f64 * outlier.max_ejected_share) as usize).max(1);
             ejected < cap
