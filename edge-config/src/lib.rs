@@ -163,6 +163,34 @@ endpoints = ["http://127.0.0.1:3"]
     }
 
     #[test]
+    fn trusted_proxies_take_networks_and_single_addresses() {
+        let text = r#"
+[node]
+trusted_proxies = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1", "172.16.5.4/12"]
+[[listener]]
+address = "127.0.0.1:8080"
+"#;
+        let config =
+            parse(text, Path::new("t.toml"), Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+        let networks: Vec<String> = config
+            .node
+            .trusted_proxy_networks()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            networks,
+            [
+                "10.0.0.0/8",
+                "192.0.2.7/32",
+                "2001:db8::/32",
+                "::1/128",
+                "172.16.0.0/12"
+            ]
+        );
+    }
+
+    #[test]
     fn an_unknown_endpoint_key_is_located_and_fixed() {
         let text = "[[listener]]\naddress = \"127.0.0.1:8080\"\n[[pool]]\nname = \"a\"\nendpoints = [{ adress = \"http://127.0.0.1:1\" }]\n";
         let err = parse(text, Path::new("t.toml"), Path::new(".")).expect_err("unknown key");

@@ -53,6 +53,12 @@ pub struct NodeConfig {
     pub name: String,
     #[serde(default = "default_region")]
     pub region: String,
+    /// Peers whose forwarding headers (`Forwarded`, `X-Forwarded-*`,
+    /// `X-Real-IP`, `X-Original-URL`, …) are believed and appended to: CIDR
+    /// networks or single addresses. From any other peer those headers are
+    /// removed before anything reads them.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -60,7 +66,31 @@ impl Default for NodeConfig {
         Self {
             name: default_node_name(),
             region: default_region(),
+            trusted_proxies: Vec::new(),
         }
+    }
+}
+
+impl NodeConfig {
+    /// `trusted_proxies` as networks (validated when the file was parsed).
+    pub fn trusted_proxy_networks(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|entry| parse_network(entry).ok())
+            .collect()
+    }
+}
+
+/// A `trusted_proxies` entry: `10.0.0.0/8`, `2001:db8::/32`, or one address
+/// (`192.0.2.7`, a /32 or /128). Host bits after the prefix are ignored, as
+/// the network is what is meant.
+pub fn parse_network(entry: &str) -> Result<ipnet::IpNet, ipnet::AddrParseError> {
+    match entry.parse::<ipnet::IpNet>() {
+        Ok(network) => Ok(network.trunc()),
+        Err(not_a_network) => entry
+            .parse::<std::net::IpAddr>()
+            .map(ipnet::IpNet::from)
+            .map_err(|_| not_a_network),
     }
 }
 

@@ -57,6 +57,7 @@ pub(crate) fn validate(config: &EdgeConfig, text: &str, map: &SourceMap<'_>) -> 
         document: toml_edit::Document::parse(text).ok(),
         problems: Vec::new(),
     };
+    check_node(config, &mut checker);
     check_listeners(config, &mut checker);
     check_limits(config, &mut checker);
     check_sites(config, &mut checker);
@@ -74,6 +75,18 @@ fn check_address(checker: &mut Checker<'_>, path: &[Step<'_>], address: &str) {
             format!("`{address}` is not a socket address"),
             "write an IP address and port, e.g. \"127.0.0.1:8080\" or \"[::]:443\"",
         );
+    }
+}
+
+fn check_node(config: &EdgeConfig, checker: &mut Checker<'_>) {
+    for (i, entry) in config.node.trusted_proxies.iter().enumerate() {
+        if crate::model::parse_network(entry).is_err() {
+            checker.report(
+                &[Key("node"), Key("trusted_proxies"), Index(i)],
+                format!("trusted proxy `{entry}` is not an IP network or address"),
+                "write a CIDR network such as \"10.0.0.0/8\" or \"2001:db8::/32\", or one address such as \"192.0.2.7\"",
+            );
+        }
     }
 }
 

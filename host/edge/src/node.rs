@@ -17,7 +17,7 @@ use crate::error::error_response;
 use crate::limits::{LimitedBody, request_head_bytes};
 use crate::observe::{CountedBody, InFlight, REQUEST_ID, request_id};
 use crate::plugins::RequestOutcome;
-use crate::proxy::ClientConnection;
+use crate::proxy::{ClientConnection, normalize_request};
 use crate::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadReport};
 use crate::server::EdgeError;
 use crate::static_files::StaticSite;
@@ -57,6 +57,8 @@ pub(crate) struct EdgeNode {
     admin_token: Option<String>,
     /// The response cache, when some route uses it.
     cache: Option<Arc<ResponseCache>>,
+    /// Peers whose forwarding headers are believed (`node.trusted_proxies`).
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl EdgeNode {
@@ -118,7 +120,16 @@ impl EdgeNode {
             plugins,
             admin_token,
             cache,
+            trusted_proxies: config.node.trusted_proxy_networks(),
         })
+    }
+
+    fn is_trusted_proxy(&self, peer: std::net::IpAddr) -> bool {
+        // A v4 peer on a dual-stack socket arrives as ::ffff:a.b.c.d.
+        let peer = peer.to_canonical();
+        self.trusted_proxies
+            .iter()
+            .any(|network| network.contains(&peer))
     }
 
     pub(crate) fn cache(&self) -> Option<&ResponseCache> {
@@ -160,12 +171,21 @@ impl EdgeNode {
         let started = Instant::now();
         let in_flight = InFlight::enter();
         let (mut parts, body) = request.into_parts();
+        // First, so that everything after sees the request as forwarded.
+        let refusal = normalize_request(&mut parts, self.is_trusted_proxy(client.peer.ip())).err();
         let id = request_id(&parts.headers);
         parts.headers.insert(REQUEST_ID, id.clone());
         let method = parts.method.clone();
         let path = parts.uri.path().to_owned();
 
-        let (route_name, mut response) = self.dispatch(parts, body, &client).await;
+        let (route_name, mut response) = match refusal {
+            Some(refusal) => {
+                metrics::counter!("breakwater_edge_requests_refused_total", "reason" => refusal.code)
+                    .increment(1);
+                ("none".to_owned(), refusal.response())
+            }
+            None => self.dispatch(parts, body, &client).await,
+        };
 
         response.headers_mut().insert(REQUEST_ID, id.clone());
         let status = response.status();

@@ -145,13 +145,22 @@ async fn via_and_forwarded_headers_are_set_upstream() {
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{echo}");
     assert_eq!(headers["x-forwarded-proto"], "http", "{echo}");
 
-    // An existing X-Forwarded-For chain is extended, not replaced.
-    let response = client()
-        .get(url(&node, "/echo"))
-        .header("x-forwarded-for", "203.0.113.7")
-        .send()
-        .await
-        .expect("request");
+    // From a peer that is not a trusted proxy, a client's chain is not
+    // believed; from a trusted one it is extended, not replaced.
+    let spoofed_chain = |node: &breakwater_edge::RunningNode| {
+        client()
+            .get(url(node, "/echo"))
+            .header("x-forwarded-for", "203.0.113.7")
+    };
+    let response = spoofed_chain(&node).send().await.expect("request");
+    let echo = json(&response.bytes().await.expect("body"));
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1", "{echo}");
+    let trusting = format!(
+        "[node]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+        proxy_config(upstream.addr, "", "")
+    );
+    let trusting_node = start_node(&trusting).await;
+    let response = spoofed_chain(&trusting_node).send().await.expect("request");
     let echo = json(&response.bytes().await.expect("body"));
     assert_eq!(
         echo["headers"]["x-forwarded-for"], "203.0.113.7, 127.0.0.1",
