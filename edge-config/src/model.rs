@@ -157,6 +157,22 @@ pub struct LimitsConfig {
     /// `Retry-After`. Zero sheds at once when every slot is busy.
     #[serde(default = "default_plugin_queue_timeout", with = "humantime_serde")]
     pub plugin_queue_timeout: Duration,
+    /// Time a connection may stay open with no request in flight (HTTP/1.1
+    /// keep-alive and h2 alike); then it is closed, h2 with a GOAWAY.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections each listener holds at once; beyond it a new connection
+    /// is closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections one client IP address holds at once on each listener;
+    /// beyond it a new one from that address is closed at accept.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Request methods the node serves; any other (and always `CONNECT`,
+    /// which the node does not tunnel) gets 405 with `Allow`.
+    #[serde(default = "default_allowed_methods")]
+    pub allowed_methods: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -169,6 +185,10 @@ impl Default for LimitsConfig {
             shutdown_grace: default_shutdown_grace(),
             plugin_concurrency: default_plugin_concurrency(),
             plugin_queue_timeout: default_plugin_queue_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            allowed_methods: default_allowed_methods(),
         }
     }
 }
@@ -436,6 +456,23 @@ fn default_plugin_concurrency() -> usize {
 }
 fn default_plugin_queue_timeout() -> Duration {
     Duration::from_secs(1)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_connections_per_ip() -> usize {
+    256
+}
+/// The standard methods but `CONNECT` (the node does not tunnel) and
+/// `TRACE` (it echoes the request as received, cookies and credentials
+/// included, and would show clients what the node adds upstream).
+fn default_allowed_methods() -> Vec<String> {
+    ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
+        .map(str::to_owned)
+        .to_vec()
 }
 fn default_prefix() -> String {
     "/".to_owned()

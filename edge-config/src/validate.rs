@@ -141,6 +141,57 @@ fn check_limits(config: &EdgeConfig, checker: &mut Checker<'_>) {
             ),
         );
     }
+    let limits = &config.limits;
+    let defaults = crate::model::LimitsConfig::default();
+    for (key, value, default) in [
+        (
+            "max_connections",
+            limits.max_connections,
+            defaults.max_connections,
+        ),
+        (
+            "max_connections_per_ip",
+            limits.max_connections_per_ip,
+            defaults.max_connections_per_ip,
+        ),
+    ] {
+        if value == 0 {
+            checker.report(
+                &[Key("limits"), Key(key)],
+                format!("{key} = 0 would refuse every connection"),
+                format!("set `{key}` to at least 1 (default {default})"),
+            );
+        }
+    }
+    if limits.idle_timeout.is_zero() {
+        checker.report(
+            &[Key("limits"), Key("idle_timeout")],
+            "idle_timeout = 0 would close every connection between requests",
+            "set a duration such as \"60s\" (the default)",
+        );
+    }
+    for (i, method) in limits.allowed_methods.iter().enumerate() {
+        let at = [Key("limits"), Key("allowed_methods"), Index(i)];
+        if method == "CONNECT" {
+            checker.report(
+                &at,
+                "CONNECT cannot be allowed: the node does not tunnel connections",
+                "remove \"CONNECT\" from `allowed_methods`",
+            );
+        } else if http::Method::from_bytes(method.as_bytes()).is_err() {
+            checker.report(
+                &at,
+                format!("`{method}` is not an HTTP method"),
+                "write a method token such as \"GET\" or \"PROPFIND\"",
+            );
+        } else if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            checker.report(
+                &at,
+                format!("`{method}` is not upper case: methods are case-sensitive"),
+                format!("write \"{}\"", method.to_ascii_uppercase()),
+            );
+        }
+    }
 }
 
 fn check_prefix(checker: &mut Checker<'_>, path: &[Step<'_>], prefix: &str) {
