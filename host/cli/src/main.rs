@@ -214,8 +214,9 @@ fn run_edge(
                 _ = term.recv() => break,
                 _ = interrupt.recv() => break,
                 _ = hangup.recv() => {
-                    tracing::info!("SIGHUP: reloading plugins");
-                    // The node logs the outcome and keeps its plugins on failure.
+                    tracing::info!("SIGHUP: reloading TLS certificates and plugins");
+                    // The node logs each outcome and keeps what it had on failure.
+                    let _ = node.reload_tls().await;
                     let _ = node.reload().await;
                 }
             }

@@ -1,27 +1,40 @@
 //! The admin listener: liveness, readiness and Prometheus metrics, open to
-//! anyone who can reach it; and the mutating endpoints (plugin reload, cache
-//! purge), which require `Authorization: Bearer <[admin] token>`.
+//! anyone who can reach it; and the mutating endpoints (plugin reload, TLS
+//! certificate reload, cache purge), which require `Authorization: Bearer <[admin] token>`.
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use breakwater_listen::ServeOptions;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::error_response;
 use crate::node::EdgeNode;
 use crate::reload::ReloadError;
+use crate::tls::Certificates;
 
-pub(crate) async fn serve(listener: TcpListener, node: Arc<EdgeNode>, stop: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    options: ServeOptions,
+    node: Arc<EdgeNode>,
+    certificates: Certificates,
+    stop: CancellationToken,
+) {
     // Every route here changes the node: each one requires the token.
     let mutating = Router::new()
         .route("/admin/plugins/reload", post(reload_plugins))
+        .route("/admin/tls/reload", post(reload_tls))
         .route("/admin/purge", post(purge))
         .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
     let router = Router::new()
@@ -29,13 +42,16 @@ pub(crate) async fn serve(listener: TcpListener, node: Arc<EdgeNode>, stop: Canc
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(mutating)
+        .layer(Extension(certificates))
         .with_state(node);
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(e) = served {
-        tracing::warn!(error = %e, "admin listener stopped");
-    }
+    breakwater_listen::serve(
+        listener,
+        builder,
+        options,
+        move |_peer| TowerToHyperService::new(router.clone()),
+        stop,
+    )
+    .await;
 }
 
 /// Ready while accepting traffic; 503 once draining so load balancers move on.
@@ -140,6 +156,35 @@ async fn reload_plugins(State(node): State<Arc<EdgeNode>>) -> Response {
                 HeaderValue::from_static("application/json"),
             );
             response
+        }
+    }
+}
+
+/// `POST /admin/tls/reload`: 200 `{"certificates": [{listener, cert,
+/// sha256}…]}` once every TLS listener serves its files' new pair, or 422
+/// naming the listener and the reason while every listener keeps its pair.
+async fn reload_tls(Extension(certificates): Extension<Certificates>) -> Response {
+    match certificates.reload().await {
+        Ok(reloaded) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "certificates": reloaded })),
+        )
+            .into_response(),
+        Err(error) => {
+            let body = serde_json::json!({
+                "error": {
+                    "status": 422,
+                    "code": "tls_reload_failed",
+                    "message": error.to_string(),
+                    "listener": error.listener,
+                }
+            });
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
         }
     }
 }

@@ -9,10 +9,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 /// `code` is a stable machine-readable name (`payload_too_large`,
 /// `upstream_timeout`, …); `message` is for people.
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({
-        "error": { "status": status.as_u16(), "code": code, "message": message }
-    });
-    let mut response = Response::new(Body::from(body.to_string()));
+    let mut response = Response::new(Body::from(error_body(status, code, message)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -22,4 +19,12 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// The JSON body of [`error_response`].
+pub(crate) fn error_body(status: StatusCode, code: &str, message: &str) -> String {
+    serde_json::json!({
+        "error": { "status": status.as_u16(), "code": code, "message": message }
+    })
+    .to_string()
 }

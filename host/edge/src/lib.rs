@@ -33,9 +33,11 @@ mod proxy;
 mod reload;
 mod server;
 pub mod static_files;
+mod tls;
 mod upstream;
 
 pub use error::error_response;
 pub use observe::{LogFormat, init_logging};
 pub use reload::{ConfigSource, PluginInfo, ReloadError, ReloadReport};
 pub use server::{EdgeError, RunningNode, start, start_with_source};
+pub use tls::{ReloadedCertificate, TlsFilesError, TlsReloadError};

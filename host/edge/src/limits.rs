@@ -1,16 +1,57 @@
-//! Request limits the node enforces itself, before any phase runs: header
-//! size (431), body size (413) and body read time (408).
+//! Request limits the node enforces itself, before any phase runs: the
+//! method allow-list (405), header size (431), body size (413) and body
+//! read time (408).
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body as ResponseBody;
 use bytes::Bytes;
 use http::request::Parts;
+use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
+
+/// The methods the node serves (`[limits] allowed_methods`).
+pub(crate) struct MethodAllowList {
+    methods: Vec<Method>,
+    /// The `Allow` header of a 405: the list, comma-separated.
+    allow: HeaderValue,
+}
+
+impl MethodAllowList {
+    pub(crate) fn new(names: &[String]) -> Self {
+        let methods: Vec<Method> = names
+            .iter()
+            .filter_map(|name| Method::from_bytes(name.as_bytes()).ok())
+            // Never tunnelled, whatever a configuration built in code says.
+            .filter(|method| method != Method::CONNECT)
+            .collect();
+        let listed: Vec<&str> = methods.iter().map(Method::as_str).collect();
+        let allow = HeaderValue::from_str(&listed.join(", "))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        Self { methods, allow }
+    }
+
+    /// The 405 for a `method` outside the list, with `Allow`.
+    pub(crate) fn refusal(&self, method: &Method) -> Option<Response<ResponseBody>> {
+        if self.methods.contains(method) {
+            return None;
+        }
+        let mut response = crate::error::error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            &format!("this node does not serve {method} requests"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, self.allow.clone());
+        Some(response)
+    }
+}
 
 /// Bytes of the request head as a client sent it: request line plus
 /// `name: value\r\n` per header. Used for the 431 check, which must not depend

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 
 use crate::cache::{Origin, Overrides, ResponseCache, RoutePolicy};
 use crate::error::error_response;
-use crate::limits::{LimitedBody, request_head_bytes};
+use crate::limits::{LimitedBody, MethodAllowList, request_head_bytes};
 use crate::observe::{CountedBody, InFlight, REQUEST_ID, request_id};
 use crate::plugins::RequestOutcome;
 use crate::proxy::{ClientConnection, normalize_request};
@@ -50,6 +50,7 @@ pub(crate) struct EdgeNode {
     /// Every pool by name, for plugins that choose one.
     pools: HashMap<String, Arc<UpstreamPool>>,
     limits: LimitsConfig,
+    methods: MethodAllowList,
     draining: AtomicBool,
     /// The plugin generations, their phase gate and reload.
     plugins: PluginRuntime,
@@ -116,6 +117,7 @@ impl EdgeNode {
             routes,
             pools,
             limits: config.limits.clone(),
+            methods: MethodAllowList::new(&config.limits.allowed_methods),
             draining: AtomicBool::new(false),
             plugins,
             admin_token,
@@ -219,6 +221,9 @@ impl EdgeNode {
         client: &ClientConnection,
     ) -> (String, Response<Body>) {
         let unrouted = || "none".to_owned();
+        if let Some(refusal) = self.methods.refusal(&parts.method) {
+            return (unrouted(), refusal);
+        }
         if request_head_bytes(&parts) > self.limits.max_header_bytes {
             return (
                 unrouted(),

@@ -1,5 +1,6 @@
-//! Listeners: accepting connections, TLS with ALPN, HTTP/1.1 and HTTP/2 on
-//! one socket, connection-level limits, and graceful shutdown.
+//! Listeners: the node's data-plane and admin sockets, served through
+//! `breakwater-listen` (connection limits, header-read and idle timeouts,
+//! graceful drain) with TLS by ALPN from [`crate::tls`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,14 +8,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edge_config::{EdgeConfig, TlsConfig};
+use breakwater_listen::{ConnectionLimits, ServeOptions};
+use edge_config::{EdgeConfig, LimitsConfig};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
@@ -22,6 +22,7 @@ use crate::node::EdgeNode;
 use crate::proxy::ClientConnection;
 use crate::reload::{ConfigSource, ReloadError, ReloadReport};
 use crate::static_files::StaticSiteError;
+use crate::tls::{Certificates, ReloadedCertificate, TlsReloadError};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,7 @@ pub struct RunningNode {
     tasks: JoinSet<()>,
     stop_admin: CancellationToken,
     admin_task: Option<tokio::task::JoinHandle<()>>,
+    certificates: Certificates,
 }
 
 impl RunningNode {
@@ -76,6 +78,13 @@ impl RunningNode {
     /// named in [`ReloadReport::not_applied`].
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         self.node.reload_plugins().await
+    }
+
+    /// Reads every TLS listener's certificate and key files again and, only
+    /// if every pair loads and matches, serves new connections with them.
+    /// On failure the current certificates stay and the error says why.
+    pub async fn reload_tls(&self) -> Result<Vec<ReloadedCertificate>, TlsReloadError> {
+        self.certificates.reload().await
     }
 
     /// Stops accepting, lets in-flight requests finish up to the configured
@@ -124,24 +133,44 @@ async fn start_node(
     let mut listener_addrs = Vec::new();
     let grace = config.limits.shutdown_grace;
 
+    let limits = connection_limits(&config.limits);
+    let certificates = Certificates::default();
     for listener_config in &config.listeners {
-        let tls = listener_config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let tls = listener_config
+            .tls
+            .as_ref()
+            .map(|files| certificates.add(&listener_config.address, files))
+            .transpose()
+            .map_err(|e| EdgeError::Tls {
+                cert: e.cert,
+                key: e.key,
+                message: e.message,
+            })?;
         let listener = bind(&listener_config.address).await?;
         let local = listener.local_addr().map_err(|source| EdgeError::Bind {
             address: listener_config.address.clone(),
             source,
         })?;
         listener_addrs.push(local);
-        let builder = connection_builder(&config);
         tracing::info!(address = %local, tls = tls.is_some(), "listening");
-        tasks.spawn(accept_loop(
-            listener,
+        let is_tls = tls.is_some();
+        let options = ServeOptions {
+            name: local.to_string(),
+            limits: limits.clone(),
             tls,
-            builder,
-            node.clone(),
-            stop.clone(),
             grace,
-            config.limits.header_read_timeout,
+            parse_error_body: Some(Arc::new(parse_error_body)),
+        };
+        let make_service = {
+            let node = node.clone();
+            move |peer| data_plane_service(node.clone(), peer, is_tls)
+        };
+        tasks.spawn(breakwater_listen::serve(
+            listener,
+            connection_builder(&config.limits),
+            options,
+            make_service,
+            stop.clone(),
         ));
     }
 
@@ -152,9 +181,19 @@ async fn start_node(
         let listener = bind(&admin_config.address).await?;
         admin_addr = listener.local_addr().ok();
         tracing::info!(address = ?admin_addr, "admin listening");
+        let options = ServeOptions {
+            name: "admin".to_owned(),
+            limits: limits.clone(),
+            tls: None,
+            grace,
+            parse_error_body: Some(Arc::new(parse_error_body)),
+        };
         admin_task = Some(tokio::spawn(admin::serve(
             listener,
+            connection_builder(&config.limits),
+            options,
             node.clone(),
+            certificates.clone(),
             stop_admin.clone(),
         )));
     }
@@ -167,6 +206,7 @@ async fn start_node(
         tasks,
         stop_admin,
         admin_task,
+        certificates,
     })
 }
 
@@ -179,186 +219,79 @@ async fn bind(address: &str) -> Result<TcpListener, EdgeError> {
         })
 }
 
-fn connection_builder(config: &EdgeConfig) -> auto::Builder<TokioExecutor> {
-    let limits = &config.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// The bounds of every connection of the node's listeners, from `[limits]`.
+fn connection_limits(limits: &LimitsConfig) -> ConnectionLimits {
+    ConnectionLimits {
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_connections: limits.max_connections,
+        max_connections_per_ip: limits.max_connections_per_ip,
+    }
+}
+
+fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = breakwater_listen::http_builder(&connection_limits(limits));
+    // hyper's own ceiling sits just above ours so that our check answers
+    // with a JSON 431 in all but absurd cases; hyper's minimum is 8 KiB.
     builder
         .http1()
-        .timer(TokioTimer::new())
-        // A client that has not sent its whole head by then is a slowloris:
-        // hyper closes the connection.
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper's own ceiling sits just above ours so that our check answers
-        // with a JSON 431 in all but absurd cases; hyper's minimum is 8 KiB.
         .max_buf_size((limits.max_header_bytes + 1024).max(8192));
     builder
         .http2()
-        .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes * 2).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30));
     builder
 }
 
-fn tls_acceptor(config: &TlsConfig) -> Result<TlsAcceptor, EdgeError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let fail = |message: String| EdgeError::Tls {
-        cert: config.cert.clone(),
-        key: config.key.clone(),
-        message,
+/// The JSON error body of the answer to a request head hyper could not
+/// parse (see `breakwater_listen::ParseErrorBody`).
+fn parse_error_body(status: http::StatusCode) -> String {
+    let (code, message) = match status {
+        http::StatusCode::URI_TOO_LONG => ("uri_too_long", "the request target is too long"),
+        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+            "headers_too_large",
+            "the request line and headers are larger than the node reads",
+        ),
+        _ => (
+            "bad_request",
+            "the request line or a header is not valid HTTP/1.1",
+        ),
     };
-    let certs = CertificateDer::pem_file_iter(&config.cert)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| fail(format!("reading certificates: {e}")))?;
-    let key = PrivateKeyDer::from_pem_file(&config.key)
-        .map_err(|e| fail(format!("reading the private key: {e}")))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| fail(e.to_string()))?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    crate::error::error_body(status, code, message)
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    builder: auto::Builder<TokioExecutor>,
+/// The service of one data-plane connection from `peer`.
+fn data_plane_service(
     node: Arc<EdgeNode>,
-    stop: CancellationToken,
-    grace: Duration,
-    // Both the TLS handshake and the first request get as long as a request
-    // head would.
-    header_read_timeout: Duration,
-) {
-    let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let client = Arc::new(ClientConnection {
-            peer,
-            tls: tls.is_some(),
-        });
-        // Cancelled by the first request, which ends the connection's
-        // "must speak within header_read_timeout" period.
-        let first_request = CancellationToken::new();
-        let service = {
-            let node = node.clone();
-            let first_request = first_request.clone();
-            hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                first_request.cancel();
-                let node = node.clone();
-                let client = client.clone();
-                async move { Ok::<_, Infallible>(node.handle(request, client).await) }
-            })
-        };
-        let connection = Connection {
-            builder: builder.clone(),
-            watcher: graceful.watcher(),
-            first_request,
-            first_request_timeout: header_read_timeout,
-            peer,
-        };
-        match &tls {
-            None => {
-                tokio::spawn(connection.serve(TokioIo::new(stream), service));
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    if let Some(stream) = tls_handshake(acceptor, stream, header_read_timeout).await
-                    {
-                        connection.serve(TokioIo::new(stream), service).await;
-                    }
-                });
-            }
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(?grace, "shutdown grace elapsed with requests still in flight");
-        }
-    }
-}
-
-/// One accepted connection, after TLS if any.
-struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
-    first_request: CancellationToken,
-    first_request_timeout: Duration,
     peer: SocketAddr,
+    tls: bool,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = hyper::Response<axum::body::Body>,
+    Error = Infallible,
+    Future = impl Send,
+> + Send
++ Sync
++ 'static {
+    let client = Arc::new(ClientConnection { peer, tls });
+    hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let node = node.clone();
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(node.handle(request, client).await) }
+    })
 }
 
-impl Connection {
-    /// Serves HTTP/1.1 or h2 on `io`. A client that sends no complete
-    /// request within the timeout is dropped: hyper's own header timeout only
-    /// starts once it has told HTTP/1.1 from h2, and a silent socket never
-    /// lets it, so without this an idle client would hold a descriptor forever.
-    async fn serve<I, S>(self, io: I, service: S)
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: hyper::service::Service<
-                hyper::Request<Incoming>,
-                Response = hyper::Response<axum::body::Body>,
-                Error = Infallible,
-            > + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        let connection = self
-            .builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        let connection = self.watcher.watch(connection);
-        tokio::pin!(connection);
-        let outcome = tokio::select! {
-            outcome = &mut connection => outcome,
-            () = self.first_request.cancelled() => connection.await,
-            () = tokio::time::sleep(self.first_request_timeout) => {
-                metrics::counter!("breakwater_edge_idle_connections_closed_total").increment(1);
-                tracing::debug!(peer = %self.peer, "no request within the header timeout; closing");
-                return;
-            }
-        };
-        if let Err(e) = outcome {
-            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn tls_handshake(
-    acceptor: TlsAcceptor,
-    stream: TcpStream,
-    deadline: Duration,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => Some(stream),
-        Ok(Err(e)) => {
-            metrics::counter!("breakwater_edge_tls_handshake_failures_total").increment(1);
-            tracing::debug!(error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            metrics::counter!("breakwater_edge_tls_handshake_failures_total").increment(1);
-            None
-        }
+    /// The GPU host serves within `ConnectionLimits::default()`: the same
+    /// bounds as an edge with the default `[limits]`.
+    #[test]
+    fn listener_defaults_are_the_edge_defaults() {
+        assert_eq!(
+            connection_limits(&LimitsConfig::default()),
+            ConnectionLimits::default()
+        );
     }
 }

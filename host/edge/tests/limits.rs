@@ -94,7 +94,37 @@ async fn huge_header_is_a_431() {
         .await
         .expect("a 431 response, not a dropped connection");
     assert_eq!(response.status, 431, "{response:?}");
+    // Past hyper's own buffer: hyper answers, with our JSON body.
+    assert_json_error(&response.body, 431, "headers_too_large");
     assert_eq!(upstream.connections(), 0, "the upstream was contacted");
+}
+
+#[tokio::test]
+async fn unparsable_request_heads_are_json_400s() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, LIMITS, "")).await;
+
+    for head in [
+        "GET /a b HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost localhost\r\n\r\n",
+        "G@T / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ] {
+        let mut stream = raw_connect_and_send(common::listener(&node), head.as_bytes()).await;
+        let response = read_raw_response(&mut stream)
+            .await
+            .unwrap_or_else(|| panic!("no answer to {head:?}"));
+        assert_eq!(response.status, 400, "{head:?}: {response:?}");
+        assert_eq!(response.header("content-type"), Some("application/json"));
+        assert_json_error(&response.body, 400, "bad_request");
+    }
+    // The node still serves.
+    let response = client()
+        .get(url(&node, "/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.requests(), 1);
 }
 
 #[tokio::test]
@@ -205,4 +235,77 @@ async fn connection_that_never_sends_a_byte_is_closed() {
         closed_within(&mut preface, Duration::from_secs(4)).await,
         "a connection that sent half an h2 preface is still open after 4 s"
     );
+}
+
+/// A raw request on a fresh connection to `node`, and its response.
+async fn raw_request(node: &breakwater_edge::RunningNode, request: &str) -> common::RawResponse {
+    let mut stream = raw_connect_and_send(common::listener(node), request.as_bytes()).await;
+    read_raw_response(&mut stream)
+        .await
+        .expect("a response, not a dropped connection")
+}
+
+#[tokio::test]
+async fn connect_is_a_json_405_with_allow() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, LIMITS, "")).await;
+
+    let response = raw_request(
+        &node,
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(response.status, 405, "{response:?}");
+    assert_eq!(
+        response.header("allow"),
+        Some("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
+        "{response:?}"
+    );
+    assert_json_error(&response.body, 405, "method_not_allowed");
+    assert_eq!(upstream.connections(), 0, "the upstream was contacted");
+}
+
+#[tokio::test]
+async fn trace_is_refused_by_default() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, LIMITS, "")).await;
+
+    let response = raw_request(
+        &node,
+        "TRACE /echo HTTP/1.1\r\nHost: localhost\r\nCookie: secret=1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(response.status, 405, "{response:?}");
+    assert_json_error(&response.body, 405, "method_not_allowed");
+    assert_eq!(upstream.connections(), 0, "the upstream was contacted");
+}
+
+#[tokio::test]
+async fn methods_outside_the_configured_list_are_405() {
+    let upstream = start_upstream().await;
+    let limits = format!("{LIMITS}\nallowed_methods = [\"GET\", \"HEAD\"]\n");
+    let node = start_node(&proxy_config(upstream.addr, &limits, "")).await;
+    let http = client();
+
+    let refused = http
+        .post(url(&node, "/echo"))
+        .body("x")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(refused.status(), 405);
+    assert_eq!(
+        refused.headers().get("allow").map(|v| v.as_bytes()),
+        Some(&b"GET, HEAD"[..])
+    );
+    assert!(refused.headers().contains_key("x-request-id"));
+    assert_json_error(
+        &refused.bytes().await.expect("body"),
+        405,
+        "method_not_allowed",
+    );
+    assert_eq!(upstream.connections(), 0, "the upstream was contacted");
+
+    let served = http.get(url(&node, "/echo")).send().await.expect("GET");
+    assert_eq!(served.status(), 200);
 }

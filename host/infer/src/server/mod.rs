@@ -50,6 +50,8 @@ use crate::scheduler::{
 use crate::telemetry::Telemetry;
 use crate::tokenizer::Tokenizer;
 
+pub use breakwater_listen::ConnectionLimits;
+
 /// The header carrying a request's deadline, in Unix milliseconds (the edge
 /// sets it from its own deadline).
 pub const DEADLINE_HEADER: &str = "x-request-deadline";
@@ -410,19 +412,63 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then stops taking
-/// connections and waits for open ones to finish. Handlers see the peer's
-/// address (`/admin/models/reload` takes loopback callers only when no
-/// token is configured).
+/// Serves the API on `listener` within the default [`ConnectionLimits`]
+/// (the edge's) until `shutdown` resolves, then stops taking connections
+/// and waits for open ones to finish. Handlers see the peer's address
+/// (`/admin/models/reload` takes loopback callers only when no token is
+/// configured).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(listener, state, ConnectionLimits::default(), shutdown).await
+}
+
+/// [`serve`] within `limits`: connections that send no request within the
+/// header read timeout, or stay idle past the idle timeout, are closed, and
+/// connections beyond the caps are refused at accept.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state);
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    });
+    let options = breakwater_listen::ServeOptions {
+        name: "gpu-host".to_owned(),
+        limits: limits.clone(),
+        tls: None,
+        // The caller bounds the drain (it also ends the engine's sequences).
+        grace: Duration::MAX,
+        parse_error_body: None,
+    };
+    let make_service = move |peer: std::net::SocketAddr| {
+        let app = app.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            tower::ServiceExt::oneshot(app.clone(), request)
+        })
+    };
+    breakwater_listen::serve(
+        listener,
+        breakwater_listen::http_builder(&limits),
+        options,
+        make_service,
+        stop,
+    )
+    .await;
+    Ok(())
 }
 
 async fn live() -> impl IntoResponse {
