@@ -24,6 +24,8 @@
 mod admin;
 mod cache;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod limits;
 mod node;
 mod observe;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use breakwater_sandbox::{
-    CallError, Capability, LoadError, LoadedPlugin, OnFailure, PluginSpec, Request,
-    RequestDecision, ResponseDecision, ResponseHead, Sandbox,
+    CallError, Capability, LoadError, LoadedPlugin, OnFailure, PluginSpec, Request, RequestChanges,
+    RequestDecision, ResponseChanges, ResponseDecision, ResponseHead, Sandbox,
 };
 use edge_config::{FailurePolicy, LimitsConfig, PluginConfig};
 use http::request::Parts;
@@ -234,28 +234,7 @@ impl PluginChain {
             match decision {
                 RequestDecision::Continue => {}
                 RequestDecision::ContinueWith(changes) => {
-                    apply_headers(
-                        &mut parts.headers,
-                        &changes.set_headers,
-                        &changes.remove_headers,
-                    );
-                    if let Some(path) = changes.rewrite_path
-                        && let Ok(uri) = rewritten_uri(&parts.uri, &path)
-                    {
-                        parts.uri = uri;
-                    }
-                    if changes.upstream_pool.is_some() {
-                        pool = changes.upstream_pool;
-                    }
-                    // A later plugin's cache key and TTL replace an
-                    // earlier one's; any plugin may bypass.
-                    if changes.cache_key.is_some() {
-                        cache.key = changes.cache_key;
-                    }
-                    if let Some(ms) = changes.cache_ttl_ms {
-                        cache.ttl = Some(std::time::Duration::from_millis(ms));
-                    }
-                    cache.bypass |= changes.cache_bypass;
+                    apply_request_changes(parts, changes, &mut pool, &mut cache);
                     view = request_view(parts, client);
                 }
                 RequestDecision::Respond(answer) => {
@@ -287,11 +266,9 @@ impl PluginChain {
             };
             match plugin.on_response(view, &head) {
                 Ok(ResponseDecision::Continue) => {}
-                Ok(ResponseDecision::ContinueWith(changes)) => apply_headers(
-                    response.headers_mut(),
-                    &changes.set_headers,
-                    &changes.remove_headers,
-                ),
+                Ok(ResponseDecision::ContinueWith(changes)) => {
+                    apply_response_changes(&mut response, &changes)
+                }
                 Ok(ResponseDecision::Respond(answer)) => {
                     response = plugin_response(answer.status, &answer.headers, answer.body);
                 }
@@ -304,6 +281,47 @@ impl PluginChain {
         }
         response
     }
+}
+
+/// One plugin's `continue-with` applied: its header edits and path
+/// rewrite to `parts`, its pool and cache choices over earlier plugins'.
+pub(crate) fn apply_request_changes(
+    parts: &mut Parts,
+    changes: RequestChanges,
+    pool: &mut Option<String>,
+    cache: &mut crate::cache::Overrides,
+) {
+    apply_headers(
+        &mut parts.headers,
+        &changes.set_headers,
+        &changes.remove_headers,
+    );
+    if let Some(path) = changes.rewrite_path
+        && let Ok(uri) = rewritten_uri(&parts.uri, &path)
+    {
+        parts.uri = uri;
+    }
+    if changes.upstream_pool.is_some() {
+        *pool = changes.upstream_pool;
+    }
+    // A later plugin's cache key and TTL replace an earlier one's; any
+    // plugin may bypass.
+    if changes.cache_key.is_some() {
+        cache.key = changes.cache_key;
+    }
+    if let Some(ms) = changes.cache_ttl_ms {
+        cache.ttl = Some(Duration::from_millis(ms));
+    }
+    cache.bypass |= changes.cache_bypass;
+}
+
+/// One plugin's `continue-with` on the response phase applied.
+pub(crate) fn apply_response_changes(response: &mut Response<Body>, changes: &ResponseChanges) {
+    apply_headers(
+        response.headers_mut(),
+        &changes.set_headers,
+        &changes.remove_headers,
+    );
 }
 
 fn phase_failed() -> Response<Body> {
@@ -327,7 +345,7 @@ fn failure(plugin: &LoadedPlugin, error: &CallError) -> Option<Response<Body>> {
     }
 }
 
-fn request_view(parts: &Parts, client: SocketAddr) -> Request {
+pub(crate) fn request_view(parts: &Parts, client: SocketAddr) -> Request {
     let host = parts
         .headers
         .get(header::HOST)
@@ -394,7 +412,11 @@ fn rewritten_uri(uri: &http::Uri, path_and_query: &str) -> Result<http::Uri, htt
     Ok(http::Uri::from_parts(parts)?)
 }
 
-fn plugin_response(status: u16, headers: &[(String, String)], body: Vec<u8>) -> Response<Body> {
+pub(crate) fn plugin_response(
+    status: u16,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> Response<Body> {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() =
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -40,10 +40,33 @@ pub enum ChatTemplateError {
     #[error(transparent)]
     Hf(#[from] HfError),
     /// The template is not valid Jinja, or failed while rendering (including
-    /// its own `raise_exception`).
+    /// its own `raise_exception`, and running out of [`TEMPLATE_FUEL`]).
     #[error("chat template: {0:#}")]
     Template(#[from] Error),
+    /// The rendered prompt grew past [`MAX_RENDERED_BYTES`].
+    #[error("chat template: the prompt grew past {limit} bytes while rendering")]
+    TooLong {
+        /// [`MAX_RENDERED_BYTES`].
+        limit: usize,
+    },
 }
+
+/// Instructions one render may run. A template comes with the model, from a
+/// store, so it is untrusted: a loop of loops must not hold a request (and
+/// the worker thread it runs on) for minutes. Real templates use a few
+/// dozen per message, so this leaves room for conversations of tens of
+/// thousands of messages.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Macro calls nested deeper than this fail the render. Real templates nest
+/// a handful; a hostile one recursing without end should fail fast and
+/// use little of the 2 MiB stack of the async worker thread it renders on.
+pub const MAX_TEMPLATE_DEPTH: usize = 64;
+
+/// The longest prompt a render may produce: far above any context window
+/// the host serves (128k tokens are well under 1 MiB of text), far below
+/// what would hurt the host.
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -167,6 +190,8 @@ impl ChatTemplate {
                 .lstrip_blocks(true)
                 .build()?,
         );
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(MAX_TEMPLATE_DEPTH);
         env.add_function("raise_exception", |message: String| -> Result<(), Error> {
             Err(Error::new(ErrorKind::InvalidOperation, message))
         });
@@ -216,12 +241,36 @@ impl ChatTemplate {
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
         let template = self.env.get_template(NAME)?;
-        Ok(template.render(context! {
-            messages => Value::from(Serde(messages)),
-            add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        })?)
+        let mut out = CappedWriter {
+            bytes: Vec::new(),
+            limit: MAX_RENDERED_BYTES,
+            overflowed: false,
+        };
+        let rendered = template
+            .render_captured_to(
+                context! {
+                    messages => Value::from(Serde(messages)),
+                    add_generation_prompt,
+                    bos_token => &self.bos_token,
+                    eos_token => &self.eos_token,
+                },
+                &mut out,
+            )
+            .map(drop);
+        if out.overflowed {
+            return Err(ChatTemplateError::TooLong {
+                limit: MAX_RENDERED_BYTES,
+            });
+        }
+        rendered?;
+        String::from_utf8(out.bytes).map_err(|_| {
+            // minijinja writes only `str`s, so this cannot happen; still an
+            // error rather than a panic.
+            ChatTemplateError::Template(Error::new(
+                ErrorKind::InvalidOperation,
+                "rendered prompt is not UTF-8",
+            ))
+        })
     }
 
     /// The prompt for `messages` as [`ChatTemplate::render`] writes it,
@@ -263,6 +312,28 @@ impl ChatTemplate {
     }
 }
 
+/// Collects the rendered prompt, failing the render once it passes `limit`.
+struct CappedWriter {
+    bytes: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered prompt too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +367,53 @@ mod tests {
         let err = t.render(&[], true).unwrap_err().to_string();
         assert!(err.contains("no system role"), "{err}");
         assert!(ChatTemplate::new("{% for %}").is_err());
+    }
+
+    // Templates come from model files, which come from a store: untrusted.
+
+    #[test]
+    fn a_template_that_loops_too_long_runs_out_of_fuel() {
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(300) %}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let err = t.render(&[], true).unwrap_err().to_string();
+        assert!(err.contains("fuel"), "{err}");
+    }
+
+    #[test]
+    fn a_long_conversation_renders_within_the_fuel() {
+        let t = ChatTemplate::new(SMOLLM2).unwrap();
+        let messages: Vec<Message> = (0..5000)
+            .map(|i| Message::new(["user", "assistant"][i % 2], format!("turn {i}")))
+            .collect();
+        let prompt = t.render(&messages, true).unwrap();
+        assert!(prompt.ends_with("<|im_start|>assistant\n"));
+    }
+
+    #[test]
+    fn a_template_that_writes_too_much_is_stopped() {
+        let t =
+            ChatTemplate::new("{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}").unwrap();
+        let err = t.render(&[], true).unwrap_err();
+        assert!(
+            matches!(err, ChatTemplateError::TooLong { limit } if limit == MAX_RENDERED_BYTES),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn endless_macro_recursion_fails_on_a_worker_sized_stack() {
+        let t =
+            ChatTemplate::new("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}").unwrap();
+        // Tokio's worker threads, where chat requests render, have 2 MiB.
+        let rendered = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || t.render(&[], true).map_err(|e| e.to_string()))
+            .unwrap()
+            .join()
+            .unwrap();
+        let err = rendered.unwrap_err();
+        assert!(err.contains("recursion"), "{err}");
     }
 }

@@ -961,6 +961,101 @@ mod tests {
         ));
     }
 
+    /// A GGUF header with `tensors` tensor infos and `kvs` metadata entries
+    /// announced, followed by `rest`.
+    fn header(tensors: u64, kvs: u64, rest: &[u8]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(tensors.to_le_bytes());
+        b.extend(kvs.to_le_bytes());
+        b.extend(rest);
+        b
+    }
+
+    /// Asserts `bytes` are refused as truncated, naming `what` and `needed`.
+    fn assert_refused(bytes: Vec<u8>, what: &str, needed: u64) {
+        match Gguf::from_bytes(bytes) {
+            Err(e @ GgufError::Truncated { .. }) => {
+                let message = e.to_string();
+                assert!(
+                    message.contains(what) && message.contains(&format!("needs {needed} bytes")),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a truncation error, got {other:?}"),
+        }
+    }
+
+    // A file from a store is untrusted: no length it announces may size an
+    // allocation before the bytes are there to back it.
+    const HUGE: u64 = 1 << 60;
+
+    #[test]
+    fn an_array_length_of_2_pow_60_is_refused_without_allocating() {
+        let mut kv = 1u64.to_le_bytes().to_vec();
+        kv.extend(b"k");
+        kv.extend(9u32.to_le_bytes()); // array
+        kv.extend(0u32.to_le_bytes()); // of u8
+        kv.extend(HUGE.to_le_bytes());
+        assert_refused(header(0, 1, &kv), "metadata value", HUGE);
+        // Arrays of arrays: each element takes at least 12 bytes.
+        kv.truncate(kv.len() - 12);
+        kv.extend(9u32.to_le_bytes());
+        kv.extend(HUGE.to_le_bytes());
+        assert_refused(header(0, 1, &kv), "metadata value", HUGE.saturating_mul(12));
+    }
+
+    #[test]
+    fn a_string_length_of_2_pow_60_is_refused_without_allocating() {
+        // Enough bytes after the length for the one entry announced, so the
+        // key's own length is what is refused.
+        let mut key = HUGE.to_le_bytes().to_vec();
+        key.extend([0; 8]);
+        assert_refused(header(0, 1, &key), "metadata key", HUGE);
+        let mut kv = 1u64.to_le_bytes().to_vec();
+        kv.extend(b"k");
+        kv.extend(8u32.to_le_bytes()); // string
+        kv.extend(HUGE.to_le_bytes());
+        assert_refused(header(0, 1, &kv), "metadata value", HUGE);
+    }
+
+    #[test]
+    fn counts_of_2_pow_60_are_refused_without_allocating() {
+        assert_refused(header(0, HUGE, &[]), "metadata", HUGE.saturating_mul(12));
+        assert_refused(
+            header(HUGE, 0, &[]),
+            "tensor infos",
+            HUGE.saturating_mul(24),
+        );
+    }
+
+    #[test]
+    fn tensor_sizes_that_overflow_are_refused() {
+        let mut info = 1u64.to_le_bytes().to_vec();
+        info.extend(b"t");
+        info.extend(3u32.to_le_bytes());
+        for _ in 0..3 {
+            info.extend((1u64 << 32).to_le_bytes());
+        }
+        info.extend(GgmlType::F32.id().to_le_bytes());
+        info.extend(0u64.to_le_bytes());
+        assert!(matches!(
+            Gguf::from_bytes(header(1, 0, &info)),
+            Err(GgufError::BadTensorShape { .. })
+        ));
+        // 2^60 values of 4 bytes fit a u64 count but not the file.
+        let mut info = 1u64.to_le_bytes().to_vec();
+        info.extend(b"t");
+        info.extend(1u32.to_le_bytes());
+        info.extend(HUGE.to_le_bytes());
+        info.extend(GgmlType::F32.id().to_le_bytes());
+        info.extend(0u64.to_le_bytes());
+        assert!(matches!(
+            Gguf::from_bytes(header(1, 0, &info)),
+            Err(GgufError::BadTensorShape { .. } | GgufError::BadTensorOffset { .. })
+        ));
+    }
+
     /// Byte position of the type field of tensor `name`'s info.
     fn find_tensor_tail(bytes: &[u8], name: &str) -> usize {
         let mut needle = (name.len() as u64).to_le_bytes().to_vec();

@@ -498,17 +498,10 @@ impl LoadedPlugin {
     }
 
     fn check_response(&self, response: &Response) -> Result<(), CallError> {
-        let problem = if !(100..=999).contains(&response.status) {
-            format!("status {} is not an HTTP status", response.status)
-        } else if response.body.len() > MAX_RESPONSE_BODY {
-            format!(
-                "body of {} bytes is over the {MAX_RESPONSE_BODY} byte limit",
-                response.body.len()
-            )
-        } else {
-            return Ok(());
-        };
-        Err(self.failure(FailureKind::InvalidDecision, problem))
+        match invalid_response(response) {
+            Some(problem) => Err(self.failure(FailureKind::InvalidDecision, problem)),
+            None => Ok(()),
+        }
     }
 
     /// One call: a fresh store and instance, `init` with the configuration,
@@ -582,6 +575,45 @@ impl LoadedPlugin {
             plugin: self.shared.name.clone(),
             kind,
             message,
+        }
+    }
+}
+
+/// Why a plugin's own answer cannot be sent, if it cannot.
+fn invalid_response(response: &Response) -> Option<String> {
+    if !(100..=999).contains(&response.status) {
+        Some(format!("status {} is not an HTTP status", response.status))
+    } else if response.body.len() > MAX_RESPONSE_BODY {
+        Some(format!(
+            "body of {} bytes is over the {MAX_RESPONSE_BODY} byte limit",
+            response.body.len()
+        ))
+    } else {
+        None
+    }
+}
+
+/// The checks a decision passes on its way out of the sandbox, for the
+/// fuzz targets in `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::{RequestDecision, ResponseDecision};
+
+    /// The reason [`crate::LoadedPlugin::on_request`] would refuse
+    /// `decision`, if it would.
+    pub fn invalid_request_decision(decision: &RequestDecision) -> Option<String> {
+        match decision {
+            RequestDecision::Respond(response) => crate::invalid_response(response),
+            RequestDecision::Continue | RequestDecision::ContinueWith(_) => None,
+        }
+    }
+
+    /// The reason [`crate::LoadedPlugin::on_response`] would refuse
+    /// `decision`, if it would.
+    pub fn invalid_response_decision(decision: &ResponseDecision) -> Option<String> {
+        match decision {
+            ResponseDecision::Respond(response) => crate::invalid_response(response),
+            ResponseDecision::Continue | ResponseDecision::ContinueWith(_) => None,
         }
     }
 }

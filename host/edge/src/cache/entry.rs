@@ -60,7 +60,10 @@ impl Entry {
     /// fresh, within a stale window, or revalidated by its validators.
     pub(crate) fn useful_for_ms(&self, now_ms: u64) -> u64 {
         let age = self.current_age_ms(now_ms);
-        let mut until = self.freshness_ms + self.swr_ms.max(self.sie_ms);
+        // A plugin's `cache-ttl-ms` may be anything up to u64::MAX.
+        let mut until = self
+            .freshness_ms
+            .saturating_add(self.swr_ms.max(self.sie_ms));
         if self.headers.contains_key(http::header::ETAG)
             || self.headers.contains_key(http::header::LAST_MODIFIED)
         {
@@ -286,6 +289,16 @@ mod tests {
             panic!("kind changed")
         };
         assert_eq!(names, ["accept"]);
+    }
+
+    #[test]
+    fn a_plugin_ttl_of_u64_max_ms_keeps_the_entry_instead_of_overflowing() {
+        let Stored::Response(entry) = sample() else {
+            unreachable!("sample is a response")
+        };
+        let mut entry = (*entry).clone();
+        entry.freshness_ms = u64::MAX;
+        assert_eq!(entry.useful_for_ms(2), u64::MAX - entry.current_age_ms(2));
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //! Plugins steer it per request (key, TTL, bypass); the node only
 //! implements the mechanism.
 
-mod entry;
+pub(crate) mod entry;
 mod flight;
-mod policy;
+pub(crate) mod policy;
 mod store;
 
 use std::sync::Arc;

@@ -121,11 +121,20 @@ impl Manifest {
             )));
         }
         let mut seen = HashSet::new();
+        let mut total = 0u64;
         for file in &manifest.files {
             check_file_path(&file.path).map_err(malformed)?;
             if !seen.insert(file.path.as_str()) {
                 return Err(malformed(format!("{} is listed twice", file.path)));
             }
+            // So that `total_size` and progress sums cannot overflow.
+            total = total.checked_add(file.size).ok_or_else(|| {
+                malformed(format!(
+                    "file sizes add up to more than {} bytes at {}",
+                    u64::MAX,
+                    file.path
+                ))
+            })?;
         }
         Ok(manifest)
     }
@@ -185,5 +194,16 @@ mod tests {
         escape.files[0].path = "../x".into();
         assert!(Manifest::parse(&escape.to_bytes(), "u", None).is_err());
         assert!(Manifest::parse(b"{}", "u", None).is_err());
+    }
+
+    #[test]
+    fn sizes_that_add_up_past_u64_are_refused() {
+        let mut huge = sample();
+        huge.files[0].size = u64::MAX;
+        let mut second = huge.files[0].clone();
+        second.path = "b.gguf".into();
+        huge.files.push(second);
+        let err = Manifest::parse(&huge.to_bytes(), "u", None).unwrap_err();
+        assert!(err.to_string().contains("add up to more than"), "{err}");
     }
 }
