@@ -82,6 +82,8 @@ address = "127.0.0.1:$2"
 
 [limits]
 shutdown_grace = "1s"
+# The suite checks that an unknown unsafe method (M-SEARCH) invalidates.
+allowed_methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "M-SEARCH"]
 
 [cache]
 memory_bytes = 67108864
