@@ -242,6 +242,13 @@ impl Tokenizer {
             path: path.clone(),
             source,
         })?;
+        // `tokenizers` panics (an `expect` in its decoder deserializer)
+        // instead of returning an error when the `decoder` object is not
+        // well-formed JSON; found by fuzz/hf_model. Any syntax error is caught
+        // here first, with serde_json's position, so a hostile model file
+        // costs a load error, never the process.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display())))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display())))?;
         let size = inner

@@ -563,6 +563,26 @@ fn bad_config_json_says_what_is_wrong() {
     let err = load_error(dir.path());
     assert!(err.contains("no *.safetensors weights"), "{err}");
 
+    // Malformed JSON inside tokenizer.json's decoder made the tokenizers
+    // crate panic rather than fail (fuzz/hf_model, 2026-12-05).
+    let dir = write(&HfTestShape::tiny(), 7, HfDtype::F16);
+    let path = dir.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let decoder = text
+        .find("\"decoder\"")
+        .expect("the test tokenizer has a decoder");
+    let (head, tail) = text.split_at(decoder);
+    let broken = format!(
+        "{head}{}",
+        tail.replacen("\"ByteLevel\"", "\"ByteLevel$", 1)
+    );
+    std::fs::write(&path, broken).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("tokenizer.json") && err.contains("line"),
+        "{err}"
+    );
+
     let dir = write(&HfTestShape::tiny(), 7, HfDtype::F16);
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let err = load_error(dir.path());
