@@ -1375,3 +1375,101 @@ async fn stale_is_never_served_when_the_origin_breaks_the_connection_and_a_direc
     }
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn ranges_are_cut_from_a_stored_complete_answer() {
+    let up = Upstream::start().await;
+    up.set(
+        "/r",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=3600"),
+                ("etag", "\"v1\""),
+                ("content-type", "text/plain"),
+            ],
+            "0123456789",
+        ),
+    );
+    let dir = tmp();
+    let node = node_for(up.addr, "", "", dir.path()).await;
+
+    // Nothing stored: the origin answers the range itself, nothing is kept.
+    let passed = get_with(&node, "/r", &[("range", "bytes=0-1")]).await;
+    assert_eq!(passed.x_cache, "BYPASS");
+    assert_eq!(
+        up.last().headers.get("range").map(String::as_str),
+        Some("bytes=0-1")
+    );
+    assert_eq!(
+        get(&node, "/r").await.x_cache,
+        "MISS",
+        "a range stores nothing"
+    );
+    let stored = up.count();
+
+    /// Request headers, then the status, body and `Content-Range` expected.
+    type Case<'a> = (&'a [(&'a str, &'a str)], u16, &'a str, Option<&'a str>);
+    let cases: [Case; 7] = [
+        (&[("range", "bytes=0-1")], 206, "01", Some("bytes 0-1/10")),
+        (&[("range", "bytes=5-")], 206, "56789", Some("bytes 5-9/10")),
+        (&[("range", "bytes=-3")], 206, "789", Some("bytes 7-9/10")),
+        (&[("range", "bytes=8-20")], 206, "89", Some("bytes 8-9/10")),
+        // Several ranges: the whole answer, which RFC 9110 §14.2 allows.
+        (&[("range", "bytes=0-1,5-6")], 200, "0123456789", None),
+        // A stale If-Range: the whole answer.
+        (
+            &[("range", "bytes=0-1"), ("if-range", "\"v0\"")],
+            200,
+            "0123456789",
+            None,
+        ),
+        (
+            &[("range", "bytes=0-1"), ("if-range", "\"v1\"")],
+            206,
+            "01",
+            Some("bytes 0-1/10"),
+        ),
+    ];
+    for (headers, status, body, content_range) in cases {
+        let got = get_with(&node, "/r", headers).await;
+        assert_eq!(
+            (got.status, got.x_cache.as_str(), got.body.as_str()),
+            (status, "HIT", body),
+            "{headers:?}"
+        );
+        assert_eq!(
+            got.headers
+                .get("content-range")
+                .and_then(|v| v.to_str().ok()),
+            content_range,
+            "{headers:?}"
+        );
+        assert_eq!(
+            got.headers["content-length"],
+            body.len().to_string().as_str(),
+            "{headers:?}"
+        );
+    }
+
+    let beyond = get_with(&node, "/r", &[("range", "bytes=20-")]).await;
+    assert_eq!((beyond.status, beyond.x_cache.as_str()), (416, "HIT"));
+    assert_eq!(beyond.headers["content-range"], "bytes */10");
+    assert!(
+        beyond.body.contains("range_not_satisfiable"),
+        "{}",
+        beyond.body
+    );
+
+    // A validator that matches wins over the range (RFC 9110 §13.2.2).
+    let validated = get_with(
+        &node,
+        "/r",
+        &[("range", "bytes=0-1"), ("if-none-match", "\"v1\"")],
+    )
+    .await;
+    assert_eq!(validated.status, 304);
+
+    assert_eq!(up.count(), stored, "every range above came from the cache");
+    node.shutdown().await;
+}

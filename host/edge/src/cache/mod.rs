@@ -25,6 +25,8 @@ use http_body_util::BodyExt;
 use crate::error::error_response;
 use crate::limits::BodyLimitTrip;
 use crate::proxy::{ClientConnection, UpstreamUnreachable};
+use crate::static_files::range::{self, ByteRange, RangeOutcome};
+use crate::static_files::{conditional, header_str, insert};
 use crate::upstream::UpstreamPool;
 use entry::Entry;
 use flight::{Flights, LeaderGuard, Recording, Role, SharedHead, Tee, Waited};
@@ -183,9 +185,10 @@ impl ResponseCache {
         // origin gets the request as sent, and its answer is not stored.
         let bodied_read = (method == Method::GET || method == Method::HEAD)
             && !http_body::Body::is_end_stream(&body);
+        let ranged = parts.headers.contains_key(header::RANGE);
         let bypass = overrides.bypass
             || bodied_read
-            || parts.headers.contains_key(header::RANGE)
+            || (ranged && method != Method::GET)
             || parts.headers.contains_key(header::UPGRADE);
         let cacheable = method == Method::GET
             || method == Method::HEAD
@@ -216,7 +219,11 @@ impl ResponseCache {
             url,
             background: false,
         };
-        match self.tiers.lookup(&ask.primary, &ask.headers).await {
+        let stored = self.tiers.lookup(&ask.primary, &ask.headers).await;
+        if ranged {
+            return serve_range(ask, stored, body, &origin, &trip).await;
+        }
+        match stored {
             Some((entry, tier)) => {
                 self.serve_stored(ask, entry, tier, body, origin, trip)
                     .await
@@ -741,7 +748,26 @@ fn answer(ask: &Ask, entry: &Entry, outcome: Outcome, tier: Option<Tier>) -> Res
     if !ask.background {
         count(tier, outcome);
     }
-    let body = match entry.chunks.as_slice() {
+    client_view(
+        ask,
+        marked(stored_response(entry, body_of(&entry.chunks)), outcome),
+    )
+}
+
+/// `entry`'s status and header fields over `body`, with its current `Age`.
+fn stored_response(entry: &Entry, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = entry.headers.clone();
+    let age = entry.current_age_ms(now_ms()) / 1000;
+    response
+        .headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
+    response
+}
+
+fn body_of(chunks: &[Bytes]) -> Body {
+    match chunks {
         [] => Body::empty(),
         [one] => Body::from(one.clone()),
         many => Body::from_stream(futures_util::stream::iter(
@@ -750,28 +776,101 @@ fn answer(ask: &Ask, entry: &Entry, outcome: Outcome, tier: Option<Tier>) -> Res
                 .map(Ok::<_, std::convert::Infallible>)
                 .collect::<Vec<_>>(),
         )),
+    }
+}
+
+/// A `Range` request on GET is cut from a stored complete answer that is a
+/// fresh hit for it, as Varnish does; otherwise the origin answers the
+/// range itself and nothing is stored, since the cache keeps complete
+/// answers only.
+async fn serve_range(
+    ask: Ask,
+    stored: Option<(Arc<Entry>, Tier)>,
+    body: Body,
+    origin: &Origin,
+    trip: &BodyLimitTrip,
+) -> Response<Body> {
+    if let Some((entry, tier)) = stored
+        && entry.status == StatusCode::OK
+        && fresh_hit(&ask, &entry, entry.current_age_ms(now_ms()))
+    {
+        return ranged_answer(&ask, &entry, tier);
+    }
+    let response = origin
+        .fetch(upstream_request(&ask, &ask.headers, body), trip)
+        .await;
+    count(None, Outcome::Bypass);
+    marked(response, Outcome::Bypass)
+}
+
+/// RFC 9110 §14 over a stored 200: one range gets 206, none that overlaps
+/// gets 416, and several get the whole answer (which §14.2 allows and
+/// Varnish does too); a failed `If-Range` or a client's validator that
+/// matches (304 first, §13.2.2) gets the stored answer as `answer` gives it.
+fn ranged_answer(ask: &Ask, entry: &Entry, tier: Tier) -> Response<Body> {
+    let total: u64 = entry.chunks.iter().map(|c| c.len() as u64).sum();
+    let if_range_holds = header_str(&ask.headers, &header::IF_RANGE).is_none_or(|if_range| {
+        let modified = header_str(&entry.headers, &header::LAST_MODIFIED)
+            .and_then(|date| httpdate::parse_http_date(date).ok());
+        let etag = header_str(&entry.headers, &header::ETAG).unwrap_or_default();
+        conditional::if_range_holds(if_range, etag, modified)
+    });
+    let ranges = match header_str(&ask.headers, &header::RANGE) {
+        Some(value) if if_range_holds && !policy::not_modified(&ask.headers, &entry.headers) => {
+            range::parse(value, total)
+        }
+        _ => RangeOutcome::Full,
     };
-    let mut response = Response::new(body);
-    *response.status_mut() = entry.status;
-    *response.headers_mut() = entry.headers.clone();
-    let age = entry.current_age_ms(now_ms()) / 1000;
-    response
-        .headers_mut()
-        .insert(header::AGE, HeaderValue::from(age));
-    client_view(ask, marked(response, outcome))
+    let single = match ranges {
+        RangeOutcome::Ranges(ranges) if ranges.len() == 1 => ranges[0],
+        RangeOutcome::Unsatisfiable => {
+            count(Some(tier), Outcome::Hit);
+            let mut response = error_response(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                "no requested range overlaps the stored answer",
+            );
+            insert(
+                response.headers_mut(),
+                header::CONTENT_RANGE,
+                &format!("bytes */{total}"),
+            );
+            return marked(response, Outcome::Hit);
+        }
+        _ => return answer(ask, entry, Outcome::Hit, Some(tier)),
+    };
+    count(Some(tier), Outcome::Hit);
+    let mut response = stored_response(entry, body_of(&slice_chunks(&entry.chunks, single)));
+    *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(single.len()));
+    insert(headers, header::CONTENT_RANGE, &single.content_range(total));
+    client_view(ask, marked(response, Outcome::Hit))
+}
+
+/// The bytes of `range` (clamped to the body already) across the stored
+/// chunks, as views: no copy.
+fn slice_chunks(chunks: &[Bytes], range: ByteRange) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut chunk_start = 0u64;
+    for chunk in chunks {
+        let chunk_end = chunk_start + chunk.len() as u64;
+        if chunk_end > range.start && chunk_start <= range.end {
+            let from = range.start.saturating_sub(chunk_start);
+            let to = (range.end + 1).min(chunk_end) - chunk_start;
+            // Both offsets lie within this chunk, so they fit in usize.
+            out.push(chunk.slice(from as usize..to as usize));
+        }
+        chunk_start = chunk_end;
+    }
+    out
 }
 
 /// A coalesced follower's answer: the leader's head as stored, the
 /// recording's body.
 fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> {
     count(None, Outcome::Hit);
-    let mut response = Response::new(rec.reader());
-    *response.status_mut() = head.stored.status;
-    *response.headers_mut() = head.stored.headers.clone();
-    let age = head.stored.current_age_ms(now_ms()) / 1000;
-    response
-        .headers_mut()
-        .insert(header::AGE, HeaderValue::from(age));
+    let response = stored_response(&head.stored, rec.reader());
     client_view(ask, marked(response, Outcome::Hit))
 }
 
@@ -827,5 +926,32 @@ impl CloneHead for Parts {
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();
         request.into_parts().0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_sliced_across_chunk_boundaries() {
+        let chunks = [
+            Bytes::from_static(b"012"),
+            Bytes::from_static(b""),
+            Bytes::from_static(b"3456"),
+            Bytes::from_static(b"789"),
+        ];
+        let cut = |start, end| {
+            slice_chunks(&chunks, ByteRange { start, end })
+                .iter()
+                .flat_map(|b| b.iter().copied())
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(cut(0, 9), b"0123456789");
+        assert_eq!(cut(2, 3), b"23");
+        assert_eq!(cut(3, 6), b"3456");
+        assert_eq!(cut(4, 4), b"4");
+        assert_eq!(cut(6, 9), b"6789");
+        assert_eq!(cut(9, 9), b"9");
     }
 }

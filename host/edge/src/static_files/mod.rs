@@ -21,9 +21,9 @@
 //! - The empty path (`/` under the prefix, or the bare prefix) serves the
 //!   index directly.
 
-mod conditional;
+pub(crate) mod conditional;
 mod encoding;
-mod range;
+pub(crate) mod range;
 mod resolve;
 
 use std::collections::VecDeque;
@@ -667,13 +667,13 @@ fn is_plain_name(name: &str) -> bool {
         )
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// For values built from our own numbers and dates, which are always valid
 /// header text; a failure would drop the header rather than the response.
-fn insert(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
+pub(crate) fn insert(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(name, value);
     }
