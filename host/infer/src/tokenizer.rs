@@ -244,10 +244,12 @@ impl Tokenizer {
         })?;
         // `tokenizers` panics (an `expect` in its decoder deserializer)
         // instead of returning an error when the `decoder` object is not
-        // well-formed JSON; found by fuzz/hf_model. Any syntax error is caught
-        // here first, with serde_json's position, so a hostile model file
-        // costs a load error, never the process.
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        // well-formed JSON: a syntax error, bytes that are not UTF-8, a lone
+        // surrogate escape (found by fuzz/hf_model). The whole file is read
+        // as a JSON value here first, which fails on each of these with
+        // serde_json's position, so a hostile model file costs a load error,
+        // never the process.
+        serde_json::from_slice::<serde_json::Value>(&bytes)
             .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display())))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display())))?;

@@ -564,24 +564,34 @@ fn bad_config_json_says_what_is_wrong() {
     assert!(err.contains("no *.safetensors weights"), "{err}");
 
     // Malformed JSON inside tokenizer.json's decoder made the tokenizers
-    // crate panic rather than fail (fuzz/hf_model, 2026-12-05).
-    let dir = write(&HfTestShape::tiny(), 7, HfDtype::F16);
-    let path = dir.path().join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let decoder = text
-        .find("\"decoder\"")
-        .expect("the test tokenizer has a decoder");
-    let (head, tail) = text.split_at(decoder);
-    let broken = format!(
-        "{head}{}",
-        tail.replacen("\"ByteLevel\"", "\"ByteLevel$", 1)
-    );
-    std::fs::write(&path, broken).unwrap();
-    let err = load_error(dir.path());
-    assert!(
-        err.contains("tokenizer.json") && err.contains("line"),
-        "{err}"
-    );
+    // crate panic rather than fail (fuzz/hf_model, 2026-12-05): a syntax
+    // error, bytes that are not UTF-8, a lone surrogate escape.
+    let breakages: [(&str, &[u8]); 3] = [
+        ("\"ByteLevel\"", b"\"ByteLevel$"),
+        ("add_prefix_space", b"add_pr\x9b\x98ix_space"),
+        ("add_prefix_space", b"add_prefix_space\\ud800"),
+    ];
+    for (at, broken) in breakages {
+        let dir = write(&HfTestShape::tiny(), 7, HfDtype::F16);
+        let path = dir.path().join("tokenizer.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let decoder = text
+            .find("\"decoder\"")
+            .expect("the test tokenizer has a decoder");
+        let (head, tail) = text.split_at(decoder);
+        let from = tail.find(at).expect("the decoder names it");
+        let mut bytes = head.as_bytes().to_vec();
+        bytes.extend_from_slice(&tail.as_bytes()[..from]);
+        bytes.extend_from_slice(broken);
+        bytes.extend_from_slice(&tail.as_bytes()[from + at.len()..]);
+        std::fs::write(&path, bytes).unwrap();
+        let err = load_error(dir.path());
+        assert!(
+            err.contains("tokenizer.json") && err.contains("line"),
+            "{}: {err}",
+            String::from_utf8_lossy(broken)
+        );
+    }
 
     let dir = write(&HfTestShape::tiny(), 7, HfDtype::F16);
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
