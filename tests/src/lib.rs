@@ -527,3 +527,47 @@ fn samples<'t>(
             .flatten()
         })
 }
+
+/// Polls `check` every 20 ms until it holds; fails the test with `what`
+/// after `limit`. Returns how long it took.
+pub async fn wait_for(
+    what: &str,
+    limit: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (up to [`PATIENCE`]) until `edge` reports `endpoint` unhealthy.
+/// Returns the endpoint's failed attempts as counted in that same scrape,
+/// so that any later failure there is a request sent after the edge knew,
+/// or one already in flight; and how long the wait took.
+pub async fn wait_until_marked_down(edge: &EdgeProcess, endpoint: &str) -> (f64, Duration) {
+    let mut failed_attempts = 0.0;
+    let took = wait_for(
+        &format!("the edge marks {endpoint} unhealthy"),
+        PATIENCE,
+        async || {
+            let metrics = edge.metrics().await;
+            failed_attempts = metric_sum(
+                &metrics,
+                "breakwater_upstream_attempt_failures_total",
+                &[("endpoint", endpoint)],
+            );
+            metric(
+                &metrics,
+                "breakwater_upstream_endpoint_healthy",
+                &[("endpoint", endpoint)],
+            ) == 0.0
+        },
+    )
+    .await;
+    (failed_attempts, took)
+}

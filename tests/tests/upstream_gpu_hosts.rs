@@ -1,7 +1,7 @@
 //! Upstream resilience against real GPU hosts: `breakwater gpu-host`
 //! processes (CPU backend, random test models from `breakwater model
 //! gen-test`) behind a `breakwater edge` node. A killed host costs no
-//! retryable request and stops getting traffic within a second; a client
+//! retryable request and gets none once marked down; a client
 //! that disconnects from a streaming completion frees the host's slot and
 //! KV blocks; a host whose queue is full (503 + `Retry-After`) is marked
 //! busy, not dead.
@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use breakwater_e2e::{EdgeProcess, GpuHostProcess, PATIENCE, breakwater, metric, metric_sum};
+use breakwater_e2e::{
+    EdgeProcess, GpuHostProcess, PATIENCE, breakwater, metric, metric_sum, wait_for,
+    wait_until_marked_down,
+};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
 
@@ -84,17 +87,6 @@ first_byte_timeout = "30s"
     tokio::task::block_in_place(|| EdgeProcess::start(&config))
 }
 
-async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn completion(max_tokens: u32, stream: bool) -> String {
     serde_json::json!({
         "model": MODEL,
@@ -107,6 +99,10 @@ fn completion(max_tokens: u32, stream: bool) -> String {
     .to_string()
 }
 
+/// Load loops in the killed-host test: also the most requests that can be
+/// in flight on the killed host when the edge marks it down.
+const DRIVERS: usize = 4;
+
 /// One answer seen by a load loop.
 struct Seen {
     at: Instant,
@@ -116,7 +112,7 @@ struct Seen {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_gpu_host_costs_no_retryable_request_and_is_routed_around_within_a_second() {
+async fn a_killed_gpu_host_costs_no_retryable_request_and_gets_none_once_marked_down() {
     let dir = tempfile::tempdir().expect("tempdir");
     tokio::task::block_in_place(|| gen_model(dir.path(), "tiny"));
     let a = start_host(dir.path(), &[]).await;
@@ -133,7 +129,7 @@ async fn a_killed_gpu_host_costs_no_retryable_request_and_is_routed_around_withi
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::<Seen>::new()));
     let keys = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..4)
+    let tasks: Vec<_> = (0..DRIVERS)
         .map(|i| {
             let (stop, seen, keys) = (stop.clone(), seen.clone(), keys.clone());
             let (models, completions) = (edge.url("/v1/models"), edge.url("/v1/completions"));
@@ -182,28 +178,26 @@ async fn a_killed_gpu_host_costs_no_retryable_request_and_is_routed_around_withi
         ) > 0.0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let killed_at = Instant::now();
     c.kill();
-    let detected = wait_for(
-        "the edge marks the killed host unhealthy",
-        Duration::from_secs(1),
+    let killed_at = Instant::now();
+    // How fast the edge notices is bench/failover.sh's to measure; this
+    // test holds what must be true however busy the machine is.
+    let (attempts_when_marked_down, detected) = wait_until_marked_down(&edge, &c_label).await;
+    let marked_at = Instant::now();
+    wait_for(
+        "5 answers of each kind after the host was marked down",
+        PATIENCE,
         async || {
-            metric(
-                &edge.metrics().await,
-                "breakwater_upstream_endpoint_healthy",
-                &[("endpoint", &c_label)],
-            ) == 0.0
+            let seen = seen.lock().await;
+            ["models", "completion"].iter().all(|what| {
+                seen.iter()
+                    .filter(|s| s.at > marked_at && s.what == *what)
+                    .count()
+                    >= 5
+            })
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1).saturating_sub(killed_at.elapsed())).await;
-    let attempts_after_a_second = metric_sum(
-        &edge.metrics().await,
-        "breakwater_upstream_attempt_failures_total",
-        &[("endpoint", &c_label)],
-    );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::SeqCst);
     for task in tasks {
         let _ = tokio::time::timeout(PATIENCE, task).await;
@@ -233,25 +227,21 @@ async fn a_killed_gpu_host_costs_no_retryable_request_and_is_routed_around_withi
         "client-visible errors: {errors:#?}\n{}",
         edge.child.stderr()
     );
-    for what in ["models", "completion"] {
-        let after = seen
-            .iter()
-            .filter(|s| s.at > killed_at && s.what == what)
-            .count();
-        assert!(after >= 5, "only {after} {what} requests after the kill");
-    }
-    assert_eq!(
-        attempts_after_a_second, attempts_at_the_end,
-        "the edge still sent requests to the killed host more than 1 s after it died \
-         (marked unhealthy after {detected:?})"
+    // Only requests already sent to the host when it was marked down may
+    // fail there afterwards, one attempt each; none is sent to it anew.
+    assert!(
+        attempts_at_the_end - attempts_when_marked_down <= DRIVERS as f64,
+        "the edge sent {} requests to the killed host after marking it down \
+         (marked down {detected:?} after the kill)",
+        attempts_at_the_end - attempts_when_marked_down
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_a_streaming_completion_frees_the_gpu_hosts_slot() {
     // The demo model's shapes: a 200-token answer takes seconds on one CPU
-    // thread, so a slot freed within the bound below was freed by the
-    // disconnect, not by the answer ending.
+    // thread; the finish reason and the token count below tell a slot freed
+    // by the disconnect from one freed by the answer ending.
     let dir = tempfile::tempdir().expect("tempdir");
     tokio::task::block_in_place(|| gen_model(dir.path(), "smollm2-135m"));
     let host = start_host(dir.path(), &["--max-batch", "2"]).await;
@@ -286,7 +276,7 @@ async fn a_client_that_leaves_a_streaming_completion_frees_the_gpu_hosts_slot() 
 
     let took = wait_for(
         "the host cancels the sequence and frees its KV blocks",
-        Duration::from_secs(5),
+        PATIENCE,
         async || {
             let m = host.metrics().await;
             metric(&m, "breakwater_infer_running_sequences", &[]) == 0.0
@@ -314,7 +304,7 @@ async fn a_client_that_leaves_a_streaming_completion_frees_the_gpu_hosts_slot() 
     // The edge let go of it too (its gauges refresh twice a second).
     wait_for(
         "the edge counts no request outstanding",
-        Duration::from_secs(3),
+        PATIENCE,
         async || {
             metric_sum(
                 &edge.metrics().await,

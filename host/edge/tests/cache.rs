@@ -898,7 +898,14 @@ async fn the_disk_tier_survives_a_restart_and_drops_corrupt_entries() {
     get_with(&node, "/keep", &host).await;
     get_with(&node, "/rot", &host).await;
     // The store happens once the body is complete, just behind the answer.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while metric(&node, "breakwater_cache_disk_writes_total{result=\"ok\"}").await < 2.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both answers never reached the disk tier"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     node.shutdown().await;
 
     // Flip a byte inside the stored body of /rot.

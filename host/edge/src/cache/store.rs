@@ -236,9 +236,18 @@ impl Tiers {
             Ok::<_, sled::Error>(())
         })
         .await;
-        if let Ok(Err(error)) = written {
-            tracing::warn!(%error, "disk cache write failed");
-        }
+        let result = match written {
+            Ok(Ok(())) => "ok",
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "disk cache write failed");
+                "failed"
+            }
+            Err(error) => {
+                tracing::warn!(%error, "disk cache write did not finish");
+                "failed"
+            }
+        };
+        metrics::counter!("breakwater_cache_disk_writes_total", "result" => result).increment(1);
     }
 
     /// Removes what `selector` matches from both tiers; the count of

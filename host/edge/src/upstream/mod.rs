@@ -993,6 +993,9 @@ mod tests {
         );
         let back = client_deadline(&headers).expect("parsed");
         let diff = if back > at { back - at } else { at - back };
-        assert!(diff < Duration::from_millis(20), "{diff:?}");
+        // Off only by the time between the two clock reads in each
+        // conversion and ms rounding, which a busy machine can stretch; a
+        // unit or sign error would be seconds off.
+        assert!(diff < Duration::from_millis(1000), "{diff:?}");
     }
 }

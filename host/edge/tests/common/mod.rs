@@ -5,6 +5,8 @@
 //! Upstream paths (the last path segment decides, so `/api/echo` is `echo`):
 //! - `echo`: answers the request's method, path, version and headers as JSON;
 //! - `sse?n=N&delay_ms=D`: N server-sent events, one frame each, D ms apart;
+//!   with `step=1` instead, each event after the first waits for
+//!   [`Upstream::step`];
 //! - `sleep?ms=M`: answers `slept` after M ms;
 //! - `close`: reads the head, then drops the connection without answering;
 //! - `size`: reads the whole body and answers `{"bytes": N}`.
@@ -154,6 +156,7 @@ pub struct Upstream {
     pub addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    step: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
@@ -166,6 +169,12 @@ impl Upstream {
     /// Request heads received so far.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Lets a `sse?step=1` stream send its next event (one permit is kept
+    /// if the stream is not waiting yet).
+    pub fn step(&self) {
+        self.step.notify_one();
     }
 
     /// Waits until the upstream has received `n` requests.
@@ -197,9 +206,11 @@ pub async fn start_upstream() -> Upstream {
     let addr = listener.local_addr().expect("upstream addr");
     let connections = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
+    let step = Arc::new(Notify::new());
     let task = tokio::spawn({
         let connections = connections.clone();
         let requests = requests.clone();
+        let step = step.clone();
         async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -207,6 +218,7 @@ pub async fn start_upstream() -> Upstream {
                 };
                 connections.fetch_add(1, Ordering::SeqCst);
                 let requests = requests.clone();
+                let step = step.clone();
                 tokio::spawn(async move {
                     // Fired by `/close`: dropping the connection future closes
                     // the socket without a response.
@@ -215,7 +227,7 @@ pub async fn start_upstream() -> Upstream {
                         let close = close.clone();
                         move |request| {
                             requests.fetch_add(1, Ordering::SeqCst);
-                            upstream_handle(request, close.clone())
+                            upstream_handle(request, close.clone(), step.clone())
                         }
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
@@ -232,6 +244,7 @@ pub async fn start_upstream() -> Upstream {
         addr,
         connections,
         requests,
+        step,
         task,
     }
 }
@@ -258,6 +271,7 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
 async fn upstream_handle(
     request: Request<Incoming>,
     close: Arc<Notify>,
+    step: Arc<Notify>,
 ) -> Result<Response<UpstreamBody>, Infallible> {
     let path = request.uri().path().to_owned();
     let last = path.rsplit('/').next().unwrap_or("");
@@ -285,15 +299,21 @@ async fn upstream_handle(
         "sse" => {
             let n = query_param(&request, "n").unwrap_or(5);
             let delay = Duration::from_millis(query_param(&request, "delay_ms").unwrap_or(100));
-            let events = futures_util::stream::unfold(0, move |i| async move {
-                if i >= n {
-                    return None;
+            let stepped = query_param(&request, "step") == Some(1);
+            let events = futures_util::stream::unfold(0, move |i| {
+                let step = step.clone();
+                async move {
+                    if i >= n {
+                        return None;
+                    }
+                    if i > 0 && stepped {
+                        step.notified().await;
+                    } else if i > 0 {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let event = format!("id: {i}\ndata: event {i}\n\n");
+                    Some((Ok(Frame::data(Bytes::from(event))), i + 1))
                 }
-                if i > 0 {
-                    tokio::time::sleep(delay).await;
-                }
-                let event = format!("id: {i}\ndata: event {i}\n\n");
-                Some((Ok(Frame::data(Bytes::from(event))), i + 1))
             });
             Response::builder()
                 .header(hyper::header::CONTENT_TYPE, "text/event-stream")
