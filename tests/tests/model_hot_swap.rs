@@ -247,10 +247,13 @@ impl Host {
 /// An answer's text and the version that gave it, or why there was none.
 type Answer = Result<(String, String), String>;
 
+/// One client's answers so far, in order.
+type Answers = Arc<std::sync::Mutex<Vec<Answer>>>;
+
 /// Clients asking in a loop, each recording its answers in order.
 struct Load {
     stop: Arc<AtomicBool>,
-    clients: Vec<tokio::task::JoinHandle<Vec<Answer>>>,
+    clients: Vec<(Answers, tokio::task::JoinHandle<()>)>,
     host: Arc<Host>,
 }
 
@@ -263,13 +266,17 @@ impl Load {
             .map(|stream| {
                 let host = Arc::clone(host);
                 let stop = Arc::clone(&stop);
-                tokio::spawn(async move {
-                    let mut answers = Vec::new();
-                    while !stop.load(Ordering::SeqCst) {
-                        answers.push(host.ask(stream).await);
+                let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+                let task = tokio::spawn({
+                    let answers = Arc::clone(&answers);
+                    async move {
+                        while !stop.load(Ordering::SeqCst) {
+                            let answer = host.ask(stream).await;
+                            answers.lock().expect("answers").push(answer);
+                        }
                     }
-                    answers
-                })
+                });
+                (answers, task)
             })
             .collect();
         Load {
@@ -300,15 +307,31 @@ impl Load {
     /// Stops the clients and checks what they got: no failure, only `old`
     /// then only `new` for each client, and both seen overall.
     async fn finish(self, old: &(String, String), new: &(String, String)) {
-        // Some answers after the switch for each client.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Every client gets an answer after the switch, however long a
+        // busy machine takes to give one.
+        let deadline = Instant::now() + PATIENCE;
+        while !self.clients.iter().all(|(answers, _)| {
+            answers
+                .lock()
+                .expect("answers")
+                .iter()
+                .any(|a| a.as_ref() == Ok(new))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "a client had no answer from {} within {PATIENCE:?}",
+                new.1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.stop.store(true, Ordering::SeqCst);
         let mut total = [0usize; 2];
-        for (i, client) in self.clients.into_iter().enumerate() {
-            let answers = tokio::time::timeout(PATIENCE, client)
+        for (i, (answers, client)) in self.clients.into_iter().enumerate() {
+            tokio::time::timeout(PATIENCE, client)
                 .await
                 .expect("the client stops")
                 .expect("the client task");
+            let answers = std::mem::take(&mut *answers.lock().expect("answers"));
             let mut switched = false;
             for (n, answer) in answers.iter().enumerate() {
                 let answer = match answer {
