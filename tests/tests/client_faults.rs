@@ -7,9 +7,9 @@
 //! endpoint: no ejection, no failed attempt, no upstream error.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use breakwater_e2e::{EdgeProcess, PATIENCE, StandIn, metric, metric_sum};
+use breakwater_e2e::{EdgeProcess, PATIENCE, StandIn, metric, metric_sum, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -201,17 +201,6 @@ impl Fault {
     }
 }
 
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{what}: not within {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_broken_client_bodies_never_count_against_the_only_endpoint() {
     let upstream = StandIn::start(STAND_IN, "a");
@@ -241,13 +230,17 @@ async fn a_hundred_broken_client_bodies_never_count_against_the_only_endpoint() 
     }
     // Every one of them is finished at the edge, those whose client left
     // included, before the endpoint's record is read.
-    wait_for("the edge finishes the broken requests", async || {
-        metric(
-            &edge.metrics().await,
-            "breakwater_edge_requests_in_flight",
-            &[],
-        ) == 0.0
-    })
+    wait_for(
+        "the edge finishes the broken requests",
+        PATIENCE,
+        async || {
+            metric(
+                &edge.metrics().await,
+                "breakwater_edge_requests_in_flight",
+                &[],
+            ) == 0.0
+        },
+    )
     .await;
 
     let response = http.get(edge.url("/work")).send().await.expect("GET");
