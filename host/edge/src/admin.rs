@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::error_response;
 use crate::node::EdgeNode;
-use crate::reload::ReloadError;
+use crate::plugins::reload::ReloadError;
 use crate::tls::Certificates;
 
 pub(crate) async fn serve(

@@ -106,7 +106,7 @@ pub fn response_decision(decision: ResponseDecision) {
         ResponseDecision::Continue => {}
         ResponseDecision::ContinueWith(changes) => {
             let mut response = Response::new(Body::empty());
-            plugins::apply_response_changes(&mut response, &changes);
+            breakwater_sandbox::http_view::apply_response_changes(response.headers_mut(), &changes);
         }
         ResponseDecision::Respond(answer) => {
             let _ = plugins::plugin_response(answer.status, &answer.headers, answer.body);

@@ -13,13 +13,13 @@ use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::cache::{Origin, Overrides, ResponseCache, RoutePolicy};
+use crate::error::EdgeError;
 use crate::error::error_response;
 use crate::limits::{LimitedBody, MethodAllowList, request_head_bytes};
 use crate::observe::{CountedBody, InFlight, REQUEST_ID, request_id};
 use crate::plugins::RequestOutcome;
+use crate::plugins::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadReport};
 use crate::proxy::{ClientConnection, normalize_request};
-use crate::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadReport};
-use crate::server::EdgeError;
 use crate::static_files::StaticSite;
 use crate::upstream::{RequestDeadline, UpstreamPool};
 use std::collections::HashMap;

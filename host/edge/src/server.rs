@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,36 +17,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
+use crate::error::EdgeError;
 use crate::node::EdgeNode;
+use crate::plugins::reload::{ConfigSource, ReloadError, ReloadReport};
 use crate::proxy::ClientConnection;
-use crate::reload::{ConfigSource, ReloadError, ReloadReport};
-use crate::static_files::StaticSiteError;
 use crate::tls::{Certificates, ReloadedCertificate, TlsReloadError};
-
-/// Why a node could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum EdgeError {
-    #[error("cannot listen on {address}: {source}")]
-    Bind {
-        address: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TLS files {cert} / {key}: {message}")]
-    Tls {
-        cert: PathBuf,
-        key: PathBuf,
-        message: String,
-    },
-    #[error("static site: {0}")]
-    Site(#[from] StaticSiteError),
-    #[error("plugin sandbox: {0}")]
-    Sandbox(#[from] breakwater_sandbox::SandboxError),
-    #[error("plugin: {0}")]
-    Plugin(#[from] breakwater_sandbox::LoadError),
-    #[error("response cache: {0}")]
-    Cache(#[from] crate::cache::CacheError),
-}
 
 /// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
 pub struct RunningNode {
@@ -124,7 +98,7 @@ async fn start_node(
     // Plugins given by URL are fetched (or found in the cache) before the
     // node builds its plugins, which it does synchronously.
     let mut config = config;
-    crate::plugin_source::resolve(&mut config)
+    crate::plugins::source::resolve(&mut config)
         .await
         .map_err(|(_, error)| error)?;
     let node = Arc::new(EdgeNode::new(&config, source)?);

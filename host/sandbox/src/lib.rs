@@ -41,6 +41,7 @@ mod capability;
 mod engine;
 mod error;
 mod host;
+pub mod http_view;
 mod time;
 
 use std::collections::BTreeSet;

@@ -6,9 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use breakwater_sandbox::{
     CallError, FailureKind, Request, RequestChanges, RequestDecision, Response, ResponseDecision,
+    http_view,
 };
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -64,13 +66,8 @@ fn default_client_ip() -> String {
 impl Case {
     /// What is wrong with this case that JSON's shape cannot say.
     pub(crate) fn problem(&self) -> Option<String> {
-        // A method is an HTTP token (RFC 9110, section 5.6.2).
-        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-        if self.method.is_empty() || !self.method.bytes().all(tchar) {
-            return Some(format!("`method` {:?} is not an HTTP method", self.method));
-        }
-        if !self.path.starts_with('/') {
-            return Some(format!("`path` {:?} must start with `/`", self.path));
+        if let Err(problem) = self.request(0) {
+            return Some(problem);
         }
         if let Some(response) = &self.response
             && !(100..=999).contains(&response.status)
@@ -83,27 +80,72 @@ impl Case {
         None
     }
 
-    /// The request as the node would hand it to a plugin: method upper-case,
-    /// host lower-case without a port, header names lower-case.
-    pub(crate) fn request(&self, number: usize) -> Request {
-        let host = self.host.to_ascii_lowercase();
-        // Strip a port, but not the colons of a bracketed IPv6 literal.
-        let host = match host.rfind(':') {
-            Some(i) if !host[i..].contains(']') => host[..i].to_owned(),
-            _ => host,
-        };
-        Request {
-            method: self.method.to_ascii_uppercase(),
-            host,
-            path: self.path.clone(),
-            headers: self.headers.0.clone(),
-            client_ip: self.client_ip.clone(),
+    /// The request as the node would hold it: method upper-case, `host` as
+    /// its Host header, the headers as HTTP fields.
+    pub(crate) fn request(&self, number: usize) -> Result<CaseRequest, String> {
+        let method = http::Method::from_bytes(self.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| format!("`method` {:?} is not an HTTP method", self.method))?;
+        if !self.path.starts_with('/') {
+            return Err(format!("`path` {:?} must start with `/`", self.path));
+        }
+        let uri: http::Uri = self
+            .path
+            .parse()
+            .map_err(|e| format!("`path` {:?} is not a valid path and query: {e}", self.path))?;
+        let mut request = http::Request::new(());
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        let host = http::HeaderValue::from_str(&self.host)
+            .map_err(|_| format!("`host` {:?} is not a valid Host header", self.host))?;
+        headers.insert(http::header::HOST, host);
+        for (name, value) in &self.headers.0 {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("header name {name:?} is not an HTTP field name"))?;
+            if name == http::header::HOST {
+                return Err("give the host as `host`, not as a header".to_owned());
+            }
+            let value = http::HeaderValue::from_bytes(value.as_bytes())
+                .map_err(|_| format!("the value of header `{name}` is not an HTTP field value"))?;
+            headers.append(name, value);
+        }
+        let client_ip = self
+            .client_ip
+            .parse()
+            .map_err(|_| format!("`client_ip` {:?} is not an IP address", self.client_ip))?;
+        Ok(CaseRequest {
+            parts: request.into_parts().0,
+            client_ip,
             request_id: self
                 .request_id
                 .clone()
                 .unwrap_or_else(|| format!("test-{number}")),
             body: self.body.as_ref().map(|b| b.0.clone()),
-        }
+        })
+    }
+}
+
+/// A case's request, held as the node holds one, so that the node's own
+/// code shows it to a plugin and applies the plugin's changes to it.
+pub(crate) struct CaseRequest {
+    parts: http::request::Parts,
+    client_ip: IpAddr,
+    request_id: String,
+    body: Option<Vec<u8>>,
+}
+
+impl CaseRequest {
+    /// What a plugin is handed.
+    pub(crate) fn view(&self) -> Request {
+        let mut view = http_view::request_view(&self.parts, self.client_ip, &self.request_id);
+        view.body.clone_from(&self.body);
+        view
+    }
+
+    /// A `continue-with`'s header edits and path rewrite, as the node
+    /// applies them.
+    pub(crate) fn apply(&mut self, changes: &RequestChanges) {
+        http_view::apply_request_changes(&mut self.parts, changes);
     }
 }
 
@@ -532,28 +574,6 @@ impl Outcome {
     }
 }
 
-/// `request` as the next phase sees it after `changes`, as the node applies
-/// them: removals, then headers set (replacing those of the same name),
-/// then the new path.
-pub(crate) fn apply(request: &mut Request, changes: &RequestChanges) {
-    for name in &changes.remove_headers {
-        request
-            .headers
-            .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-    }
-    for (name, value) in &changes.set_headers {
-        request
-            .headers
-            .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-        request
-            .headers
-            .push((name.to_ascii_lowercase(), value.clone()));
-    }
-    if let Some(path) = &changes.rewrite_path {
-        request.path.clone_from(path);
-    }
-}
-
 /// Collects the mismatches of one phase.
 struct Checks<'o> {
     outcome: &'o Outcome,
@@ -754,12 +774,46 @@ mod tests {
         serde_json::from_str(json).expect("a valid case")
     }
 
+    fn view(json: &str) -> Request {
+        case(json).request(1).expect("a valid request").view()
+    }
+
     #[test]
     fn defaults_make_a_plain_get() {
-        let req = case("{}").request(3);
+        let req = case("{}").request(3).expect("a valid request").view();
         assert_eq!((req.method.as_str(), req.path.as_str()), ("GET", "/"));
+        assert_eq!(
+            (req.host.as_str(), req.client_ip.as_str()),
+            ("localhost", "192.0.2.1")
+        );
         assert_eq!(req.request_id, "test-3");
-        assert!(req.headers.is_empty() && req.body.is_none());
+        assert_eq!(req.headers, [("host".to_owned(), "localhost".to_owned())]);
+        assert!(req.body.is_none());
+    }
+
+    #[test]
+    fn requests_the_node_could_not_receive_are_input_errors() {
+        for (json, says) in [
+            (r#"{"method": "G T"}"#, "not an HTTP method"),
+            (r#"{"path": "nope"}"#, "must start with `/`"),
+            (r#"{"path": "/a b"}"#, "not a valid path"),
+            (
+                r#"{"headers": {"bad name": "v"}}"#,
+                "not an HTTP field name",
+            ),
+            (
+                r#"{"headers": {"x-a": "line\nbreak"}}"#,
+                "not an HTTP field value",
+            ),
+            (
+                r#"{"headers": {"Host": "a.test"}}"#,
+                "give the host as `host`",
+            ),
+            (r#"{"client_ip": "somewhere"}"#, "not an IP address"),
+        ] {
+            let problem = case(json).problem().expect(json);
+            assert!(problem.contains(says), "{json}: {problem}");
+        }
     }
 
     #[test]
@@ -779,10 +833,12 @@ mod tests {
 
     #[test]
     fn host_is_normalized_like_the_node_does() {
-        let req = case(r#"{"host": "API.Example.com:8443"}"#).request(1);
-        assert_eq!(req.host, "api.example.com");
-        let req = case(r#"{"host": "[::1]"}"#).request(1);
-        assert_eq!(req.host, "[::1]");
+        assert_eq!(
+            view(r#"{"host": "API.Example.com:8443"}"#).host,
+            "api.example.com"
+        );
+        assert_eq!(view(r#"{"host": "[::1]"}"#).host, "[::1]");
+        assert_eq!(view(r#"{"method": "post"}"#).method, "POST");
     }
 
     #[test]
@@ -851,7 +907,9 @@ mod tests {
 
     #[test]
     fn changes_apply_like_the_node() {
-        let mut req = case(r#"{"headers": {"x-a": "1", "x-b": "2"}}"#).request(1);
+        let mut req = case(r#"{"headers": {"x-a": "1", "x-b": "2"}}"#)
+            .request(1)
+            .expect("a valid request");
         let changes = RequestChanges {
             set_headers: vec![("X-A".into(), "9".into())],
             remove_headers: vec!["x-b".into()],
@@ -861,8 +919,15 @@ mod tests {
             cache_ttl_ms: None,
             cache_bypass: false,
         };
-        apply(&mut req, &changes);
-        assert_eq!(req.headers, [("x-a".to_owned(), "9".to_owned())]);
-        assert_eq!(req.path, "/new");
+        req.apply(&changes);
+        let view = req.view();
+        assert_eq!(
+            view.headers,
+            [
+                ("host".to_owned(), "localhost".to_owned()),
+                ("x-a".to_owned(), "9".to_owned())
+            ]
+        );
+        assert_eq!(view.path, "/new");
     }
 }

@@ -19,7 +19,7 @@ use breakwater_sandbox::{
 use serde::Serialize;
 use serde_json::Value;
 
-use super::cases::{Case, DecisionKind, Outcome, apply};
+use super::cases::{Case, DecisionKind, Outcome};
 use super::{Grant, Located, TestArgs};
 
 /// Exit status when an expectation fails (or a call fails unexpected).
@@ -83,12 +83,18 @@ fn run_cases(args: &TestArgs) -> anyhow::Result<bool> {
 /// Runs one case: its printed line, and what did not hold.
 fn run_case(plugin: &LoadedPlugin, case: &Case, number: usize) -> (String, Vec<String>) {
     let mut problems = Vec::new();
-    let mut view = case.request(number);
+    let mut request = match case.request(number) {
+        Ok(request) => request,
+        // `read_cases` refuses such a case before anything runs.
+        Err(problem) => return (String::new(), vec![problem]),
+    };
+    let mut view = request.view();
     let on_request = match plugin.on_request(&view) {
         Ok(decision) => {
             if let RequestDecision::ContinueWith(changes) = &decision {
                 // `on-response` sees the request as the chain left it.
-                apply(&mut view, changes);
+                request.apply(changes);
+                view = request.view();
             }
             Outcome::of_request(decision)
         }

@@ -3,6 +3,9 @@
 //! the answer. A failing plugin is handled by its own policy: skipped (open)
 //! or a 500 for that request (closed); the node goes on serving.
 
+pub(crate) mod reload;
+pub(crate) mod source;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,18 +14,18 @@ use std::time::Duration;
 use axum::body::Body;
 use breakwater_sandbox::{
     CallError, Capability, LoadError, LoadedPlugin, OnFailure, PluginSpec, Request, RequestChanges,
-    RequestDecision, ResponseChanges, ResponseDecision, ResponseHead, Sandbox,
+    RequestDecision, ResponseDecision, ResponseHead, Sandbox, http_view,
 };
 use edge_config::{FailurePolicy, LimitsConfig, PluginConfig};
 use http::request::Parts;
-use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, header};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::error_response;
 
 /// Loads a configured plugin into the node's sandbox.
 pub(crate) fn load(sandbox: &Sandbox, config: &PluginConfig) -> Result<LoadedPlugin, LoadError> {
-    let path = crate::plugin_source::local_path(config)?;
+    let path = source::local_path(config)?;
     let mut spec = PluginSpec::new(&config.name, path, &config.sha256);
     spec.config = config.config_json();
     let mut grants = BTreeSet::new();
@@ -262,12 +265,12 @@ impl PluginChain {
         for plugin in self.plugins.iter().rev() {
             let head = ResponseHead {
                 status: response.status().as_u16(),
-                headers: header_pairs(response.headers()),
+                headers: http_view::header_pairs(response.headers()),
             };
             match plugin.on_response(view, &head) {
                 Ok(ResponseDecision::Continue) => {}
                 Ok(ResponseDecision::ContinueWith(changes)) => {
-                    apply_response_changes(&mut response, &changes)
+                    http_view::apply_response_changes(response.headers_mut(), &changes)
                 }
                 Ok(ResponseDecision::Respond(answer)) => {
                     response = plugin_response(answer.status, &answer.headers, answer.body);
@@ -284,23 +287,15 @@ impl PluginChain {
 }
 
 /// One plugin's `continue-with` applied: its header edits and path
-/// rewrite to `parts`, its pool and cache choices over earlier plugins'.
+/// rewrite to `parts` (as `breakwater plugin test` applies them), its pool
+/// and cache choices over earlier plugins'.
 pub(crate) fn apply_request_changes(
     parts: &mut Parts,
     changes: RequestChanges,
     pool: &mut Option<String>,
     cache: &mut crate::cache::Overrides,
 ) {
-    apply_headers(
-        &mut parts.headers,
-        &changes.set_headers,
-        &changes.remove_headers,
-    );
-    if let Some(path) = changes.rewrite_path
-        && let Ok(uri) = rewritten_uri(&parts.uri, &path)
-    {
-        parts.uri = uri;
-    }
+    http_view::apply_request_changes(parts, &changes);
     if changes.upstream_pool.is_some() {
         *pool = changes.upstream_pool;
     }
@@ -313,15 +308,6 @@ pub(crate) fn apply_request_changes(
         cache.ttl = Some(Duration::from_millis(ms));
     }
     cache.bypass |= changes.cache_bypass;
-}
-
-/// One plugin's `continue-with` on the response phase applied.
-pub(crate) fn apply_response_changes(response: &mut Response<Body>, changes: &ResponseChanges) {
-    apply_headers(
-        response.headers_mut(),
-        &changes.set_headers,
-        &changes.remove_headers,
-    );
 }
 
 fn phase_failed() -> Response<Body> {
@@ -345,71 +331,14 @@ fn failure(plugin: &LoadedPlugin, error: &CallError) -> Option<Response<Body>> {
     }
 }
 
+/// The request as the chain's plugins see it.
 pub(crate) fn request_view(parts: &Parts, client: SocketAddr) -> Request {
-    let host = parts
+    let request_id = parts
         .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .get(crate::observe::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    // Strip a port, but not the colons of a bracketed IPv6 literal.
-    let host = match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
-    };
-    Request {
-        method: parts.method.as_str().to_owned(),
-        host: host.to_ascii_lowercase(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
-        headers: header_pairs(&parts.headers),
-        client_ip: client.ip().to_string(),
-        request_id: parts
-            .headers
-            .get(crate::observe::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned(),
-        body: None,
-    }
-}
-
-fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
-        .collect()
-}
-
-/// Header edits from a plugin; names or values that are not valid HTTP are
-/// skipped rather than failing the request.
-fn apply_headers(headers: &mut http::HeaderMap, set: &[(String, String)], remove: &[String]) {
-    for name in remove {
-        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-            headers.remove(name);
-        }
-    }
-    for (name, value) in set {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.insert(name, value);
-        }
-    }
-}
-
-fn rewritten_uri(uri: &http::Uri, path_and_query: &str) -> Result<http::Uri, http::Error> {
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(path_and_query.parse()?);
-    Ok(http::Uri::from_parts(parts)?)
+    http_view::request_view(parts, client.ip(), request_id)
 }
 
 pub(crate) fn plugin_response(
@@ -420,6 +349,6 @@ pub(crate) fn plugin_response(
     let mut response = Response::new(Body::from(body));
     *response.status_mut() =
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    apply_headers(response.headers_mut(), headers, &[]);
+    http_view::edit_headers(response.headers_mut(), headers, &[]);
     response
 }

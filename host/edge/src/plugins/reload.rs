@@ -15,8 +15,8 @@ use breakwater_sandbox::{LoadError, LoadedPlugin, Sandbox, SandboxConfig, Sandbo
 use edge_config::EdgeConfig;
 use serde::Serialize;
 
+use crate::error::EdgeError;
 use crate::plugins::{self, PluginChain, PluginGate, PluginSet};
-use crate::server::EdgeError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -241,7 +241,7 @@ impl PluginRuntime {
             let mut config = source
                 .read()
                 .map_err(|error| ReloadError::Config(error_chain(error.as_ref())))?;
-            crate::plugin_source::resolve_blocking(&mut config)
+            super::source::resolve_blocking(&mut config)
                 .map_err(|(plugin, source)| ReloadError::Plugin { plugin, source })?;
             let sandbox = match sandbox {
                 Some(sandbox) => Some(sandbox),
