@@ -15,7 +15,7 @@
 #      random inputs (the lib's backend::cuda tests);
 #   2. the parity tests: greedy tokens identical to the CPU backend and
 #      logits within tolerance, on generated models, one with the demo
-#      model's exact shapes (tests/cuda_parity.rs);
+#      model's exact shapes (tests/integration/cuda_parity.rs);
 #   3. bench/infer.sh --device cuda: decode tok/s at 1, 8, 32, 64 streams
 #      and prefill tok/s, next to transformers on the same safetensors.
 #
@@ -35,10 +35,10 @@ build() {
     local json
     json=$(mktemp)
     cargo build -p breakwater-infer --example infer_bench
-    cargo test -p breakwater-infer --lib --test cuda_parity --no-run --message-format=json >"$json"
+    cargo test -p breakwater-infer --lib --test integration --no-run --message-format=json >"$json"
     python3 - "$json" "$bin" <<'PY'
 import json, shutil, sys
-names = {"breakwater_infer": "infer-lib-tests", "cuda_parity": "cuda-parity"}
+names = {"breakwater_infer": "infer-lib-tests", "integration": "cuda-parity"}
 for line in open(sys.argv[1]):
     msg = json.loads(line)
     if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["profile"]["test"]:
@@ -73,7 +73,7 @@ run() {
     if grep -q SKIPPED "$out/kernels.txt"; then failed+=("kernels (skipped: no usable GPU)"); fi
 
     log "2/3 parity with the CPU backend"
-    "$bin/cuda-parity" --test-threads=1 --nocapture >"$out/parity.txt" 2>&1 || failed+=(parity)
+    "$bin/cuda-parity" cuda_parity:: --test-threads=1 --nocapture >"$out/parity.txt" 2>&1 || failed+=(parity)
     cat "$out/parity.txt"
     if grep -q SKIPPED "$out/parity.txt"; then failed+=("parity (skipped: no usable GPU)"); fi
 

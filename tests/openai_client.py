@@ -10,7 +10,7 @@ one at temperature 0), usage, and a 404 surfacing as the SDK's own error.
         --base-url http://127.0.0.1:8000/v1 --expect "The capital of France is Paris."
 
 `cargo xtask test` creates the venv (openai pinned in xtask) and the test
-`host/infer/tests/openai_python.rs` runs this script against an in-process
+`host/infer/tests/integration/openai_python.rs` runs this script against an in-process
 server. Exits non-zero with a message on the first mismatch.
 """
 

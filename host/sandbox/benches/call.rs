@@ -1,7 +1,7 @@
 //! Per-call cost of a plugin: a fresh instance, `init` and `on-request`,
 //! for the template and the router plugins. `cargo bench -p breakwater-sandbox`.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/integration/common/mod.rs"]
 mod common;
 
 use std::hint::black_box;

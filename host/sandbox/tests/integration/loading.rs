@@ -1,10 +1,8 @@
 //! What gets loaded: the sha256 pin, granted capabilities, configuration,
 //! and the precompiled cache.
 
-mod common;
-
+use crate::common::{component, get, sandbox, spec};
 use breakwater_sandbox::{Capability, LoadError, Sandbox, SandboxConfig};
-use common::{component, get, sandbox, spec};
 
 #[test]
 fn a_sha256_mismatch_refuses_to_load() {

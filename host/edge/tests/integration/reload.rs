@@ -4,7 +4,7 @@
 //! the old plugins, the admin endpoint wants its token, and a full plugin
 //! queue sheds with 503.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
 
+use crate::common::{
+    PATIENCE, Upstream, admin_url, assert_json_error, client, component, json, url,
+};
 use breakwater_edge::{ConfigSource, RunningNode};
-use common::{PATIENCE, Upstream, admin_url, assert_json_error, client, component, json, url};
 
 const TOKEN: &str = "test-admin-token";
 

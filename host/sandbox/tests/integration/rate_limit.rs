@@ -2,12 +2,10 @@
 //! `counters` capability granted: bursts, sustained rates, the 429 and its
 //! headers, key isolation, costs, and configurations refused at load.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{get, replace_header, sandbox, sandbox_on_manual_clock, spec};
 use breakwater_sandbox::{Capability, LoadError, LoadedPlugin, Request, RequestDecision, Sandbox};
-use common::{get, replace_header, sandbox, sandbox_on_manual_clock, spec};
 
 fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> {
     let mut spec = spec("rate-limit", "rate_limit", config);

@@ -1,8 +1,9 @@
 //! The API over real HTTP on a tiny random model: wire formats, batching,
 //! sampling options and every class of malformed input.
 
-mod support;
+use crate::support;
 
+use crate::support::{TestServer, stream_text};
 use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::chat_template::{ChatTemplate, Message};
 use breakwater_infer::generate::greedy;
@@ -14,7 +15,6 @@ use breakwater_infer::test_model::tiny_llama;
 use breakwater_infer::tokenizer::Tokenizer;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use support::{TestServer, stream_text};
 
 const MODEL: &str = "tiny";
 /// How long a condition may take to hold on a busy machine.

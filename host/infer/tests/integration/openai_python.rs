@@ -2,7 +2,7 @@
 //! in-process server on the demo model. It needs the venv `cargo xtask test`
 //! creates (`.cache/venv-openai`) and fails with that advice without it.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,12 +1,10 @@
 //! The host capabilities through a real component: kv, counters, log,
 //! clock, metrics; and the template's behaviour.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{get, load_all_granted, sandbox, sandbox_on_manual_clock, spec};
 use breakwater_sandbox::{RequestDecision, Response, ResponseDecision, ResponseHead};
-use common::{get, load_all_granted, sandbox, sandbox_on_manual_clock, spec};
 
 fn respond(decision: RequestDecision) -> Response {
     match decision {

@@ -2,10 +2,8 @@
 //! normalization, TTL by route, bypass rules, keys over canonical AI
 //! completion bodies, and bad configurations refusing to load.
 
-mod common;
-
+use crate::common::{get, sandbox, spec, with_header, with_host};
 use breakwater_sandbox::{LoadError, LoadedPlugin, Request, RequestDecision, Sandbox};
-use common::{get, sandbox, spec, with_header, with_host};
 
 fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> {
     // The plugin imports nothing, so it is loaded with no grants at all.

@@ -2,7 +2,7 @@
 //! semantics, coalescing, stale serving, SSE record/replay, purge, the disk
 //! tier across restarts and corrupt disk entries.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::{PATIENCE, admin_url, client, start_node_in, url};
 use bytes::Bytes;
-use common::{PATIENCE, admin_url, client, start_node_in, url};
 use futures_util::StreamExt;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};

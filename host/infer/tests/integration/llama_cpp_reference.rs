@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! python3 bench/reference.py --setup
-//! cargo nextest run -p breakwater-infer --run-ignored only --test llama_cpp_reference
+//! cargo nextest run -p breakwater-infer --run-ignored only --test integration llama_cpp_reference
 //! ```
 //!
 //! Run explicitly without the venv, it fails and says how to build it.

@@ -1,12 +1,12 @@
 //! Listeners: h2 and HTTP/1.1 over TLS by ALPN, h2c with prior knowledge,
 //! the admin endpoints, and a graceful drain.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     PATIENCE, admin_url, client, json, listener, proxy_config, start_node, start_upstream, url,
 };
 

@@ -1,11 +1,11 @@
 //! Limits the node enforces itself: header size (431), body size (413),
 //! body read time (408) and request-head read time (slowloris).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     assert_json_error, client, closed_within, proxy_config, raw_connect_and_send,
     read_raw_response, start_node, start_upstream, url,
 };

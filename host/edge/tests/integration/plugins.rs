@@ -3,9 +3,9 @@
 //! the upstream's, and a failing plugin follows its open/closed policy while
 //! the node keeps serving.
 
-mod common;
+use crate::common;
 
-use common::{assert_json_error, client, component, start_node, start_upstream, url};
+use crate::common::{assert_json_error, client, component, start_node, start_upstream, url};
 
 /// A node proxying `/` to `upstream` through the plugin chain `chain`, with
 /// `plugins` holding the `[[plugin]]` tables.

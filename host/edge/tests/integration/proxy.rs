@@ -2,9 +2,9 @@
 //! request ids, forwarding headers, hop-by-hop headers, and the JSON errors
 //! for an upstream that is down, slow or breaks the connection.
 
-mod common;
+use crate::common;
 
-use common::{
+use crate::common::{
     PATIENCE, assert_json_error, client, closed_port, json, proxy_config, raw_connect_and_send,
     read_raw_response, start_node, start_upstream, url,
 };

@@ -1,9 +1,7 @@
 //! Failures and plugin metrics reach the node's Prometheus metrics.
 
-mod common;
-
+use crate::common::{get, load_all_granted, sandbox, spec};
 use breakwater_sandbox::FailureKind;
-use common::{get, load_all_granted, sandbox, spec};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 #[test]

@@ -3,14 +3,14 @@
 //! the cache once fetched even with the server gone; a wrong pin refuses to
 //! start and caches nothing; a reload fetches a new URL plugin.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::common::{client, component, start_upstream, url};
 use breakwater_edge::ConfigSource;
 use breakwater_store::testing::S3Server;
-use common::{client, component, start_upstream, url};
 
 /// A node proxying `/` to `upstream` through the plugin `name`, fetched
 /// from `s3://<test bucket>/<key>` on `server`, cached in `cache`.

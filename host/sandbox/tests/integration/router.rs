@@ -2,12 +2,10 @@
 //! pool, first match wins, splits hold their weights and stay sticky, and a
 //! bad configuration refuses to load.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::common::{get, sandbox, spec, with_header, with_host};
 use breakwater_sandbox::{LoadError, LoadedPlugin, Request, RequestDecision, Sandbox};
-use common::{get, sandbox, spec, with_header, with_host};
 
 fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> {
     // The router imports nothing, so it is loaded with no grants at all.

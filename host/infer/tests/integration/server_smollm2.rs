@@ -1,15 +1,15 @@
 //! The API on the demo model: the exact request answers like
 //! llama.cpp, and overload and cancellation free what they should.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
+use crate::support::{TestServer, stream_text};
 use breakwater_infer::demo_model;
 use breakwater_infer::gguf::Gguf;
 use breakwater_infer::scheduler::EngineConfig;
 use serde_json::json;
-use support::{TestServer, stream_text};
 
 fn demo() -> Gguf {
     let path = demo_model::ensure(&demo_model::default_dir()).expect("fetch the demo model");

@@ -7,18 +7,18 @@
 //! The witness is a real origin over loopback that answers with what it
 //! received, cacheable for a minute.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::Bytes;
-use common::{
+use crate::common::{
     admin_url, assert_json_error, client, json, listener, raw_connect_and_send, read_raw_response,
     start_node,
 };
+use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};

@@ -1,10 +1,8 @@
 //! The bundled `waf` plugin through the real host: each rule blocks its case
 //! with a JSON 403 naming the request, and lets a benign neighbour through.
 
-mod common;
-
+use crate::common::{get, replace_header, sandbox, spec};
 use breakwater_sandbox::{LoadError, LoadedPlugin, Request, RequestDecision, Sandbox};
-use common::{get, replace_header, sandbox, spec};
 
 fn try_load(sandbox: &Sandbox, config: &str) -> Result<LoadedPlugin, LoadError> {
     // The waf imports nothing, so it is loaded with no grants at all.

@@ -1,14 +1,12 @@
 //! A plugin is untrusted code in a box: fresh instance per call, CPU
 //! deadline, memory cap, typed failures. These run the real components.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::common::{get, sandbox, spec};
 use breakwater_sandbox::{FailureKind, Limits, OnFailure, RequestDecision};
-use common::{get, sandbox, spec};
 
 fn header<'d>(decision: &'d RequestDecision, name: &str) -> Option<&'d str> {
     match decision {
