@@ -14,6 +14,8 @@
 #   SERVER_CPU [0]  CLIENT_CPU [1]   BW_PORT/NGINX_PORT [first free from 18080]
 #   OUT_DIR [bench/out/static-<timestamp>]  BUILD_TIMEOUT [2400] (seconds)
 #   CARGO_TARGET_DIR (respected)  SKIP_BUILD=1 (use an existing release binary)
+#   ACCESS_LOG [off]: "on" gives both servers an access log to a file
+#   (breakwater: the `access` target at info; nginx: access_log, buffered)
 #   PRIORITY [0]: nice value for both servers and wrk; a negative one (root)
 #   keeps a compile elsewhere on the machine from skewing the numbers as much
 set -euo pipefail
@@ -27,6 +29,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-2400}
 PRIORITY=${PRIORITY:-0}
+ACCESS_LOG=${ACCESS_LOG:-off}
 HOT_FILE_MAX_BYTES=$((1024 * 1024))
 SIZES=(1k 100k)
 
@@ -86,6 +89,18 @@ hot_file_max_bytes = $HOT_FILE_MAX_BYTES
 EOF
 
 ngx=$work/nginx
+case $ACCESS_LOG in
+off)
+    nginx_access_log="access_log off;"
+    bw_log=warn
+    ;;
+on)
+    # nginx's usual production form: buffered, flushed at least every second.
+    nginx_access_log="access_log $ngx/access.log combined buffer=64k flush=1s;"
+    bw_log=warn,access=info
+    ;;
+*) die "ACCESS_LOG must be on or off, not $ACCESS_LOG" ;;
+esac
 cat >"$ngx/nginx.conf" <<EOF
 # Written by bench/static.sh: a tuned single-worker static server.
 worker_processes 1;
@@ -96,7 +111,7 @@ events {
     multi_accept on;
 }
 http {
-    access_log off;
+    $nginx_access_log
     sendfile on;
     tcp_nopush on;
     tcp_nodelay on;
@@ -126,7 +141,7 @@ EOF
 "$nginx_bin" -t -q -p "$ngx" -e "$ngx/error.log" -c "$ngx/nginx.conf" 2>"$ngx/test.log" ||
     { cat "$ngx/test.log" >&2; die "nginx config test failed"; }
 
-TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
+TOKIO_WORKER_THREADS=1 RUST_LOG=$bw_log \
     nice -n "$PRIORITY" taskset -c "$SERVER_CPU" "$bw_bin" edge --config "$work/breakwater/edge.toml" \
     >"$work/breakwater/stdout.log" 2>"$work/breakwater/stderr.log" &
 pids+=("$!")
@@ -164,8 +179,8 @@ nginx_version=$({ "$nginx_bin" -v 2>&1 || true; } | sed 's/^nginx version: //')
 
 {
     report_head "server on cpu $SERVER_CPU, wrk on cpu $CLIENT_CPU"
-    echo "breakwater: release build, 1 tokio worker, both files from the in-memory hot cache (hot_file_max_bytes = $HOT_FILE_MAX_BYTES)"
-    echo "nginx: $nginx_version, worker_processes 1, sendfile on, open_file_cache, access_log off"
+    echo "breakwater: release build, 1 tokio worker, both files from the in-memory hot cache (hot_file_max_bytes = $HOT_FILE_MAX_BYTES), access log $ACCESS_LOG (RUST_LOG=$bw_log)"
+    echo "nginx: $nginx_version, worker_processes 1, sendfile on, open_file_cache, access log $ACCESS_LOG"
     echo
     echo "| file | breakwater req/s | nginx req/s | breakwater/nginx | breakwater p99 ms | nginx p99 ms |"
     echo "|---|---:|---:|---:|---:|---:|"

@@ -405,7 +405,7 @@ impl EdgeProcess {
 }
 
 /// The body of `GET url` as text, within [`PATIENCE`]; panics on failure.
-async fn get_text(url: &str) -> String {
+pub async fn get_text(url: &str) -> String {
     reqwest::Client::new()
         .get(url)
         .timeout(PATIENCE)

@@ -87,7 +87,8 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_json = matches!(cli.log_format, LogFormatArg::Json);
-    breakwater_edge::init_logging(match cli.log_format {
+    // Held to the end of main: dropping it writes out what is still queued.
+    let _log_guard = breakwater_edge::init_logging(match cli.log_format {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
     });

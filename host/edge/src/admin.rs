@@ -64,6 +64,8 @@ async fn readyz(State(node): State<Arc<EdgeNode>>) -> impl IntoResponse {
 }
 
 async fn metrics() -> impl IntoResponse {
+    metrics::counter!("breakwater_log_lines_dropped_total")
+        .absolute(crate::observe::log_lines_dropped());
     let body = crate::observe::prometheus()
         .map(|h| h.render())
         .unwrap_or_default();

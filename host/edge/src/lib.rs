@@ -37,7 +37,7 @@ mod tls;
 mod upstream;
 
 pub use error::{EdgeError, error_response};
-pub use observe::{LogFormat, init_logging};
+pub use observe::{LogFormat, LogGuard, init_logging};
 pub use plugins::reload::{ConfigSource, PluginInfo, ReloadError, ReloadReport};
 pub use server::{RunningNode, start, start_with_source};
 pub use tls::{ReloadedCertificate, TlsFilesError, TlsReloadError};

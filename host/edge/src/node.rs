@@ -16,7 +16,7 @@ use crate::cache::{Origin, Overrides, ResponseCache, RoutePolicy};
 use crate::error::EdgeError;
 use crate::error::error_response;
 use crate::limits::{LimitedBody, MethodAllowList, request_head_bytes};
-use crate::observe::{CountedBody, InFlight, REQUEST_ID, request_id};
+use crate::observe::{CountedBody, InFlight, REQUEST_ID, RouteMetrics, request_id};
 use crate::plugins::RequestOutcome;
 use crate::plugins::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadReport};
 use crate::proxy::{ClientConnection, normalize_request};
@@ -32,8 +32,8 @@ enum Target {
 
 struct Route {
     prefix: String,
-    /// Metrics label: the site's or the pool's name.
-    name: String,
+    /// Labelled by the site's or the pool's name.
+    metrics: Arc<RouteMetrics>,
     target: Target,
     /// Index of this route's chain in each plugin generation.
     slot: usize,
@@ -60,6 +60,8 @@ pub(crate) struct EdgeNode {
     cache: Option<Arc<ResponseCache>>,
     /// Peers whose forwarding headers are believed (`node.trusted_proxies`).
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// Metrics of requests refused before they had a route.
+    unrouted: Arc<RouteMetrics>,
 }
 
 impl EdgeNode {
@@ -74,7 +76,7 @@ impl EdgeNode {
         for site in &config.sites {
             routes.push(Route {
                 prefix: site.prefix.clone(),
-                name: site.name.clone(),
+                metrics: Arc::new(RouteMetrics::new(&site.name)),
                 target: Target::Site(Box::new(StaticSite::new(site)?)),
                 slot: 0,
                 cache: None,
@@ -86,7 +88,7 @@ impl EdgeNode {
             if let Some(pool) = pools.get(&route.pool) {
                 routes.push(Route {
                     prefix: route.prefix.clone(),
-                    name: route.pool.clone(),
+                    metrics: Arc::new(RouteMetrics::new(&route.pool)),
                     target: Target::Pool(pool.clone()),
                     slot: 0,
                     cache: route.cache.then(|| RoutePolicy {
@@ -123,6 +125,7 @@ impl EdgeNode {
             admin_token,
             cache,
             trusted_proxies: config.node.trusted_proxy_networks(),
+            unrouted: Arc::new(RouteMetrics::new("none")),
         })
     }
 
@@ -180,11 +183,11 @@ impl EdgeNode {
         let method = parts.method.clone();
         let path = parts.uri.path().to_owned();
 
-        let (route_name, mut response) = match refusal {
+        let (route_metrics, mut response) = match refusal {
             Some(refusal) => {
                 metrics::counter!("breakwater_edge_requests_refused_total", "reason" => refusal.code)
                     .increment(1);
-                ("none".to_owned(), refusal.response())
+                (self.unrouted.clone(), refusal.response())
             }
             None => self.dispatch(parts, body, &client).await,
         };
@@ -192,26 +195,19 @@ impl EdgeNode {
         response.headers_mut().insert(REQUEST_ID, id.clone());
         let status = response.status();
         let elapsed = started.elapsed();
-        metrics::counter!(
-            "breakwater_edge_requests_total",
-            "route" => route_name.clone(),
-            "status" => status.as_str().to_owned()
-        )
-        .increment(1);
-        metrics::histogram!("breakwater_edge_request_duration_seconds", "route" => route_name.clone())
-            .record(elapsed.as_secs_f64());
+        route_metrics.record(status, elapsed);
         tracing::info!(
             target: "access",
             request_id = id.to_str().unwrap_or(""),
             client = %client.peer,
             method = %method,
             path = %path,
-            route = %route_name,
+            route = %route_metrics.name,
             status = status.as_u16(),
             elapsed_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
-        response.map(|body| Body::new(CountedBody::new(body, route_name, in_flight)))
+        response.map(|body| Body::new(CountedBody::new(body, route_metrics, in_flight)))
     }
 
     async fn dispatch(
@@ -219,8 +215,8 @@ impl EdgeNode {
         parts: Parts,
         body: Incoming,
         client: &ClientConnection,
-    ) -> (String, Response<Body>) {
-        let unrouted = || "none".to_owned();
+    ) -> (Arc<RouteMetrics>, Response<Body>) {
+        let unrouted = || self.unrouted.clone();
         if let Some(refusal) = self.methods.refusal(&parts.method) {
             return (unrouted(), refusal);
         }
@@ -279,13 +275,13 @@ impl EdgeNode {
             let response = self
                 .serve_target(&route.target, &route.prefix, parts, body, client, cache)
                 .await;
-            return (route.name.clone(), response);
+            return (route.metrics.clone(), response);
         }
 
         let gate = self.plugins.gate();
         let (parts, outcome) = chain.run_request_phase(gate, parts, client.peer).await;
         let (pool, view, overrides) = match outcome {
-            RequestOutcome::Respond(response) => return (route.name.clone(), response),
+            RequestOutcome::Respond(response) => return (route.metrics.clone(), response),
             RequestOutcome::Continue { pool, view, cache } => (pool, view, cache),
         };
         let chosen;
@@ -298,7 +294,7 @@ impl EdgeNode {
                 }
                 None => {
                     return (
-                        route.name.clone(),
+                        route.metrics.clone(),
                         error_response(
                             StatusCode::BAD_GATEWAY,
                             "unknown_pool",
@@ -314,7 +310,7 @@ impl EdgeNode {
             .serve_target(target, &route.prefix, parts, body, client, cache)
             .await;
         let response = chain.run_response_phase(gate, view, response).await;
-        (route.name.clone(), response)
+        (route.metrics.clone(), response)
     }
 
     async fn serve_target(

@@ -69,22 +69,120 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global `tracing` subscriber; `RUST_LOG` filters (default `info`).
-pub fn init_logging(format: LogFormat) {
+/// Lines the log writer holds for its thread before it drops new ones:
+/// under a crowd a slow terminal or pipe must not stall request handling,
+/// so the access log sheds lines (counted in
+/// `breakwater_log_lines_dropped_total`) rather than wait.
+const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+/// Bytes of log text gathered before one `write`: the log thread writes
+/// whatever queued up since its last write in one go.
+const LOG_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Keeps the log thread writing; dropping it flushes what is queued. Hold
+/// it until the process is done.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard {
+    _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+/// Installs the global `tracing` subscriber; `RUST_LOG` filters (default
+/// `info`; `RUST_LOG=info,access=off` turns the access log off). Lines are
+/// formatted on the thread that logs and written to stdout by a log thread
+/// of their own, in batches, so a request never waits on a `write`.
+pub fn init_logging(format: LogFormat) -> LogGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour codes only for a person at a terminal: in a file or a log
     // pipeline they are bytes to write and noise to read.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("breakwater-log")
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BUFFER_BYTES,
+            std::io::stdout(),
+        ));
+    let drops = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .with_writer(writer);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    // Already installed (e.g. by a test harness): keep that one.
-    let _ = result;
+    match result {
+        Ok(()) => {
+            let _ = LOG_DROPS.set(drops);
+            LogGuard {
+                _worker: Some(guard),
+            }
+        }
+        // Already installed (e.g. by a test harness): keep that one.
+        Err(_) => LogGuard { _worker: None },
+    }
+}
+
+/// Log lines dropped because the log thread fell behind, since start.
+pub(crate) fn log_lines_dropped() -> u64 {
+    LOG_DROPS
+        .get()
+        .map_or(0, |counter| counter.dropped_lines() as u64)
+}
+
+/// One route's request metrics, with handles registered once: a request
+/// picks its handles instead of building label sets and looking them up in
+/// the registry (three times per request, before this existed).
+pub(crate) struct RouteMetrics {
+    /// The `route` label: the site's or pool's name, `none` when unrouted.
+    pub(crate) name: String,
+    /// `breakwater_edge_requests_total{route, status}`, by status - 100,
+    /// registered on a status's first use.
+    requests: Box<[OnceLock<metrics::Counter>]>,
+    duration: metrics::Histogram,
+    response_bytes: metrics::Counter,
+}
+
+impl RouteMetrics {
+    pub(crate) fn new(name: &str) -> Self {
+        let label = name.to_owned();
+        Self {
+            name: name.to_owned(),
+            requests: (100..600).map(|_| OnceLock::new()).collect(),
+            duration: metrics::histogram!(
+                "breakwater_edge_request_duration_seconds",
+                "route" => label.clone()
+            ),
+            response_bytes: metrics::counter!(
+                "breakwater_edge_response_bytes_total",
+                "route" => label
+            ),
+        }
+    }
+
+    /// Counts one answered request.
+    pub(crate) fn record(&self, status: http::StatusCode, elapsed: std::time::Duration) {
+        let slot = usize::from(status.as_u16())
+            .checked_sub(100)
+            .and_then(|i| self.requests.get(i));
+        let counter = || {
+            metrics::counter!(
+                "breakwater_edge_requests_total",
+                "route" => self.name.clone(),
+                "status" => status.as_str().to_owned()
+            )
+        };
+        match slot {
+            Some(slot) => slot.get_or_init(counter).increment(1),
+            // StatusCode only holds 100..=999; 600 and up are not worth a slot.
+            None => counter().increment(1),
+        }
+        self.duration.record(elapsed.as_secs_f64());
+    }
 }
 
 /// A response body that counts the bytes it sends and holds the in-flight
@@ -92,7 +190,7 @@ pub fn init_logging(format: LogFormat) {
 /// stream is running is no longer in flight).
 pub(crate) struct CountedBody {
     inner: axum::body::Body,
-    route: String,
+    route: std::sync::Arc<RouteMetrics>,
     sent: u64,
     _in_flight: InFlight,
 }
@@ -103,19 +201,30 @@ pub(crate) struct InFlight(());
 
 impl InFlight {
     pub(crate) fn enter() -> Self {
-        metrics::gauge!("breakwater_edge_requests_in_flight").increment(1.0);
+        in_flight_gauge().increment(1.0);
         Self(())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!("breakwater_edge_requests_in_flight").decrement(1.0);
+        in_flight_gauge().decrement(1.0);
     }
 }
 
+/// Registered on the first request, after the node installed the recorder
+/// ([`prometheus`]), and kept: not looked up twice per request.
+fn in_flight_gauge() -> &'static metrics::Gauge {
+    static GAUGE: OnceLock<metrics::Gauge> = OnceLock::new();
+    GAUGE.get_or_init(|| metrics::gauge!("breakwater_edge_requests_in_flight"))
+}
+
 impl CountedBody {
-    pub(crate) fn new(inner: axum::body::Body, route: String, in_flight: InFlight) -> Self {
+    pub(crate) fn new(
+        inner: axum::body::Body,
+        route: std::sync::Arc<RouteMetrics>,
+        in_flight: InFlight,
+    ) -> Self {
         Self {
             inner,
             route,
@@ -127,8 +236,7 @@ impl CountedBody {
 
 impl Drop for CountedBody {
     fn drop(&mut self) {
-        metrics::counter!("breakwater_edge_response_bytes_total", "route" => std::mem::take(&mut self.route))
-            .increment(self.sent);
+        self.route.response_bytes.increment(self.sent);
     }
 }
 

@@ -5,6 +5,7 @@
 //! (each links the whole dependency tree; CI's disk and link time pay for
 //! every one). nextest still runs each test in its own process.
 
+mod access_log;
 mod cache_kill;
 mod client_faults;
 mod config_check;

@@ -23,6 +23,7 @@
 
 pub(crate) mod conditional;
 mod encoding;
+mod prepared;
 pub(crate) mod range;
 mod resolve;
 
@@ -31,7 +32,7 @@ use std::ffi::OsString;
 use std::io::{self, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -43,8 +44,16 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::error::error_response;
 use encoding::Encoding;
+use prepared::{Content, Describe, Prepared, VariantHead, prepare};
 use range::{ByteRange, RangeOutcome};
 use resolve::{PathError, SitePath};
+
+/// How long a prepared file's set of precompressed siblings is trusted
+/// before the file system is asked again, as nginx's `open_file_cache_valid`
+/// does for its open-file cache. The file itself is checked on every
+/// request, so an edit, a replacement or a deletion is seen at once; only a
+/// `.br`/`.gz` sibling added beside an already-served file waits this long.
+const SIBLING_RECHECK: Duration = Duration::from_secs(1);
 
 /// Chunk size for files streamed from disk: large enough that the blocking
 /// pool hop per read is amortised, small enough to keep per-connection
@@ -60,8 +69,11 @@ pub struct StaticSite {
     index: Arc<str>,
     cache_control: Vec<(GlobMatcher, HeaderValue)>,
     hot_file_max_bytes: u64,
-    /// `None` when the configuration gives it no memory.
-    hot: Option<moka::sync::Cache<HotKey, HotEntry>>,
+    /// Files found and described, by the raw request path that named them;
+    /// `None` when the configuration gives the hot cache no memory.
+    prepared: Option<moka::sync::Cache<String, Arc<Prepared>>>,
+    /// How long a prepared file's set of siblings is trusted.
+    sibling_recheck: Duration,
 }
 
 /// A configuration the node cannot serve.
@@ -89,49 +101,29 @@ pub enum StaticSiteError {
     CacheControlValue { site: String, pattern: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct HotKey {
-    path: PathBuf,
-    encoding: Encoding,
-}
-
-/// A small file's bytes with the metadata they were read under; a request
-/// only uses them while the file on disk still has that length and mtime.
-#[derive(Clone)]
-struct HotEntry {
-    len: u64,
-    modified: Option<SystemTime>,
-    bytes: Bytes,
-}
-
 /// What a request path names on disk.
-enum Located {
-    File(Box<Opened>),
+enum Lookup {
+    File(FoundFile),
     /// A directory asked for without the trailing slash.
     Directory,
     NotFound,
 }
 
-/// The variant chosen for a request, opened.
-struct Opened {
+/// A regular file inside the root, with the precompressed siblings that
+/// exist beside it, all checked against the root.
+struct FoundFile {
     /// Decoded path inside the site of the original (identity) file, index
     /// included: what `Cache-Control` globs and the MIME guess look at.
     relative: String,
-    /// A `.br` or `.gz` sibling exists, so responses vary by coding.
-    has_siblings: bool,
-    encoding: Encoding,
-    /// Canonical path of the opened variant: the hot-cache key.
-    path: PathBuf,
-    file: std::fs::File,
-    /// Taken from the open handle, so headers and bytes describe the same
-    /// file even if the path is replaced mid-request.
-    meta: std::fs::Metadata,
+    /// Identity first. Each with its canonical path (what is opened) and
+    /// the path as requested (what later requests `stat`).
+    variants: Vec<(Encoding, PathBuf, PathBuf)>,
 }
 
 /// What the body of a 200/206 is made of, in order.
 enum Piece {
     Bytes(Bytes),
-    /// A span of the opened file.
+    /// A span of the file.
     File {
         start: u64,
         len: u64,
@@ -189,12 +181,11 @@ impl StaticSite {
                 Ok((glob.compile_matcher(), value))
             })
             .collect::<Result<Vec<_>, StaticSiteError>>()?;
-        let hot = (config.hot_cache_bytes > 0 && config.hot_file_max_bytes > 0).then(|| {
+        let prepared = (config.hot_cache_bytes > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(config.hot_cache_bytes)
-                .weigher(|key: &HotKey, entry: &HotEntry| {
-                    let weight = entry.bytes.len() + key.path.as_os_str().len();
-                    u32::try_from(weight).unwrap_or(u32::MAX)
+                .weigher(|path: &String, prepared: &Arc<Prepared>| {
+                    u32::try_from(path.len() + prepared.weight()).unwrap_or(u32::MAX)
                 })
                 .build()
         });
@@ -204,7 +195,8 @@ impl StaticSite {
             index: config.index.as_str().into(),
             cache_control,
             hot_file_max_bytes: config.hot_file_max_bytes,
-            hot,
+            prepared,
+            sibling_recheck: SIBLING_RECHECK,
         })
     }
 
@@ -222,6 +214,17 @@ impl StaticSite {
             Method::HEAD => true,
             _ => return method_not_allowed(),
         };
+        let accept = header_str(headers, &header::ACCEPT_ENCODING);
+        // The crowd's path: a file already found and described, still the
+        // same file on disk. Only paths that passed every gate below are
+        // ever prepared, under the exact raw path that passed.
+        if let Some(prepared) = self.prepared_for(path_in_site) {
+            let variant = prepared.choose(accept);
+            if let Some(content) = variant.current_content(!head, self.hot_file_max_bytes) {
+                return respond(&variant.head, content, head, headers);
+            }
+        }
+
         let site_path = match resolve::decode(path_in_site) {
             Ok(p) => p,
             Err(PathError::Bad(reason)) => {
@@ -230,156 +233,54 @@ impl StaticSite {
             }
             Err(PathError::Hidden) => return not_found(),
         };
-        let accept = header_str(headers, &header::ACCEPT_ENCODING);
         // The lookup runs inline on the worker, as nginx does in its event
         // loop: a site root is local disk, whose metadata calls on cached
-        // dentries take microseconds, while a blocking-pool hop per request
-        // cost more than half of the small-file throughput (bench/static.sh).
-        match locate(&self.root, &self.index, &site_path, accept) {
-            Located::File(opened) => self.respond(opened, head, headers).await,
-            Located::Directory => redirect_to_directory(path_in_site),
-            Located::NotFound => not_found(),
+        // dentries take microseconds. Reading content goes to the blocking
+        // pool, once per file version.
+        let found = match find(&self.root, &self.index, &site_path) {
+            Lookup::File(found) => found,
+            Lookup::Directory => return redirect_to_directory(path_in_site),
+            Lookup::NotFound => return not_found(),
+        };
+        let describe = Describe {
+            cache_control: self.cache_control_for(&found.relative).cloned(),
+            content_type: content_type(&found.relative),
+            has_siblings: found.variants.len() > 1,
+            hot_file_max_bytes: self.hot_file_max_bytes,
+            read_content: !head,
+        };
+        let prepared = match tokio::task::spawn_blocking(move || prepare(found, &describe)).await {
+            Ok(Ok(Some(prepared))) => Arc::new(prepared),
+            Ok(Ok(None)) => return not_found(),
+            Ok(Err((path, e))) => return read_failed(&self.name, &path, &e),
+            Err(e) => {
+                let e = io::Error::other(e.to_string());
+                return read_failed(&self.name, Path::new(path_in_site), &e);
+            }
+        };
+        let variant = prepared.choose(accept);
+        let content = match &variant.bytes {
+            Some(bytes) => Some(Content::Memory(bytes.clone())),
+            None => variant.current_content(false, u64::MAX),
+        };
+        let response = match content {
+            Some(content) => respond(&variant.head, content, head, headers),
+            // Replaced between the description and this open.
+            None => not_found(),
+        };
+        if let Some(cache) = &self.prepared
+            && prepared.cacheable()
+        {
+            cache.insert(path_in_site.to_owned(), prepared);
         }
+        response
     }
 
-    async fn respond(
-        &self,
-        opened: Box<Opened>,
-        head: bool,
-        headers: &HeaderMap,
-    ) -> Response<Body> {
-        let Opened {
-            relative,
-            has_siblings,
-            encoding,
-            path,
-            file,
-            meta,
-        } = *opened;
-        let mut file = File::from_std(file);
-        let len = meta.len();
-        let modified = meta.modified().ok();
-        let etag = conditional::etag(len, modified, encoding);
-
-        let mut validators = HeaderMap::new();
-        insert(&mut validators, header::ETAG, &etag);
-        if let Some(m) = modified {
-            insert(
-                &mut validators,
-                header::LAST_MODIFIED,
-                &httpdate::fmt_http_date(m),
-            );
-        }
-        if let Some(value) = self.cache_control_for(&relative) {
-            validators.insert(header::CACHE_CONTROL, value.clone());
-        }
-        if has_siblings {
-            // Caches must key on Accept-Encoding even for the identity
-            // response, or they would hand it to a br client (or vice versa).
-            validators.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-        }
-
-        if is_not_modified(headers, &etag, modified) {
-            let mut response = Response::new(Body::empty());
-            *response.status_mut() = StatusCode::NOT_MODIFIED;
-            *response.headers_mut() = validators;
-            return response;
-        }
-
-        let content_type = content_type(&relative);
-        let mut response_headers = validators;
-        response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        response_headers.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
-        if let Some(coding) = encoding.header_value() {
-            response_headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding));
-        }
-
-        // RFC 9110 §14.2: range handling is defined for GET only; HEAD
-        // describes the full representation.
-        let ranges = if head {
-            RangeOutcome::Full
-        } else {
-            match header_str(headers, &header::RANGE) {
-                Some(range)
-                    if header_str(headers, &header::IF_RANGE)
-                        .is_none_or(|ir| conditional::if_range_holds(ir, &etag, modified)) =>
-                {
-                    range::parse(range, len)
-                }
-                _ => RangeOutcome::Full,
-            }
-        };
-
-        let (status, pieces) = match ranges {
-            RangeOutcome::Full => {
-                response_headers.insert(header::CONTENT_TYPE, content_type);
-                (StatusCode::OK, vec![Piece::File { start: 0, len }])
-            }
-            RangeOutcome::Unsatisfiable => {
-                let mut response = error_response(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    "range_not_satisfiable",
-                    "no requested range overlaps the file",
-                );
-                insert(
-                    response.headers_mut(),
-                    header::CONTENT_RANGE,
-                    &format!("bytes */{len}"),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-                return response;
-            }
-            RangeOutcome::Ranges(ranges) => match ranges.as_slice() {
-                [single] => {
-                    response_headers.insert(header::CONTENT_TYPE, content_type);
-                    insert(
-                        &mut response_headers,
-                        header::CONTENT_RANGE,
-                        &single.content_range(len),
-                    );
-                    let piece = Piece::File {
-                        start: single.start,
-                        len: single.len(),
-                    };
-                    (StatusCode::PARTIAL_CONTENT, vec![piece])
-                }
-                _ => {
-                    let boundary = uuid::Uuid::new_v4().simple().to_string();
-                    insert(
-                        &mut response_headers,
-                        header::CONTENT_TYPE,
-                        &format!("multipart/byteranges; boundary={boundary}"),
-                    );
-                    let pieces = multipart_pieces(&ranges, len, &content_type, &boundary);
-                    (StatusCode::PARTIAL_CONTENT, pieces)
-                }
-            },
-        };
-
-        let body_len: u64 = pieces.iter().map(Piece::len).sum();
-        response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
-        let body = if head {
-            Body::empty()
-        } else if len <= self.hot_file_max_bytes {
-            match self
-                .hot_bytes(&mut file, &path, encoding, len, modified)
-                .await
-            {
-                Ok(bytes) => Body::from(assemble(&pieces, &bytes)),
-                Err(e) => return read_failed(&self.name, &path, &e),
-            }
-        } else {
-            stream_pieces(file, pieces)
-        };
-        let mut response = Response::new(body);
-        *response.status_mut() = status;
-        *response.headers_mut() = response_headers;
-        response
+    /// The prepared description of `path_in_site`, while its set of
+    /// siblings is recent enough to trust.
+    fn prepared_for(&self, path_in_site: &str) -> Option<Arc<Prepared>> {
+        let prepared = self.prepared.as_ref()?.get(path_in_site)?;
+        (prepared.checked_at.elapsed() < self.sibling_recheck).then_some(prepared)
     }
 
     fn cache_control_for(&self, relative: &str) -> Option<&HeaderValue> {
@@ -388,119 +289,149 @@ impl StaticSite {
             .find(|(glob, _)| glob.is_match(relative))
             .map(|(_, value)| value)
     }
-
-    /// The whole content of a small file, from memory when the cached copy
-    /// was read under the same length and mtime as the file has now.
-    async fn hot_bytes(
-        &self,
-        file: &mut File,
-        path: &Path,
-        encoding: Encoding,
-        len: u64,
-        modified: Option<SystemTime>,
-    ) -> io::Result<Bytes> {
-        let key = HotKey {
-            path: path.to_path_buf(),
-            encoding,
-        };
-        if let Some(hot) = &self.hot
-            && let Some(entry) = hot.get(&key)
-            && entry.len == len
-            && entry.modified == modified
-            // Without an mtime a same-size edit would go unnoticed.
-            && modified.is_some()
-        {
-            return Ok(entry.bytes);
-        }
-        let capacity = usize::try_from(len).unwrap_or(0);
-        let mut buf = Vec::with_capacity(capacity);
-        file.take(len).read_to_end(&mut buf).await?;
-        if buf.len() as u64 != len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shrank while it was read",
-            ));
-        }
-        let bytes = Bytes::from(buf);
-        if let Some(hot) = &self.hot
-            && modified.is_some()
-        {
-            hot.insert(
-                key,
-                HotEntry {
-                    len,
-                    modified,
-                    bytes: bytes.clone(),
-                },
-            );
-        }
-        Ok(bytes)
-    }
 }
 
-/// The file-system half of a request: canonicalize, stat, look for
-/// siblings, negotiate the coding, open.
-fn locate(root: &Path, index: &str, site_path: &SitePath, accept: Option<&str>) -> Located {
+/// Answers from a described file version and its content: `304`, `200`,
+/// `206` (one range or multipart) or `416`.
+fn respond(
+    variant: &VariantHead,
+    content: Content,
+    head: bool,
+    request: &HeaderMap,
+) -> Response<Body> {
+    if is_not_modified(request, &variant.etag, variant.modified) {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        *response.headers_mut() = variant.validators.clone();
+        return response;
+    }
+    let len = variant.len;
+    // RFC 9110 §14.2: range handling is defined for GET only; HEAD
+    // describes the full representation.
+    let ranges = if head {
+        RangeOutcome::Full
+    } else {
+        match header_str(request, &header::RANGE) {
+            Some(range)
+                if header_str(request, &header::IF_RANGE).is_none_or(|ir| {
+                    conditional::if_range_holds(ir, &variant.etag, variant.modified)
+                }) =>
+            {
+                range::parse(range, len)
+            }
+            _ => RangeOutcome::Full,
+        }
+    };
+
+    let (headers, pieces) = match ranges {
+        RangeOutcome::Full => {
+            let mut response = Response::new(if head {
+                Body::empty()
+            } else {
+                content.whole(len)
+            });
+            *response.headers_mut() = variant.full.clone();
+            return response;
+        }
+        RangeOutcome::Unsatisfiable => {
+            let mut response = error_response(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                "no requested range overlaps the file",
+            );
+            insert(
+                response.headers_mut(),
+                header::CONTENT_RANGE,
+                &format!("bytes */{len}"),
+            );
+            response
+                .headers_mut()
+                .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            return response;
+        }
+        RangeOutcome::Ranges(ranges) => {
+            let mut headers = variant.partial_base();
+            let pieces = match ranges.as_slice() {
+                [single] => {
+                    headers.insert(header::CONTENT_TYPE, variant.content_type.clone());
+                    insert(
+                        &mut headers,
+                        header::CONTENT_RANGE,
+                        &single.content_range(len),
+                    );
+                    vec![Piece::File {
+                        start: single.start,
+                        len: single.len(),
+                    }]
+                }
+                _ => {
+                    let boundary = uuid::Uuid::new_v4().simple().to_string();
+                    insert(
+                        &mut headers,
+                        header::CONTENT_TYPE,
+                        &format!("multipart/byteranges; boundary={boundary}"),
+                    );
+                    multipart_pieces(&ranges, len, &variant.content_type, &boundary)
+                }
+            };
+            (headers, pieces)
+        }
+    };
+    let mut headers = headers;
+    let body_len: u64 = pieces.iter().map(Piece::len).sum();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    let body = match content {
+        Content::Memory(bytes) => Body::from(assemble(&pieces, &bytes)),
+        Content::File(file) => stream_pieces(File::from_std(file), pieces),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// The file-system half of a miss: canonicalize, stat, look for siblings.
+fn find(root: &Path, index: &str, site_path: &SitePath) -> Lookup {
     let mut relative = site_path.segments.clone();
     if site_path.trailing_slash {
         relative.push(index.to_owned());
     }
     let requested: PathBuf = root.join(relative.iter().collect::<PathBuf>());
     let Some(canonical) = canonical_inside(root, &requested) else {
-        return Located::NotFound;
+        return Lookup::NotFound;
     };
     let Ok(meta) = std::fs::metadata(&canonical) else {
-        return Located::NotFound;
+        return Lookup::NotFound;
     };
     if meta.is_dir() && !site_path.trailing_slash {
-        return Located::Directory;
+        return Lookup::Directory;
     }
     // Directories named by the index, FIFOs (an open would block),
     // sockets and devices are not content.
     if !meta.is_file() {
-        return Located::NotFound;
+        return Lookup::NotFound;
     }
 
-    let mut variants = vec![(Encoding::Identity, canonical)];
+    let mut variants = vec![(Encoding::Identity, canonical, requested.clone())];
     for encoding in [Encoding::Brotli, Encoding::Gzip] {
         let Some(suffix) = encoding.sibling_suffix() else {
             continue;
         };
         let mut sibling = OsString::from(requested.as_os_str());
         sibling.push(suffix);
-        let sibling = Path::new(&sibling);
+        let sibling = PathBuf::from(sibling);
         // One stat answers the common "no sibling" case before the costlier
         // canonicalization walks every path component.
-        if std::fs::metadata(sibling).is_ok_and(|m| m.is_file())
-            && let Some(path) = canonical_inside(root, sibling)
+        if std::fs::metadata(&sibling).is_ok_and(|m| m.is_file())
+            && let Some(path) = canonical_inside(root, &sibling)
         {
-            variants.push((encoding, path));
+            variants.push((encoding, path, sibling));
         }
     }
-    let has_siblings = variants.len() > 1;
-    let available: Vec<Encoding> = variants.iter().map(|(e, _)| *e).collect();
-    let chosen = encoding::negotiate(accept, &available);
-    let Some((encoding, path)) = variants.into_iter().find(|(e, _)| *e == chosen) else {
-        return Located::NotFound;
-    };
-    let Ok(file) = std::fs::File::open(&path) else {
-        return Located::NotFound;
-    };
-    let Ok(meta) = file.metadata() else {
-        return Located::NotFound;
-    };
-    // The path may have been swapped for a directory or FIFO since the stat.
-    if !meta.is_file() {
-        return Located::NotFound;
-    }
-    Located::File(Box::new(Opened {
+    Lookup::File(FoundFile {
         relative: relative.join("/"),
-        has_siblings,
-        encoding,
-        path,
-        file,
-        meta,
-    }))
+        variants,
+    })
 }
 
 /// The canonical form of `path` if it exists and stays under the (canonical)
@@ -741,10 +672,22 @@ mod tests {
         StaticSite::new(&config).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn hot_keys(site: &StaticSite) -> Vec<PathBuf> {
-        let hot = site.hot.as_ref().expect("hot cache configured");
-        hot.run_pending_tasks();
-        hot.iter().map(|(k, _)| k.path.clone()).collect()
+    /// Each prepared path with, per variant, whether its bytes are held.
+    fn prepared_entries(site: &StaticSite) -> Vec<(String, Vec<bool>)> {
+        let cache = site.prepared.as_ref().expect("hot cache configured");
+        cache.run_pending_tasks();
+        let mut entries: Vec<_> = cache
+            .iter()
+            .map(|(path, p)| (path.as_str().to_owned(), prepared::inspect::bytes_held(&p)))
+            .collect();
+        entries.sort();
+        entries
+    }
+
+    async fn body_of(response: Response<Body>) -> Bytes {
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body")
     }
 
     #[tokio::test]
@@ -752,27 +695,86 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("small.txt"), b"small").expect("write");
         std::fs::write(dir.path().join("large.bin"), vec![7u8; 2048]).expect("write");
+        std::fs::write(dir.path().join("headed.txt"), b"headed").expect("write");
         let site = site(dir.path(), 1024);
         let none = HeaderMap::new();
         for path in ["small.txt", "large.bin"] {
             let r = site.serve(&Method::GET, &none, path).await;
             assert_eq!(r.status(), StatusCode::OK);
         }
-        // HEAD and 304 answer from metadata alone and cache nothing new.
-        let r = site.serve(&Method::HEAD, &none, "small.txt").await;
+        // A HEAD describes the file without reading it.
+        let r = site.serve(&Method::HEAD, &none, "headed.txt").await;
         assert_eq!(r.status(), StatusCode::OK);
-        let keys = hot_keys(&site);
-        assert_eq!(keys.len(), 1, "{keys:?}");
-        assert!(keys[0].ends_with("small.txt"));
+        assert_eq!(
+            prepared_entries(&site),
+            [
+                ("headed.txt".to_owned(), vec![false]),
+                ("large.bin".to_owned(), vec![false]),
+                ("small.txt".to_owned(), vec![true]),
+            ]
+        );
 
-        // Large files stream; the hot cache never holds them.
-        let r = site
-            .serve(&Method::GET, &none, "large.bin")
-            .await
-            .into_body();
-        let bytes = axum::body::to_bytes(r, usize::MAX).await.expect("body");
-        assert_eq!(bytes.len(), 2048);
-        assert_eq!(hot_keys(&site).len(), 1);
+        // Large files stream from disk every time; a small one a HEAD
+        // described is read by the first GET.
+        let r = site.serve(&Method::GET, &none, "large.bin").await;
+        assert_eq!(body_of(r).await.len(), 2048);
+        let r = site.serve(&Method::GET, &none, "headed.txt").await;
+        assert_eq!(&body_of(r).await[..], b"headed");
+        assert_eq!(
+            prepared_entries(&site),
+            [
+                ("headed.txt".to_owned(), vec![true]),
+                ("large.bin".to_owned(), vec![false]),
+                ("small.txt".to_owned(), vec![true]),
+            ]
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_retargeted_symlink_is_checked_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("www");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::write(root.join("public.txt"), b"public").expect("write");
+        std::fs::write(dir.path().join("secret.txt"), b"secret").expect("write");
+        let link = root.join("link.txt");
+        std::os::unix::fs::symlink(root.join("public.txt"), &link).expect("symlink");
+        let site = site(&root, 1024);
+        let none = HeaderMap::new();
+        let r = site.serve(&Method::GET, &none, "link.txt").await;
+        assert_eq!(&body_of(r).await[..], b"public");
+
+        // Pointed out of the root while its description is in memory: the
+        // per-request stat sees another file, and the full path refuses it.
+        std::fs::remove_file(&link).expect("unlink");
+        std::os::unix::fs::symlink(dir.path().join("secret.txt"), &link).expect("symlink");
+        let r = site.serve(&Method::GET, &none, "link.txt").await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_sibling_added_later_is_found_once_the_recheck_is_due() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("app.js"), b"plain").expect("write");
+        let mut site = site(dir.path(), 1024);
+        // The interval is the test's to move, not the clock's.
+        site.sibling_recheck = Duration::MAX;
+        let mut br = HeaderMap::new();
+        br.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("br"));
+        let r = site.serve(&Method::GET, &br, "app.js").await;
+        assert_eq!(r.headers().get(header::CONTENT_ENCODING), None);
+
+        std::fs::write(dir.path().join("app.js.br"), b"compressed").expect("write");
+        // Trusted for the recheck interval: still the description without it.
+        let r = site.serve(&Method::GET, &br, "app.js").await;
+        assert_eq!(r.headers().get(header::CONTENT_ENCODING), None);
+        // Once the interval has passed, the siblings are looked up again.
+        site.sibling_recheck = Duration::ZERO;
+        let r = site.serve(&Method::GET, &br, "app.js").await;
+        assert_eq!(r.headers()[header::CONTENT_ENCODING], "br");
+        assert_eq!(r.headers()[header::VARY], "accept-encoding");
+        assert_eq!(&body_of(r).await[..], b"compressed");
     }
 
     #[tokio::test]
