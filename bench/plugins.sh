@@ -18,6 +18,7 @@
 #   OUT_DIR [bench/out/plugins-<timestamp>]  BUILD_TIMEOUT [2400] (seconds)
 #   CARGO_TARGET_DIR (respected)  SKIP_BUILD=1 (use the existing release
 #   binary and plugin artifacts)  PRIORITY [0]: nice value for everything
+#   ISOLATION [per-request]: the plugins' `isolation`, per-request or reused
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
@@ -28,6 +29,7 @@ RUNS=${RUNS:-3}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PRIORITY=${PRIORITY:-0}
+ISOLATION=${ISOLATION:-per-request}
 VARIANTS=(plain chain)
 
 script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -110,12 +112,14 @@ first_byte_timeout = "5s"
 name = "waf"
 path = "$wasm_dir/waf.wasm"
 sha256 = "${digest[waf]}"
+isolation = "$ISOLATION"
 
 # A limit no benchmark reaches: every request still takes from its bucket.
 [[plugin]]
 name = "rate-limit"
 path = "$wasm_dir/rate_limit.wasm"
 sha256 = "${digest[rate-limit]}"
+isolation = "$ISOLATION"
 grants = ["counters"]
 config = { anonymous = { rate_per_second = 1000000000, burst = 1000000000 } }
 
@@ -124,6 +128,7 @@ config = { anonymous = { rate_per_second = 1000000000, burst = 1000000000 } }
 name = "router"
 path = "$wasm_dir/router.wasm"
 sha256 = "${digest[router]}"
+isolation = "$ISOLATION"
 config = { default_pool = "upstream", rules = [
     { host = "*.internal.example.com", pool = "upstream" },
     { path_prefix = "/chain/v2/", rewrite_prefix = "/chain/", pool = "upstream" },
@@ -134,6 +139,7 @@ config = { default_pool = "upstream", rules = [
 name = "cache-policy"
 path = "$wasm_dir/cache_policy.wasm"
 sha256 = "${digest[cache-policy]}"
+isolation = "$ISOLATION"
 config = { routes = [{ path_prefix = "/chain/", ttl = 60 }] }
 TOML
 
@@ -206,7 +212,7 @@ measure_grid
 # --- report -----------------------------------------------------------------
 {
     report_head "breakwater on cpu $SERVER_CPU, wrk and the nginx upstream on cpu $CLIENT_CPU"
-    echo "breakwater: release build, 1 tokio worker; /plain/ no plugins, /chain/ waf → rate-limit → router → cache-policy"
+    echo "breakwater: release build, 1 tokio worker; /plain/ no plugins, /chain/ waf → rate-limit → router → cache-policy, isolation = $ISOLATION"
     echo
     echo "| route | req/s | p99 ms |"
     echo "|---|---:|---:|"

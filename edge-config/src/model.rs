@@ -340,6 +340,30 @@ pub struct PluginConfig {
     /// Linear memory cap; default 16 MiB.
     #[serde(default)]
     pub memory_bytes: Option<usize>,
+    /// A fresh instance per call (the default) or instances reused.
+    #[serde(default)]
+    pub isolation: PluginIsolation,
+    /// With `isolation = "reused"`: calls one instance serves before it is
+    /// replaced; default 10,000.
+    #[serde(default = "default_recycle_after")]
+    pub recycle_after: u64,
+}
+
+/// How a plugin's instances serve its calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PluginIsolation {
+    /// A fresh instance, `init` included, for every call: nothing one
+    /// request leaves in the plugin's globals reaches the next.
+    #[default]
+    PerRequest,
+    /// Instances kept and reused: `init` once per instance; one that fails
+    /// is discarded; each is replaced after `recycle_after` calls.
+    Reused,
+}
+
+fn default_recycle_after() -> u64 {
+    10_000
 }
 
 impl PluginConfig {

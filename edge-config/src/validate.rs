@@ -695,6 +695,20 @@ fn check_plugin_source(checker: &mut Checker<'_>, i: usize, plugin: &PluginConfi
     }
 }
 
+/// `recycle_after = 0` would replace an instance before it served a call.
+fn check_plugin_isolation(checker: &mut Checker<'_>, i: usize, plugin: &PluginConfig) {
+    if plugin.recycle_after == 0 {
+        checker.report(
+            &[Key("plugin"), Index(i), Key("recycle_after")],
+            format!(
+                "plugin `{}`: recycle_after = 0 would replace each instance before its first call",
+                plugin.name
+            ),
+            "give it at least 1, e.g. recycle_after = 10000 (the default)",
+        );
+    }
+}
+
 fn check_plugin_store(config: &EdgeConfig, checker: &mut Checker<'_>) {
     let store = &config.plugin_store;
     let at = |key| [Key("plugin_store"), Key(key)];
@@ -751,6 +765,7 @@ fn check_plugins(config: &EdgeConfig, checker: &mut Checker<'_>) {
             );
         }
         check_plugin_source(checker, i, plugin);
+        check_plugin_isolation(checker, i, plugin);
     }
     check_plugin_store(config, checker);
     let defined: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();

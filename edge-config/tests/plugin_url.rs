@@ -1,4 +1,4 @@
-//! `[[plugin]]` by `path` or by `url`, and `[plugin_store]`: what is
+//! `[[plugin]]` by `path` or by `url`, its isolation, and `[plugin_store]`: what is
 //! accepted, and where each mistake is reported with its fix.
 
 use std::path::Path;
@@ -126,4 +126,36 @@ fn a_store_endpoint_must_be_a_url() {
         "\n[plugin_store]\nendpoint = \"127.0.0.1:8333\"\n",
     ));
     assert!(message.contains("not an http(s) endpoint URL"), "{message}");
+}
+
+#[test]
+fn isolation_is_per_request_unless_reuse_is_asked_for() {
+    let parse = |extra: &str| {
+        let text = config(
+            &format!("url = \"s3://plugins/waf.wasm\"\nsha256 = \"{PIN}\"\n{extra}"),
+            "",
+        );
+        edge_config::parse(&text, Path::new("edge.toml"), Path::new("/etc/bw"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .plugins
+            .remove(0)
+    };
+    let plugin = parse("");
+    assert_eq!(plugin.isolation, edge_config::PluginIsolation::PerRequest);
+    let plugin = parse("isolation = \"reused\"\nrecycle_after = 500");
+    assert_eq!(plugin.isolation, edge_config::PluginIsolation::Reused);
+    assert_eq!(plugin.recycle_after, 500);
+}
+
+#[test]
+fn recycling_before_the_first_call_is_refused() {
+    let (line, column, message, fix) = problem(&config(
+        &format!(
+            "url = \"s3://plugins/waf.wasm\"\nsha256 = \"{PIN}\"\nisolation = \"reused\"\nrecycle_after = 0"
+        ),
+        "",
+    ));
+    assert_eq!((line, column), (18, 17), "{message}");
+    assert!(message.contains("recycle_after = 0"), "{message}");
+    assert!(fix.contains("recycle_after = 10000"), "{fix}");
 }

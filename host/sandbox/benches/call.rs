@@ -1,30 +1,48 @@
-//! Per-call cost of a plugin: a fresh instance, `init` and `on-request`,
-//! for the template and the router plugins. `cargo bench -p breakwater-sandbox`.
+//! Per-call cost of a plugin, for the template and the router plugins:
+//! with a fresh instance per call (instantiate, `init`, `on-request`) and
+//! with reused instances (`on-request` alone). `cargo bench -p
+//! breakwater-sandbox`.
 
 #[path = "../tests/integration/common/mod.rs"]
 mod common;
 
 use std::hint::black_box;
 
+use breakwater_sandbox::{Isolation, PluginSpec};
 use criterion::{Criterion, criterion_group, criterion_main};
 
-fn instantiate_and_on_request(c: &mut Criterion) {
+const REUSED: Isolation = Isolation::Reused {
+    recycle_after: u64::MAX,
+};
+
+/// Benchmarks `spec` called with `request`, both ways.
+fn both_ways(
+    c: &mut Criterion,
+    label: &str,
+    spec: PluginSpec,
+    request: &breakwater_sandbox::Request,
+) {
     let sandbox = common::sandbox();
-    let plugin = sandbox
-        .load(common::spec(
-            "template",
-            "template",
-            r#"{"deny_prefixes":["/admin"]}"#,
-        ))
-        .expect("load the template plugin");
-    let request = common::get("/v1/chat/completions");
-    c.bench_function("template: instantiate + init + on_request", |b| {
-        b.iter(|| black_box(plugin.on_request(black_box(&request)).expect("call")));
-    });
+    for (isolation, way) in [
+        (Isolation::PerRequest, "instantiate + init + on_request"),
+        (REUSED, "reused instance, on_request"),
+    ] {
+        let mut spec = spec.clone();
+        spec.isolation = isolation;
+        let plugin = sandbox.load(spec).expect("load the plugin");
+        c.bench_function(&format!("{label}: {way}"), |b| {
+            b.iter(|| black_box(plugin.on_request(black_box(request)).expect("call")));
+        });
+    }
+}
+
+fn template(c: &mut Criterion) {
+    let spec = common::spec("template", "template", r#"{"deny_prefixes":["/admin"]}"#);
+    both_ways(c, "template", spec, &common::get("/v1/chat/completions"));
 }
 
 /// The router with a realistic rule set: host and prefix rules and a sticky
-/// canary split, so `init` parses real configuration on every call.
+/// canary split, so `init` parses real configuration.
 const ROUTER_CONFIG: &str = r#"{
   "rules": [
     {"host": "*.internal.example", "pool": "internal"},
@@ -35,16 +53,11 @@ const ROUTER_CONFIG: &str = r#"{
   "default_pool": "web"
 }"#;
 
-fn router_on_request(c: &mut Criterion) {
-    let sandbox = common::sandbox();
-    let plugin = sandbox
-        .load(common::spec("router", "router", ROUTER_CONFIG))
-        .expect("load the router plugin");
+fn router(c: &mut Criterion) {
+    let spec = common::spec("router", "router", ROUTER_CONFIG);
     let request = common::with_header(common::get("/v1/chat/completions"), "x-user-id", "user-42");
-    c.bench_function("router: instantiate + init + on_request", |b| {
-        b.iter(|| black_box(plugin.on_request(black_box(&request)).expect("call")));
-    });
+    both_ways(c, "router", spec, &request);
 }
 
-criterion_group!(benches, instantiate_and_on_request, router_on_request);
+criterion_group!(benches, template, router);
 criterion_main!(benches);

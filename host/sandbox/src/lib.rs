@@ -94,9 +94,11 @@ pub const WALL_BACKSTOP_FACTOR: u32 = 25;
 pub struct Limits {
     /// CPU time for one call (instantiation, `init` and the phase), counted
     /// on the calling thread: time the OS gave to other threads (a busy
-    /// core) is not charged. The call is stopped between this and this plus
-    /// one epoch tick of CPU, or after [`WALL_BACKSTOP_FACTOR`] times this
-    /// of wall-clock time, whichever comes first.
+    /// core) is not charged, except within the call's first epoch tick,
+    /// which is charged by the wall clock. The call is stopped between this
+    /// and this plus one epoch tick of CPU, or after
+    /// [`WALL_BACKSTOP_FACTOR`] times this of wall-clock time, whichever
+    /// comes first.
     pub cpu_deadline: Duration,
     /// All of an instance's linear memory together.
     pub memory_bytes: usize,
@@ -110,6 +112,32 @@ impl Default for Limits {
         }
     }
 }
+
+/// How a plugin's instances serve its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// A fresh instance for every call, `init` included, as Fastly Compute
+    /// does: nothing one request leaves in the plugin's memory reaches the
+    /// next. The safe choice for a plugin that keeps request data in
+    /// globals.
+    #[default]
+    PerRequest,
+    /// Instances kept and reused across calls, as proxy-wasm keeps a VM per
+    /// worker: `init` (and its configuration parse) runs once per instance.
+    /// Globals persist between the calls one instance serves. An instance
+    /// whose call fails (trap, deadline, memory) is discarded, and each is
+    /// replaced after `recycle_after` calls, so a slow leak or a corrupted
+    /// state lives a bounded time.
+    Reused {
+        /// Calls one instance serves before it is replaced (at least 1).
+        recycle_after: u64,
+    },
+}
+
+/// Idle instances one reused plugin keeps. Each holds a slot of the
+/// pooling allocator ([`SandboxConfig::max_concurrent_instances`]), so the
+/// pool must also leave room for this many per reused plugin.
+pub const MAX_IDLE_INSTANCES: usize = 16;
 
 /// Node-wide sandbox settings.
 #[derive(Debug, Clone)]
@@ -179,6 +207,8 @@ pub struct PluginSpec {
     pub on_failure: OnFailure,
     /// Limits; none takes the sandbox's defaults.
     pub limits: Option<Limits>,
+    /// Fresh instance per call, or reused instances.
+    pub isolation: Isolation,
 }
 
 impl PluginSpec {
@@ -197,6 +227,7 @@ impl PluginSpec {
             grants: BTreeSet::new(),
             on_failure: OnFailure::default(),
             limits: None,
+            isolation: Isolation::default(),
         }
     }
 }
@@ -302,17 +333,24 @@ impl Sandbox {
                 counters: Arc::clone(&self.counters),
                 series: SeriesLimit::new(self.config.max_metric_series),
                 clock: self.config.clock.clone(),
+                call_seconds: metrics::histogram!(
+                    "breakwater_plugin_call_seconds",
+                    "plugin" => spec.name.clone()
+                ),
             }),
             pre,
             config: spec.config,
             on_failure: spec.on_failure,
             limits,
             sha256,
+            isolation: spec.isolation,
+            epoch_tick: self.config.epoch_tick,
+            idle: std::sync::Mutex::new(Vec::new()),
         };
         // The first instance of a plugin is slower than the rest (fresh pool
         // slots fault their pages in), and a node loads plugins while it is
         // busy: the load-time check runs under a generous deadline.
-        match plugin.call(limits.cpu_deadline.max(LOAD_DEADLINE), |_, _| Ok(())) {
+        match plugin.check_init(limits.cpu_deadline.max(LOAD_DEADLINE)) {
             Ok(()) => Ok(plugin),
             Err(error) if error.kind == FailureKind::Init => Err(LoadError::Config {
                 plugin: spec.name,
@@ -389,29 +427,42 @@ fn thread_cpu_time() -> Option<Duration> {
 /// which on a busy core charge a plugin for time it spent preempted and
 /// trap well-behaved calls under load; this counts the thread's own CPU
 /// time instead.
+///
+/// The thread's CPU clock is first read at the first tick, not when the
+/// call starts: reading it is a system call that cost a fifth of a reused
+/// call, and most calls end before any tick. The time before that first
+/// check is charged as its wall-clock length, at most one tick.
 struct CallBudget {
-    cpu_started: Option<Duration>,
+    /// The thread's CPU time at the first check, and what the call is
+    /// charged for the time before it; `None` until then.
+    first_check: Option<(Option<Duration>, Duration)>,
     cpu_budget: Duration,
+    tick: Duration,
     wall_limit: Instant,
 }
 
 impl CallBudget {
-    fn start(cpu_budget: Duration, now: Instant) -> Self {
+    fn start(cpu_budget: Duration, tick: Duration, now: Instant) -> Self {
         Self {
-            cpu_started: thread_cpu_time(),
+            first_check: None,
             cpu_budget,
+            tick,
             wall_limit: now + cpu_budget.saturating_mul(WALL_BACKSTOP_FACTOR),
         }
     }
 
     /// Whether the call has used its budget (or its wall-clock backstop).
-    fn spent(&self, started: Instant) -> bool {
+    fn spent(&mut self, started: Instant) -> bool {
         let now = Instant::now();
         if now >= self.wall_limit {
             return true;
         }
-        match (self.cpu_started, thread_cpu_time()) {
-            (Some(from), Some(to)) => to.saturating_sub(from) >= self.cpu_budget,
+        let cpu_now = thread_cpu_time();
+        let (cpu_first, before) = *self
+            .first_check
+            .get_or_insert_with(|| (cpu_now, now.duration_since(started).min(self.tick)));
+        match (cpu_first, cpu_now) {
+            (Some(from), Some(to)) => before + to.saturating_sub(from) >= self.cpu_budget,
             _ => now.duration_since(started) >= self.cpu_budget,
         }
     }
@@ -425,10 +476,13 @@ pub(crate) struct PluginShared {
     pub(crate) counters: Arc<Counters>,
     pub(crate) series: SeriesLimit,
     pub(crate) clock: Clock,
+    /// `breakwater_plugin_call_seconds{plugin}`, registered at load: a call
+    /// records into it without building a label set.
+    call_seconds: metrics::Histogram,
 }
 
-/// A loaded plugin, ready to be called from any thread. Each call gets a
-/// fresh instance.
+/// A loaded plugin, ready to be called from any thread: each call gets a
+/// fresh instance or, for [`Isolation::Reused`], an idle one.
 pub struct LoadedPlugin {
     shared: Arc<PluginShared>,
     pre: bindings::PluginPre<HostState>,
@@ -436,6 +490,19 @@ pub struct LoadedPlugin {
     on_failure: OnFailure,
     limits: Limits,
     sha256: String,
+    isolation: Isolation,
+    /// The sandbox's epoch tick: how often a running call's budget is
+    /// checked.
+    epoch_tick: Duration,
+    /// Idle instances of a reused plugin, at most [`MAX_IDLE_INSTANCES`].
+    idle: std::sync::Mutex<Vec<WarmInstance>>,
+}
+
+/// An instance past its `init`, kept between calls.
+struct WarmInstance {
+    store: Store<HostState>,
+    plugin: bindings::Plugin,
+    calls: u64,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -445,6 +512,7 @@ impl std::fmt::Debug for LoadedPlugin {
             .field("sha256", &self.sha256)
             .field("on_failure", &self.on_failure)
             .field("limits", &self.limits)
+            .field("isolation", &self.isolation)
             .finish_non_exhaustive()
     }
 }
@@ -470,7 +538,12 @@ impl LoadedPlugin {
         self.limits
     }
 
-    /// Runs the request phase in a fresh instance.
+    /// Fresh instance per call, or reused instances.
+    pub fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    /// Runs the request phase.
     pub fn on_request(&self, req: &Request) -> Result<RequestDecision, CallError> {
         let decision = self.call(self.limits.cpu_deadline, |plugin, store| {
             plugin.call_on_request(store, req)
@@ -482,7 +555,7 @@ impl LoadedPlugin {
         Ok(decision)
     }
 
-    /// Runs the response phase in a fresh instance.
+    /// Runs the response phase.
     pub fn on_response(
         &self,
         req: &Request,
@@ -505,41 +578,117 @@ impl LoadedPlugin {
         }
     }
 
-    /// One call: a fresh store and instance, `init` with the configuration,
-    /// then `phase`, under the deadline and the memory cap.
+    /// One call under the deadline and the memory cap: in a fresh store
+    /// and instance (`init` with the configuration, then `phase`), or in an
+    /// idle instance of a reused plugin.
     fn call<R>(
         &self,
         cpu_budget: Duration,
         phase: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let started = Instant::now();
+        let outcome = match self.isolation {
+            Isolation::PerRequest => {
+                let mut store = self.new_store();
+                arm_deadline(&mut store, cpu_budget, self.epoch_tick, started);
+                self.instantiate(&mut store).and_then(|plugin| {
+                    phase(&plugin, &mut store)
+                        .map_err(|error| self.classify(&store, &error, FailureKind::Trap))
+                })
+            }
+            Isolation::Reused { recycle_after } => {
+                self.call_reused(cpu_budget, started, recycle_after, phase)
+            }
+        };
+        self.shared
+            .call_seconds
+            .record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// A call in an idle instance, or in a new one that then stays; an
+    /// instance goes back to the idle list only after a call that succeeded.
+    fn call_reused<R>(
+        &self,
+        cpu_budget: Duration,
+        started: Instant,
+        recycle_after: u64,
+        phase: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        let idle = self.idle_instances().pop();
+        let mut warm = match idle {
+            Some(mut warm) => {
+                arm_deadline(&mut warm.store, cpu_budget, self.epoch_tick, started);
+                warm
+            }
+            None => {
+                let mut store = self.new_store();
+                // A new instance's `init` counts against this call, as it
+                // does for a fresh instance.
+                arm_deadline(&mut store, cpu_budget, self.epoch_tick, started);
+                let plugin = self.instantiate(&mut store)?;
+                WarmInstance {
+                    store,
+                    plugin,
+                    calls: 0,
+                }
+            }
+        };
+        // A failed call drops the instance: whatever state the trap or the
+        // interrupted code left behind is never seen again.
+        let value = phase(&warm.plugin, &mut warm.store)
+            .map_err(|error| self.classify(&warm.store, &error, FailureKind::Trap))?;
+        warm.calls += 1;
+        if warm.calls < recycle_after && !warm.store.data().stderr_nearly_full() {
+            let mut idle = self.idle_instances();
+            if idle.len() < MAX_IDLE_INSTANCES {
+                idle.push(warm);
+            }
+        }
+        Ok(value)
+    }
+
+    /// The load-time check: one instance made and its `init` run under
+    /// `budget`. A reused plugin keeps that instance for its first call.
+    fn check_init(&self, budget: Duration) -> Result<(), CallError> {
+        let mut store = self.new_store();
+        arm_deadline(&mut store, budget, self.epoch_tick, Instant::now());
+        let plugin = self.instantiate(&mut store)?;
+        if let Isolation::Reused { .. } = self.isolation {
+            self.idle_instances().push(WarmInstance {
+                store,
+                plugin,
+                calls: 0,
+            });
+        }
+        Ok(())
+    }
+
+    fn idle_instances(&self) -> std::sync::MutexGuard<'_, Vec<WarmInstance>> {
+        // The list is valid whatever a panicking holder was doing with it.
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn new_store(&self) -> Store<HostState> {
         let state = HostState::new(Arc::clone(&self.shared), self.limits.memory_bytes);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| state);
-        // Every tick, the thread running the plugin checks its own CPU time
-        // (the call runs on one thread from start to end).
-        let budget = CallBudget::start(cpu_budget, started);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if budget.spent(started) {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Continue(1)
-            })
-        });
+        store
+    }
 
-        let instance = match self.pre.instantiate(&mut store) {
-            Ok(instance) => instance,
-            Err(error) => return Err(self.classify(&store, &error, FailureKind::Instantiate)),
-        };
-        let outcome = match instance.call_init(&mut store, &self.config) {
-            Ok(Ok(())) => phase(&instance, &mut store),
-            Ok(Err(message)) => return Err(self.failure(FailureKind::Init, message)),
-            Err(error) => Err(error),
-        };
-        metrics::histogram!("breakwater_plugin_call_seconds", "plugin" => self.shared.name.clone())
-            .record(started.elapsed().as_secs_f64());
-        outcome.map_err(|error| self.classify(&store, &error, FailureKind::Trap))
+    /// A new instance, `init` run with the configuration.
+    fn instantiate(&self, store: &mut Store<HostState>) -> Result<bindings::Plugin, CallError> {
+        let instance = self
+            .pre
+            .instantiate(&mut *store)
+            .map_err(|error| self.classify(store, &error, FailureKind::Instantiate))?;
+        match instance.call_init(&mut *store, &self.config) {
+            Ok(Ok(())) => Ok(instance),
+            Ok(Err(message)) => Err(self.failure(FailureKind::Init, message)),
+            Err(error) => Err(self.classify(store, &error, FailureKind::Trap)),
+        }
     }
 
     /// Names a failure: a deadline, a refused memory grow, or `otherwise`.
@@ -578,6 +727,27 @@ impl LoadedPlugin {
             message,
         }
     }
+}
+
+/// Starts a call's budget on `store`: every epoch tick, the thread running
+/// the plugin checks its own CPU time (a call runs on one thread from start
+/// to end).
+fn arm_deadline(
+    store: &mut Store<HostState>,
+    cpu_budget: Duration,
+    tick: Duration,
+    started: Instant,
+) {
+    store.data_mut().begin_call();
+    let mut budget = CallBudget::start(cpu_budget, tick, started);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(if budget.spent(started) {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Continue(1)
+        })
+    });
 }
 
 /// Why a plugin's own answer cannot be sent, if it cannot.
@@ -635,7 +805,8 @@ mod tests {
     #[test]
     fn the_budget_counts_this_threads_cpu_time_not_waiting() {
         let started = Instant::now();
-        let budget = CallBudget::start(Duration::from_millis(20), started);
+        let tick = Duration::from_millis(1);
+        let mut budget = CallBudget::start(Duration::from_millis(20), tick, started);
         // Sleeping uses no CPU: not spent, though the wall clock moved on.
         std::thread::sleep(Duration::from_millis(30));
         assert!(!budget.spent(started));
@@ -646,7 +817,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(20));
         // The backstop: 25 × 1 ms of wall clock, with no CPU used.
         let started = Instant::now();
-        let budget = CallBudget::start(Duration::from_millis(1), started);
+        let mut budget = CallBudget::start(Duration::from_millis(1), tick, started);
         std::thread::sleep(Duration::from_millis(30));
         assert!(budget.spent(started));
     }

@@ -30,10 +30,13 @@
 //! export_plugin!(Router);
 //! ```
 //!
-//! The host gives every request a fresh instance: it calls [`Plugin::new`]
-//! with the configuration, then one phase method. Keep state that must
-//! outlive a request in [`kv`] or [`counters`]; a `static` is reset every
-//! time.
+//! By default the host gives every call a fresh instance: it calls
+//! [`Plugin::new`] with the configuration, then one phase method. A node
+//! may run a plugin with `isolation = "reused"` instead: [`Plugin::new`]
+//! once per instance, then many phase calls on the same value. Keep state
+//! that must outlive a request in [`kv`] or [`counters`], and never keep
+//! request data in a `static` or a `Cell`: it may be reset, or seen by the
+//! next request.
 //!
 //! Each host capability module ([`log`], [`clock`], [`kv`], [`counters`],
 //! [`metrics`]) becomes an import of the plugin only when the plugin calls

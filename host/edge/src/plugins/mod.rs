@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use breakwater_sandbox::{
-    CallError, Capability, LoadError, LoadedPlugin, OnFailure, PluginSpec, Request, RequestChanges,
-    RequestDecision, ResponseDecision, ResponseHead, Sandbox, http_view,
+    CallError, Capability, Isolation, LoadError, LoadedPlugin, OnFailure, PluginSpec, Request,
+    RequestChanges, RequestDecision, ResponseDecision, ResponseHead, Sandbox, http_view,
 };
-use edge_config::{FailurePolicy, LimitsConfig, PluginConfig};
+use edge_config::{FailurePolicy, LimitsConfig, PluginConfig, PluginIsolation};
 use http::request::Parts;
 use http::{HeaderValue, Response, StatusCode, header};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -50,6 +50,12 @@ pub(crate) fn load(sandbox: &Sandbox, config: &PluginConfig) -> Result<LoadedPlu
             memory_bytes: config.memory_bytes.unwrap_or(defaults.memory_bytes),
         });
     }
+    spec.isolation = match config.isolation {
+        PluginIsolation::PerRequest => Isolation::PerRequest,
+        PluginIsolation::Reused => Isolation::Reused {
+            recycle_after: config.recycle_after,
+        },
+    };
     sandbox.load(spec)
 }
 

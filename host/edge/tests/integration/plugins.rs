@@ -139,6 +139,48 @@ async fn a_trapping_plugin_fails_open_or_closed_by_policy_and_the_node_keeps_ser
 }
 
 #[tokio::test]
+async fn a_reused_plugin_keeps_its_instance_across_requests_until_it_fails() {
+    let upstream = start_upstream().await;
+    let plugins = format!(
+        "{}isolation = \"reused\"\n",
+        plugin_table(
+            "count",
+            "fixture_misbehave",
+            "open",
+            r#"{ mode = "count" }"#
+        )
+    );
+    let node = start_node(&config(upstream.addr, r#""count""#, &plugins)).await;
+    let count = |path: &'static str| {
+        let request = client().get(url(&node, path)).send();
+        async move {
+            let response = request.await.expect("request");
+            assert_eq!(response.status(), 200);
+            let echo = common::json(&response.bytes().await.expect("body"));
+            echo["headers"]["x-count"].as_str().map(str::to_owned)
+        }
+    };
+    // One call at a time: the same instance answers, its global counting.
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        counts.push(count("/echo").await);
+    }
+    assert_eq!(
+        counts,
+        [Some("1".into()), Some("2".into()), Some("3".into())]
+    );
+    // It traps (fail-open: the request goes on without its change); the
+    // next request gets a new instance.
+    let response = client()
+        .get(url(&node, "/trap/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200, "fail-open skips the trapped plugin");
+    assert_eq!(count("/echo").await.as_deref(), Some("1"));
+}
+
+#[tokio::test]
 async fn an_endless_plugin_is_stopped_at_its_deadline() {
     let upstream = start_upstream().await;
     let plugins = plugin_table(

@@ -54,6 +54,19 @@ impl HostState {
         }
     }
 
+    /// A call starts: a refusal seen by an earlier call of a reused
+    /// instance must not name this call's failure.
+    pub(crate) fn begin_call(&mut self) {
+        self.memory_refused = false;
+    }
+
+    /// Past half its capacity, the stderr buffer could fill up during the
+    /// next call and fail the plugin's writes: a reused instance is
+    /// replaced first.
+    pub(crate) fn stderr_nearly_full(&self) -> bool {
+        self.stderr.contents().len() > STDERR_CAPACITY / 2
+    }
+
     /// What the plugin wrote to stderr, lossily decoded.
     pub(crate) fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.contents())

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::common::{get, sandbox, spec};
-use breakwater_sandbox::{FailureKind, Limits, OnFailure, RequestDecision};
+use breakwater_sandbox::{
+    FailureKind, Isolation, Limits, LoadedPlugin, OnFailure, RequestDecision, Sandbox,
+};
 
 fn header<'d>(decision: &'d RequestDecision, name: &str) -> Option<&'d str> {
     match decision {
@@ -44,6 +46,82 @@ fn a_global_in_one_request_is_unseen_by_the_next() {
         .collect();
     for thread in threads {
         thread.join().expect("no thread saw a leaked global");
+    }
+}
+
+/// The `count` fixture as plugin `name`, its instances reused.
+fn reused_counter(sandbox: &Sandbox, name: &str, recycle_after: u64) -> LoadedPlugin {
+    let mut spec = spec(name, "fixture_misbehave", r#"{"mode":"count"}"#);
+    spec.isolation = Isolation::Reused { recycle_after };
+    sandbox.load(spec).expect("load")
+}
+
+/// The `x-count` a call of `plugin` for `path` answers.
+fn count(plugin: &LoadedPlugin, path: &str) -> u64 {
+    let decision = plugin.on_request(&get(path)).expect("call");
+    header(&decision, "x-count")
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {decision:?}"))
+}
+
+#[test]
+fn a_reused_instance_keeps_its_globals_until_it_is_recycled() {
+    let sandbox = sandbox();
+    // The load-time check ran `init` in the first instance and kept it;
+    // only phase calls count towards recycling.
+    let plugin = reused_counter(&sandbox, "count", 3);
+    let counts: Vec<u64> = (0..7).map(|_| count(&plugin, "/")).collect();
+    assert_eq!(counts, [1, 2, 3, 1, 2, 3, 1], "replaced after 3 calls");
+}
+
+#[test]
+fn a_reused_instance_that_traps_is_discarded() {
+    let sandbox = sandbox();
+    let plugin = reused_counter(&sandbox, "count", 1000);
+    assert_eq!(count(&plugin, "/"), 1);
+    assert_eq!(count(&plugin, "/"), 2);
+    let error = plugin.on_request(&get("/trap")).expect_err("traps");
+    assert_eq!(error.kind, FailureKind::Trap, "{error}");
+    // The instance that trapped (it had counted to 3) is gone.
+    assert_eq!(count(&plugin, "/"), 1);
+}
+
+#[test]
+fn no_state_crosses_reused_plugins() {
+    let sandbox = sandbox();
+    // The same component loaded twice: two plugins, two sets of instances.
+    let first = reused_counter(&sandbox, "first", 1000);
+    let second = reused_counter(&sandbox, "second", 1000);
+    let counts: Vec<u64> = (0..3)
+        .flat_map(|_| [count(&first, "/"), count(&second, "/")])
+        .collect();
+    assert_eq!(counts, [1, 1, 2, 2, 3, 3]);
+}
+
+#[test]
+fn concurrent_calls_never_share_a_reused_instance() {
+    let sandbox = sandbox();
+    let plugin = Arc::new(reused_counter(&sandbox, "count", 1_000_000));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let plugin = Arc::clone(&plugin);
+            std::thread::spawn(move || (0..50).map(|_| count(&plugin, "/")).collect::<Vec<_>>())
+        })
+        .collect();
+    let mut seen: Vec<u64> = Vec::new();
+    for thread in threads {
+        seen.extend(thread.join().expect("calls"));
+    }
+    // Each instance answers 1, 2, … m once each, one call at a time. So
+    // the instances are the calls that answered 1, and no count is seen
+    // more often than the one below it.
+    assert_eq!(seen.len(), 200);
+    let times = |k: u64| seen.iter().filter(|&&c| c == k).count();
+    // Four threads never need more than four instances: one is made only
+    // when none is idle.
+    assert!((1..=4).contains(&times(1)), "{seen:?}");
+    for k in 1..200 {
+        assert!(times(k + 1) <= times(k), "{seen:?}");
     }
 }
 
