@@ -237,6 +237,7 @@ impl StaticSite {
         // loop: a site root is local disk, whose metadata calls on cached
         // dentries take microseconds. Reading content goes to the blocking
         // pool, once per file version.
+        let plain_spelling = site_path.is_plain_spelling(path_in_site);
         let found = match find(&self.root, &self.index, &site_path) {
             Lookup::File(found) => found,
             Lookup::Directory => return redirect_to_directory(path_in_site),
@@ -270,6 +271,7 @@ impl StaticSite {
         };
         if let Some(cache) = &self.prepared
             && prepared.cacheable()
+            && plain_spelling
         {
             cache.insert(path_in_site.to_owned(), prepared);
         }
@@ -726,6 +728,34 @@ mod tests {
                 ("headed.txt".to_owned(), vec![true]),
                 ("large.bin".to_owned(), vec![false]),
                 ("small.txt".to_owned(), vec![true]),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_plain_spelling_of_a_path_is_kept_prepared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("docs")).expect("mkdir");
+        std::fs::write(dir.path().join("docs/app.js"), b"app").expect("write");
+        std::fs::write(dir.path().join("index.html"), b"home").expect("write");
+        let site = site(dir.path(), 1024);
+        let none = HeaderMap::new();
+        // Other spellings of the same files are served, not kept.
+        for spelling in [
+            "docs/%61pp.js",
+            "docs//app.js",
+            "%64ocs/app.js",
+            "docs/app.js",
+            "",
+        ] {
+            let r = site.serve(&Method::GET, &none, spelling).await;
+            assert_eq!(r.status(), StatusCode::OK, "{spelling:?}");
+        }
+        assert_eq!(
+            prepared_entries(&site),
+            [
+                (String::new(), vec![true]),
+                ("docs/app.js".to_owned(), vec![true]),
             ]
         );
     }

@@ -19,6 +19,27 @@ pub(crate) struct SitePath {
     pub trailing_slash: bool,
 }
 
+impl SitePath {
+    /// Whether `raw` is this path's one plain spelling: no percent escapes,
+    /// dot segments or doubled slashes. Only that spelling is kept
+    /// prepared, so that a client cannot fill the hot cache (and evict
+    /// everyone else's files) with spellings of one file.
+    pub fn is_plain_spelling(&self, raw: &str) -> bool {
+        let body = if self.trailing_slash {
+            match raw.strip_suffix('/') {
+                Some(body) => body,
+                None => return raw.is_empty() && self.segments.is_empty(),
+            }
+        } else {
+            raw
+        };
+        if self.segments.is_empty() {
+            return body.is_empty();
+        }
+        body.split('/').eq(self.segments.iter().map(String::as_str))
+    }
+}
+
 /// Why a request path was refused before touching the disk.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PathError {
