@@ -280,9 +280,13 @@ impl EdgeNode {
 
         let gate = self.plugins.gate();
         let (parts, outcome) = chain.run_request_phase(gate, parts, client.peer).await;
-        let (pool, view, overrides) = match outcome {
+        let (pool, response_inputs, overrides) = match outcome {
             RequestOutcome::Respond(response) => return (route.metrics.clone(), response),
-            RequestOutcome::Continue { pool, view, cache } => (pool, view, cache),
+            RequestOutcome::Continue {
+                pool,
+                response,
+                cache,
+            } => (pool, response, cache),
         };
         let chosen;
         let target = match pool {
@@ -309,7 +313,9 @@ impl EdgeNode {
         let response = self
             .serve_target(target, &route.prefix, parts, body, client, cache)
             .await;
-        let response = chain.run_response_phase(gate, view, response).await;
+        let response = chain
+            .run_response_phase(gate, response_inputs, response)
+            .await;
         (route.metrics.clone(), response)
     }
 

@@ -9,7 +9,9 @@
 //!   that it imports only the capabilities granted to it, pre-instantiates
 //!   it and validates its configuration with one `init` call.
 //! - [`LoadedPlugin::on_request`] and [`LoadedPlugin::on_response`] run
-//!   each call in a **fresh instance** with a CPU deadline and a memory cap;
+//!   each call in a fresh instance, or a reused one ([`Isolation`]), with a
+//!   CPU deadline and a memory cap; a plugin's [`LoadedPlugin::phases`] say
+//!   which of the two the node should call at all;
 //!   a failure is a [`CallError`] with a [`FailureKind`], counted in
 //!   `breakwater_plugin_failures_total{plugin,kind}`, for the node to handle
 //!   by the plugin's [`OnFailure`] policy.
@@ -22,7 +24,7 @@
 //! let mut spec = PluginSpec::new("router", "plugins/router.wasm", "<sha256 of the file>");
 //! spec.grants.insert(Capability::Log);
 //! let router = sandbox.load(spec)?;
-//! let decision = router.on_request(&Request {
+//! let outcome = router.on_request(&Request {
 //!     method: "GET".into(),
 //!     host: "example.com".into(),
 //!     path: "/".into(),
@@ -31,11 +33,12 @@
 //!     request_id: "r-1".into(),
 //!     body: None,
 //! })?;
-//! # let _ = decision;
+//! # let _ = outcome.decision;
 //! # Ok(())
 //! # }
 //! ```
 
+mod abi;
 mod artifact;
 mod capability;
 mod engine;
@@ -49,7 +52,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 pub use artifact::sha256_hex;
@@ -62,7 +65,7 @@ use host::counters::Counters;
 use host::kv::KvNamespace;
 use host::metrics::SeriesLimit;
 
-/// The host side of the ABI, generated from `sdk/wit`.
+/// The host side of the current ABI, generated from `sdk/wit`.
 #[allow(missing_docs, clippy::all)]
 mod bindings {
     wasmtime::component::bindgen!({
@@ -72,13 +75,18 @@ mod bindings {
 }
 
 pub use bindings::{
-    Request, RequestChanges, RequestDecision, Response, ResponseChanges, ResponseDecision,
-    ResponseHead,
+    Phases, Request, RequestChanges, RequestDecision, RequestOutcome, Response, ResponseChanges,
+    ResponseDecision, ResponseHead,
 };
 
 /// The largest body a plugin may answer with; bigger answers are refused
 /// as an [`FailureKind::InvalidDecision`].
 pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// The largest context a plugin's `on-request` may leave for its
+/// `on-response`; more is refused as an [`FailureKind::InvalidDecision`].
+/// The node holds it for every request in flight, so it stays small.
+pub const MAX_CONTEXT_BYTES: usize = 4 * 1024;
 
 /// The least CPU deadline of the `init` call that validates a plugin's
 /// configuration at load.
@@ -312,7 +320,7 @@ impl Sandbox {
         };
         let linker = self.linker(&spec.grants).map_err(link_error)?;
         let pre = linker.instantiate_pre(&component).map_err(link_error)?;
-        let pre = bindings::PluginPre::new(pre).map_err(link_error)?;
+        let pre = abi::PluginPre::new(pre).map_err(link_error)?;
 
         let kv = if spec.grants.contains(&Capability::Kv) {
             let namespace = KvNamespace::open(
@@ -326,7 +334,7 @@ impl Sandbox {
         } else {
             None
         };
-        let plugin = LoadedPlugin {
+        let mut plugin = LoadedPlugin {
             shared: Arc::new(PluginShared {
                 name: spec.name.clone(),
                 kv,
@@ -346,12 +354,16 @@ impl Sandbox {
             isolation: spec.isolation,
             epoch_tick: self.config.epoch_tick,
             idle: std::sync::Mutex::new(Vec::new()),
+            phases: Phases::empty(),
         };
         // The first instance of a plugin is slower than the rest (fresh pool
         // slots fault their pages in), and a node loads plugins while it is
         // busy: the load-time check runs under a generous deadline.
         match plugin.check_init(limits.cpu_deadline.max(LOAD_DEADLINE)) {
-            Ok(()) => Ok(plugin),
+            Ok(phases) => {
+                plugin.phases = phases;
+                Ok(plugin)
+            }
             Err(error) if error.kind == FailureKind::Init => Err(LoadError::Config {
                 plugin: spec.name,
                 message: error.message,
@@ -367,18 +379,10 @@ impl Sandbox {
     /// granted host interfaces: even a component that slipped past the
     /// import check could not link an ungranted one.
     fn linker(&self, grants: &BTreeSet<Capability>) -> wasmtime::Result<Linker<HostState>> {
-        use bindings::breakwater::plugin::{clock, counters, kv, log, metrics};
-        type Data = HasSelf<HostState>;
         let mut linker = Linker::new(&self.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         for grant in grants {
-            match grant {
-                Capability::Log => log::add_to_linker::<_, Data>(&mut linker, |s| s)?,
-                Capability::Clock => clock::add_to_linker::<_, Data>(&mut linker, |s| s)?,
-                Capability::Kv => kv::add_to_linker::<_, Data>(&mut linker, |s| s)?,
-                Capability::Counters => counters::add_to_linker::<_, Data>(&mut linker, |s| s)?,
-                Capability::Metrics => metrics::add_to_linker::<_, Data>(&mut linker, |s| s)?,
-            }
+            abi::add_capability(&mut linker, *grant)?;
         }
         Ok(linker)
     }
@@ -485,7 +489,7 @@ pub(crate) struct PluginShared {
 /// fresh instance or, for [`Isolation::Reused`], an idle one.
 pub struct LoadedPlugin {
     shared: Arc<PluginShared>,
-    pre: bindings::PluginPre<HostState>,
+    pre: abi::PluginPre,
     config: String,
     on_failure: OnFailure,
     limits: Limits,
@@ -496,12 +500,14 @@ pub struct LoadedPlugin {
     epoch_tick: Duration,
     /// Idle instances of a reused plugin, at most [`MAX_IDLE_INSTANCES`].
     idle: std::sync::Mutex<Vec<WarmInstance>>,
+    /// The phases the plugin's `init` named at load.
+    phases: Phases,
 }
 
 /// An instance past its `init`, kept between calls.
 struct WarmInstance {
     store: Store<HostState>,
-    plugin: bindings::Plugin,
+    plugin: abi::PluginInstance,
     calls: u64,
 }
 
@@ -513,6 +519,8 @@ impl std::fmt::Debug for LoadedPlugin {
             .field("on_failure", &self.on_failure)
             .field("limits", &self.limits)
             .field("isolation", &self.isolation)
+            .field("abi", &self.pre.version())
+            .field("phases", &self.phases)
             .finish_non_exhaustive()
     }
 }
@@ -543,26 +551,50 @@ impl LoadedPlugin {
         self.isolation
     }
 
-    /// Runs the request phase.
-    pub fn on_request(&self, req: &Request) -> Result<RequestDecision, CallError> {
-        let decision = self.call(self.limits.cpu_deadline, |plugin, store| {
-            plugin.call_on_request(store, req)
+    /// The phases the plugin implements, as its `init` named them at load
+    /// (both for a plugin built against ABI 0.1.0). A node calls only
+    /// these; calling another is allowed and answers `continue`.
+    pub fn phases(&self) -> Phases {
+        self.phases
+    }
+
+    /// The version of the plugin ABI the component was built against.
+    pub fn abi_version(&self) -> &'static str {
+        self.pre.version()
+    }
+
+    /// Runs the request phase: the decision, and the context the plugin
+    /// leaves for its own response phase.
+    pub fn on_request(&self, req: &Request) -> Result<RequestOutcome, CallError> {
+        let outcome = self.call(self.limits.cpu_deadline, |plugin, store| {
+            plugin.on_request(store, req)
         })?;
-        match &decision {
+        match &outcome.decision {
             RequestDecision::Respond(response) => self.check_response(response)?,
             RequestDecision::Continue | RequestDecision::ContinueWith(_) => {}
         }
-        Ok(decision)
+        let context_len = outcome.context.as_ref().map_or(0, Vec::len);
+        if context_len > MAX_CONTEXT_BYTES {
+            return Err(self.failure(
+                FailureKind::InvalidDecision,
+                format!(
+                    "context of {context_len} bytes is over the {MAX_CONTEXT_BYTES} byte limit"
+                ),
+            ));
+        }
+        Ok(outcome)
     }
 
-    /// Runs the response phase.
+    /// Runs the response phase with the context this plugin's request
+    /// phase left for the same request.
     pub fn on_response(
         &self,
         req: &Request,
         resp: &ResponseHead,
+        context: Option<&[u8]>,
     ) -> Result<ResponseDecision, CallError> {
         let decision = self.call(self.limits.cpu_deadline, |plugin, store| {
-            plugin.call_on_response(store, req, resp)
+            plugin.on_response(store, req, resp, context)
         })?;
         match &decision {
             ResponseDecision::Respond(response) => self.check_response(response)?,
@@ -584,7 +616,7 @@ impl LoadedPlugin {
     fn call<R>(
         &self,
         cpu_budget: Duration,
-        phase: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
+        phase: impl FnOnce(&abi::PluginInstance, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let started = Instant::now();
         let outcome = match self.isolation {
@@ -613,7 +645,7 @@ impl LoadedPlugin {
         cpu_budget: Duration,
         started: Instant,
         recycle_after: u64,
-        phase: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
+        phase: impl FnOnce(&abi::PluginInstance, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let idle = self.idle_instances().pop();
         let mut warm = match idle {
@@ -649,11 +681,12 @@ impl LoadedPlugin {
     }
 
     /// The load-time check: one instance made and its `init` run under
-    /// `budget`. A reused plugin keeps that instance for its first call.
-    fn check_init(&self, budget: Duration) -> Result<(), CallError> {
+    /// `budget`, which names the plugin's phases. A reused plugin keeps that
+    /// instance for its first call.
+    fn check_init(&self, budget: Duration) -> Result<Phases, CallError> {
         let mut store = self.new_store();
         arm_deadline(&mut store, budget, self.epoch_tick, Instant::now());
-        let plugin = self.instantiate(&mut store)?;
+        let (plugin, phases) = self.start_instance(&mut store)?;
         if let Isolation::Reused { .. } = self.isolation {
             self.idle_instances().push(WarmInstance {
                 store,
@@ -661,7 +694,7 @@ impl LoadedPlugin {
                 calls: 0,
             });
         }
-        Ok(())
+        Ok(phases)
     }
 
     fn idle_instances(&self) -> std::sync::MutexGuard<'_, Vec<WarmInstance>> {
@@ -679,13 +712,21 @@ impl LoadedPlugin {
     }
 
     /// A new instance, `init` run with the configuration.
-    fn instantiate(&self, store: &mut Store<HostState>) -> Result<bindings::Plugin, CallError> {
+    fn instantiate(&self, store: &mut Store<HostState>) -> Result<abi::PluginInstance, CallError> {
+        self.start_instance(store).map(|(instance, _)| instance)
+    }
+
+    /// A new instance and the phases its `init` named.
+    fn start_instance(
+        &self,
+        store: &mut Store<HostState>,
+    ) -> Result<(abi::PluginInstance, Phases), CallError> {
         let instance = self
             .pre
             .instantiate(&mut *store)
             .map_err(|error| self.classify(store, &error, FailureKind::Instantiate))?;
-        match instance.call_init(&mut *store, &self.config) {
-            Ok(Ok(())) => Ok(instance),
+        match instance.init(&mut *store, &self.config) {
+            Ok(Ok(phases)) => Ok((instance, phases)),
             Ok(Err(message)) => Err(self.failure(FailureKind::Init, message)),
             Err(error) => Err(self.classify(store, &error, FailureKind::Trap)),
         }

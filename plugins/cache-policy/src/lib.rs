@@ -76,7 +76,9 @@
 
 use std::time::Duration;
 
-use breakwater_sdk::{Plugin, Request, RequestChanges, RequestDecision, export_plugin};
+use breakwater_sdk::{
+    Context, OnRequest, Plugin, Request, RequestChanges, RequestDecision, export_plugin,
+};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -203,8 +205,10 @@ impl Plugin for CachePolicy {
             ai_paths: config.ai_paths,
         })
     }
+}
 
-    fn on_request(&self, req: &Request) -> RequestDecision {
+impl OnRequest for CachePolicy {
+    fn on_request(&self, req: &Request, _ctx: &mut Context) -> RequestDecision {
         match self.decide(req) {
             Some((key, ttl)) => {
                 let mut changes = RequestChanges::default().cache_key(&key);

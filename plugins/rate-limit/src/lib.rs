@@ -47,10 +47,13 @@
 //! `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`. The tier
 //! of anonymous traffic is named `anonymous`.
 //!
-//! Allowed requests continue unchanged (but for `tier_header`): a plugin
-//! instance lives for one
-//! phase only, so the outcome of the take cannot reach the response phase,
-//! and the headers are sent on the 429 only.
+//! Allowed requests continue unchanged (but for `tier_header`), and their
+//! answers carry `RateLimit-Policy` and `RateLimit: "<tier>";r=<remaining>;
+//! t=<seconds until the bucket is full again>`, so a well-behaved client can
+//! slow down before it is refused. The request phase passes the two values
+//! to the response phase in the request's context. Requests that are not
+//! limited (outside `path_prefixes`, or anonymous without `anonymous`) get
+//! neither header.
 //!
 //! Should the node refuse a take (for instance when it holds too many
 //! buckets), the request is let through: a limiter failure must not take
@@ -59,7 +62,10 @@
 use std::collections::BTreeMap;
 
 use breakwater_sdk::counters::Bucket;
-use breakwater_sdk::{Plugin, Request, RequestChanges, RequestDecision, Response, export_plugin};
+use breakwater_sdk::{
+    Context, OnRequest, OnResponse, Plugin, Request, RequestChanges, RequestDecision, Response,
+    ResponseChanges, ResponseDecision, ResponseHead, export_plugin,
+};
 use serde::{Deserialize, Serialize};
 
 /// The node refuses counter keys longer than this many bytes.
@@ -131,6 +137,13 @@ impl Limit {
     /// Seconds for an empty bucket to refill completely, rounded up.
     fn window_secs(&self) -> u64 {
         ((f64::from(self.burst) / self.rate_per_second).ceil() as u64).max(1)
+    }
+
+    /// Seconds until a bucket holding `remaining` tokens is full again,
+    /// rounded up; 0 when it is full.
+    fn refill_secs(&self, remaining: u64) -> u64 {
+        let missing = u64::from(self.burst).saturating_sub(remaining);
+        (missing as f64 / self.rate_per_second).ceil() as u64
     }
 }
 
@@ -214,8 +227,10 @@ impl Plugin for RateLimit {
         }
         Ok(RateLimit { config })
     }
+}
 
-    fn on_request(&self, req: &Request) -> RequestDecision {
+impl OnRequest for RateLimit {
+    fn on_request(&self, req: &Request, ctx: &mut Context) -> RequestDecision {
         let config = &self.config;
         let known = self
             .api_key(req)
@@ -249,7 +264,13 @@ impl Plugin for RateLimit {
             // Fail open: see the module documentation.
             Err(_) => return go_on(),
         };
+        let policy = format!("\"{tier}\";q={};w={}", limit.burst, limit.window_secs());
         if taken.allowed {
+            let refill_secs = limit.refill_secs(taken.remaining);
+            ctx.set(format!(
+                "{policy}\n\"{tier}\";r={};t={refill_secs}",
+                taken.remaining
+            ));
             return go_on();
         }
 
@@ -261,10 +282,7 @@ impl Plugin for RateLimit {
         };
         let response = Response::json(429, &body)
             .header("retry-after", &reset_secs.to_string())
-            .header(
-                "ratelimit-policy",
-                &format!("\"{tier}\";q={};w={}", limit.burst, limit.window_secs()),
-            )
+            .header("ratelimit-policy", &policy)
             .header(
                 "ratelimit",
                 &format!("\"{tier}\";r={};t={reset_secs}", taken.remaining),
@@ -307,6 +325,20 @@ impl RateLimit {
 /// The counter key for `id` under `prefix`.
 fn bucket_key(prefix: &str, id: &str) -> String {
     format!("{prefix}{id}")
+}
+
+impl OnResponse for RateLimit {
+    /// Adds the headers the request phase left for an allowed request.
+    fn on_response(&self, _req: &Request, _resp: &ResponseHead, ctx: &Context) -> ResponseDecision {
+        let Some((policy, limit)) = ctx.text().and_then(|text| text.split_once('\n')) else {
+            return ResponseDecision::Continue;
+        };
+        ResponseDecision::ContinueWith(
+            ResponseChanges::default()
+                .set_header("ratelimit-policy", policy)
+                .set_header("ratelimit", limit),
+        )
+    }
 }
 
 export_plugin!(RateLimit);

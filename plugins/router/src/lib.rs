@@ -46,7 +46,9 @@
 //!
 //! It imports no host capability, so it loads with none granted.
 
-use breakwater_sdk::{Plugin, Request, RequestChanges, RequestDecision, export_plugin};
+use breakwater_sdk::{
+    Context, OnRequest, Plugin, Request, RequestChanges, RequestDecision, export_plugin,
+};
 use serde::Deserialize;
 
 /// The router's configuration. Unknown fields refuse the load, so a
@@ -160,8 +162,10 @@ impl Plugin for Router {
             default_pool: config.default_pool,
         })
     }
+}
 
-    fn on_request(&self, req: &Request) -> RequestDecision {
+impl OnRequest for Router {
+    fn on_request(&self, req: &Request, _ctx: &mut Context) -> RequestDecision {
         let Some(route) = self.routes.iter().find(|route| route.matches(req)) else {
             return match &self.default_pool {
                 Some(pool) => {

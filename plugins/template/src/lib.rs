@@ -12,8 +12,8 @@
 //! and the plugin's configuration must then grant it.
 
 use breakwater_sdk::{
-    Plugin, Request, RequestChanges, RequestDecision, Response, ResponseChanges, ResponseDecision,
-    ResponseHead, export_plugin,
+    Context, OnRequest, OnResponse, Plugin, Request, RequestChanges, RequestDecision, Response,
+    ResponseChanges, ResponseDecision, ResponseHead, export_plugin,
 };
 use serde::{Deserialize, Serialize};
 
@@ -59,8 +59,10 @@ impl Plugin for Template {
         }
         Ok(Template { config })
     }
+}
 
-    fn on_request(&self, req: &Request) -> RequestDecision {
+impl OnRequest for Template {
+    fn on_request(&self, req: &Request, _ctx: &mut Context) -> RequestDecision {
         let path = req.path_only();
         if self
             .config
@@ -78,8 +80,18 @@ impl Plugin for Template {
             RequestChanges::default().set_header(&self.config.header, &self.config.value),
         )
     }
+}
 
-    fn on_response(&self, _req: &Request, _resp: &ResponseHead) -> ResponseDecision {
+/// Implementing the response phase is optional: a plugin without it costs
+/// nothing on the way back. What it needs from the request phase arrives in
+/// `ctx` (the rate-limit plugin passes its counts that way).
+impl OnResponse for Template {
+    fn on_response(
+        &self,
+        _req: &Request,
+        _resp: &ResponseHead,
+        _ctx: &Context,
+    ) -> ResponseDecision {
         ResponseDecision::ContinueWith(
             ResponseChanges::default().set_header(&self.config.header, &self.config.value),
         )

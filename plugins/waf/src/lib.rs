@@ -24,7 +24,9 @@
 //!
 //! It imports no host capability, so it loads with none granted.
 
-use breakwater_sdk::{Plugin, Request, RequestDecision, Response, export_plugin};
+use breakwater_sdk::{
+    Context, OnRequest, Plugin, Request, RequestDecision, Response, export_plugin,
+};
 use serde::{Deserialize, Serialize};
 
 /// The waf's configuration. Every field is optional; unknown fields refuse
@@ -139,8 +141,10 @@ impl Plugin for Waf {
         }
         Ok(Waf { config })
     }
+}
 
-    fn on_request(&self, req: &Request) -> RequestDecision {
+impl OnRequest for Waf {
+    fn on_request(&self, req: &Request, _ctx: &mut Context) -> RequestDecision {
         match self.blocked_by(req) {
             Some(reason) => {
                 let body = Forbidden {

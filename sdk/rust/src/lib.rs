@@ -1,10 +1,13 @@
 //! Write a Breakwater edge plugin in Rust.
 //!
-//! A plugin is a type implementing [`Plugin`], exported with
-//! [`export_plugin!`], built for `wasm32-wasip2`:
+//! A plugin is a type implementing [`Plugin`] and one or both phase traits,
+//! [`OnRequest`] and [`OnResponse`], exported with [`export_plugin!`],
+//! built for `wasm32-wasip2`:
 //!
 //! ```no_run
-//! use breakwater_sdk::{Plugin, Request, RequestChanges, RequestDecision, export_plugin};
+//! use breakwater_sdk::{
+//!     Context, OnRequest, Plugin, Request, RequestChanges, RequestDecision, export_plugin,
+//! };
 //!
 //! #[derive(serde::Deserialize)]
 //! struct Config {
@@ -21,8 +24,10 @@
 //!     fn new(config: Config) -> Result<Self, String> {
 //!         Ok(Router { pool: config.pool })
 //!     }
+//! }
 //!
-//!     fn on_request(&self, _req: &Request) -> RequestDecision {
+//! impl OnRequest for Router {
+//!     fn on_request(&self, _req: &Request, _ctx: &mut Context) -> RequestDecision {
 //!         RequestDecision::ContinueWith(RequestChanges::default().upstream_pool(&self.pool))
 //!     }
 //! }
@@ -30,13 +35,18 @@
 //! export_plugin!(Router);
 //! ```
 //!
+//! The node calls only the phases a plugin implements: [`export_plugin!`]
+//! tells it which phase traits the type implements, so a plugin without
+//! [`OnResponse`] costs nothing on the way back. What the response phase
+//! needs from the request phase travels in the request's [`Context`].
+//!
 //! By default the host gives every call a fresh instance: it calls
 //! [`Plugin::new`] with the configuration, then one phase method. A node
 //! may run a plugin with `isolation = "reused"` instead: [`Plugin::new`]
 //! once per instance, then many phase calls on the same value. Keep state
-//! that must outlive a request in [`kv`] or [`counters`], and never keep
-//! request data in a `static` or a `Cell`: it may be reset, or seen by the
-//! next request.
+//! that must outlive a request in [`kv`] or [`counters`], pass what one
+//! request's phases share through [`Context`], and never keep request data
+//! in a `static` or a `Cell`: it may be reset, or seen by the next request.
 //!
 //! Each host capability module ([`log`], [`clock`], [`kv`], [`counters`],
 //! [`metrics`]) becomes an import of the plugin only when the plugin calls
@@ -72,15 +82,15 @@ pub mod bindings {
 }
 
 pub use bindings::{
-    Headers, Request, RequestChanges, RequestDecision, Response, ResponseChanges, ResponseDecision,
-    ResponseHead,
+    Headers, Phases, Request, RequestChanges, RequestDecision, Response, ResponseChanges,
+    ResponseDecision, ResponseHead,
 };
 pub use config::NoConfig;
+pub use export::Context;
 
-/// A plugin: a filter over the request phases of the edge node.
-///
-/// Both phases default to letting the request or response through
-/// unchanged, so a plugin implements only the phases it cares about.
+/// A plugin: its configuration and how it is built from it. The phases it
+/// takes part in are the phase traits it implements, [`OnRequest`] and
+/// [`OnResponse`].
 pub trait Plugin: Sized + 'static {
     /// The plugin's configuration, deserialized from the JSON the node
     /// passes in; an empty configuration is read as `{}`. Use
@@ -90,53 +100,84 @@ pub trait Plugin: Sized + 'static {
     /// Builds the plugin from its configuration. An error refuses the load
     /// (at load time) or fails the request (later), with this message.
     fn new(config: Self::Config) -> Result<Self, String>;
-
-    /// The request phase: continue, continue with changes, or respond now.
-    fn on_request(&self, req: &Request) -> RequestDecision {
-        let _ = req;
-        RequestDecision::Continue
-    }
-
-    /// The response phase: continue, continue with changes, or replace the
-    /// response.
-    fn on_response(&self, req: &Request, resp: &ResponseHead) -> ResponseDecision {
-        let _ = (req, resp);
-        ResponseDecision::Continue
-    }
 }
 
-/// Exports a [`Plugin`] type as the plugin's implementation of the ABI.
-/// Call it once, in the plugin crate's `lib.rs`.
+/// The request phase, called for every request on the plugin's routes.
+pub trait OnRequest: Plugin {
+    /// Continue, continue with changes, or respond now. What is put in
+    /// `ctx` reaches this plugin's [`OnResponse::on_response`] for the same
+    /// request.
+    fn on_request(&self, req: &Request, ctx: &mut Context) -> RequestDecision;
+}
+
+/// The response phase, called for every answer that comes back through the
+/// plugin (not for requests a plugin answered in the request phase).
+pub trait OnResponse: Plugin {
+    /// Continue, continue with changes, or replace the response. `req` is
+    /// the request as the whole chain left it; `ctx` holds what this
+    /// plugin's request phase left (empty when it has no request phase, left
+    /// nothing, or failed).
+    fn on_response(&self, req: &Request, resp: &ResponseHead, ctx: &Context) -> ResponseDecision;
+}
+
+/// Exports a [`Plugin`] type as the plugin's implementation of the ABI,
+/// with the phases it implements. Call it once, in the plugin crate's
+/// `lib.rs`.
 ///
 /// ```no_run
-/// # use breakwater_sdk::{NoConfig, Plugin, export_plugin};
-/// struct Noop;
-/// impl Plugin for Noop {
+/// # use breakwater_sdk::{Context, NoConfig, OnResponse, Plugin, Request, ResponseChanges};
+/// # use breakwater_sdk::{ResponseDecision, ResponseHead, export_plugin};
+/// struct PoweredBy;
+/// impl Plugin for PoweredBy {
 ///     type Config = NoConfig;
-///     fn new(_: NoConfig) -> Result<Self, String> { Ok(Noop) }
+///     fn new(_: NoConfig) -> Result<Self, String> { Ok(PoweredBy) }
 /// }
-/// export_plugin!(Noop);
+/// impl OnResponse for PoweredBy {
+///     fn on_response(&self, _: &Request, _: &ResponseHead, _: &Context) -> ResponseDecision {
+///         ResponseDecision::ContinueWith(ResponseChanges::default().set_header("x-powered-by", "breakwater"))
+///     }
+/// }
+/// export_plugin!(PoweredBy);
 /// ```
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
         const _: () = {
+            // Which phase traits the type implements, found by method
+            // resolution on the concrete type (autoref specialization): a
+            // missing trait falls through to a stub the host never calls.
+            #[allow(unused_imports)]
+            use $crate::__private::{HasRequest, HasResponse, NoRequest, NoResponse};
+
             struct __BreakwaterExport;
 
             impl $crate::bindings::Guest for __BreakwaterExport {
-                fn init(config: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
-                    $crate::__private::init::<$plugin>(&config)
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<$crate::Phases, ::std::string::String> {
+                    let probe = $crate::__private::Probe::<$plugin>::NEW;
+                    let mut phases = $crate::Phases::empty();
+                    if (&&probe).has_request() {
+                        phases |= $crate::Phases::REQUEST;
+                    }
+                    if (&&probe).has_response() {
+                        phases |= $crate::Phases::RESPONSE;
+                    }
+                    $crate::__private::init::<$plugin>(&config).map(|()| phases)
                 }
 
-                fn on_request(req: $crate::Request) -> $crate::RequestDecision {
-                    $crate::__private::on_request::<$plugin>(&req)
+                fn on_request(req: $crate::Request) -> $crate::bindings::RequestOutcome {
+                    let probe = $crate::__private::Probe::<$plugin>::NEW;
+                    (&&probe).on_request(&req)
                 }
 
                 fn on_response(
                     req: $crate::Request,
                     resp: $crate::ResponseHead,
+                    context: ::std::option::Option<::std::vec::Vec<u8>>,
                 ) -> $crate::ResponseDecision {
-                    $crate::__private::on_response::<$plugin>(&req, &resp)
+                    let probe = $crate::__private::Probe::<$plugin>::NEW;
+                    (&&probe).on_response(&req, &resp, context)
                 }
             }
 
@@ -148,6 +189,6 @@ macro_rules! export_plugin {
 /// Used by [`export_plugin!`]; not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::export::{init, on_request, on_response};
+    pub use crate::export::{HasRequest, HasResponse, NoRequest, NoResponse, Probe, init};
     pub use wit_bindgen;
 }

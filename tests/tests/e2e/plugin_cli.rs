@@ -157,6 +157,28 @@ fn a_wrong_expectation_exits_1_and_says_which() {
 }
 
 #[test]
+fn response_expectations_for_a_plugin_without_a_response_phase_fail_the_case() {
+    // The WAF only looks at requests: an `on_response` expectation could only
+    // pass by the runner inventing a decision the plugin never made.
+    let cases = r#"[
+        {"name": "browser", "headers": {"user-agent": "Mozilla/5.0"},
+         "response": {"status": 200},
+         "expect": {"decision": "continue", "on_response": {"decision": "continue"}}}
+    ]"#;
+    let (output, file, _dir) = test_with("waf", cases, &[]);
+    let text = all(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    let expected = format!(
+        "FAIL {}: case 1 (browser): on-response: expectations given, but the plugin has no response phase",
+        file.display()
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(&expected),
+        "`{expected}` not printed:\n{text}"
+    );
+}
+
+#[test]
 fn malformed_json_exits_2_with_file_line_and_column() {
     // The comma after "/" is missing: serde_json stops at line 3, column 5.
     let cases = "[\n  {\"path\": \"/\"\n    \"method\": \"GET\"}\n]\n";

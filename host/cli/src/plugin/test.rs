@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use breakwater_sandbox::{
-    Capability, Limits, LoadError, LoadedPlugin, PluginSpec, RequestDecision, Sandbox,
+    Capability, Limits, LoadError, LoadedPlugin, Phases, PluginSpec, RequestDecision, Sandbox,
     SandboxConfig, sha256_hex,
 };
 use serde::Serialize;
@@ -89,16 +89,23 @@ fn run_case(plugin: &LoadedPlugin, case: &Case, number: usize) -> (String, Vec<S
         Err(problem) => return (String::new(), vec![problem]),
     };
     let mut view = request.view();
-    let on_request = match plugin.on_request(&view) {
-        Ok(decision) => {
-            if let RequestDecision::ContinueWith(changes) = &decision {
-                // `on-response` sees the request as the chain left it.
-                request.apply(changes);
-                view = request.view();
+    let mut context = None;
+    // Like the node: a phase the plugin does not implement is not called.
+    let on_request = if !plugin.phases().contains(Phases::REQUEST) {
+        Outcome::of_request(RequestDecision::Continue)
+    } else {
+        match plugin.on_request(&view) {
+            Ok(outcome) => {
+                if let RequestDecision::ContinueWith(changes) = &outcome.decision {
+                    // `on-response` sees the request as the chain left it.
+                    request.apply(changes);
+                    view = request.view();
+                }
+                context = outcome.context;
+                Outcome::of_request(outcome.decision)
             }
-            Outcome::of_request(decision)
+            Err(error) => Outcome::failed(&error),
         }
-        Err(error) => Outcome::failed(&error),
     };
     let expect = case.expect.as_ref();
     match expect {
@@ -117,13 +124,14 @@ fn run_case(plugin: &LoadedPlugin, case: &Case, number: usize) -> (String, Vec<S
         on_request.kind(),
         DecisionKind::Respond | DecisionKind::Failed
     );
+    let responds = plugin.phases().contains(Phases::RESPONSE);
     let on_response = match &case.response {
-        Some(head) if !answered => {
+        Some(head) if !answered && responds => {
             let head = breakwater_sandbox::ResponseHead {
                 status: head.status,
                 headers: head.headers.0.clone(),
             };
-            Some(match plugin.on_response(&view, &head) {
+            Some(match plugin.on_response(&view, &head, context.as_deref()) {
                 Ok(decision) => Outcome::of_response(decision),
                 Err(error) => Outcome::failed(&error),
             })
@@ -140,6 +148,9 @@ fn run_case(plugin: &LoadedPlugin, case: &Case, number: usize) -> (String, Vec<S
         (Some(_), None) if case.response.is_none() => problems.push(
             "on-response: expectations given, but the case has no `response` to run it on"
                 .to_owned(),
+        ),
+        (Some(_), None) if !responds => problems.push(
+            "on-response: expectations given, but the plugin has no response phase".to_owned(),
         ),
         (Some(_), None) => problems.push(format!(
             "on-response: did not run, because on-request decided {}",

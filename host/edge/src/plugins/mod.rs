@@ -1,7 +1,10 @@
 //! The plugin phases of a request: each route's chain runs `on-request` in
 //! order before the target is asked, and `on-response` in reverse order on
-//! the answer. A failing plugin is handled by its own policy: skipped (open)
-//! or a 500 for that request (closed); the node goes on serving.
+//! the answer, each only for the plugins that implement that phase; a
+//! chain where none does skips the phase (and its thread hop) entirely. A
+//! plugin's `on-response` receives the context its `on-request` left. A
+//! failing plugin is handled by its own policy: skipped (open) or a 500 for
+//! that request (closed); the node goes on serving.
 
 pub(crate) mod reload;
 pub(crate) mod source;
@@ -13,8 +16,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use breakwater_sandbox::{
-    CallError, Capability, Isolation, LoadError, LoadedPlugin, OnFailure, PluginSpec, Request,
-    RequestChanges, RequestDecision, ResponseDecision, ResponseHead, Sandbox, http_view,
+    CallError, Capability, Isolation, LoadError, LoadedPlugin, OnFailure, Phases, PluginSpec,
+    Request, RequestChanges, RequestDecision, ResponseDecision, ResponseHead, Sandbox, http_view,
 };
 use edge_config::{FailurePolicy, LimitsConfig, PluginConfig, PluginIsolation};
 use http::request::Parts;
@@ -140,6 +143,17 @@ impl PluginGate {
 #[derive(Default)]
 pub(crate) struct PluginChain {
     plugins: Vec<Arc<LoadedPlugin>>,
+    /// The phases at least one plugin of the chain implements.
+    phases: Phases,
+}
+
+/// What the response phase needs from the request phase.
+pub(crate) struct ResponseInputs {
+    /// The request as the plugins saw it last.
+    view: Request,
+    /// What each plugin's `on-request` left for its `on-response`, by the
+    /// plugin's place in the chain.
+    contexts: Vec<Option<Vec<u8>>>,
 }
 
 /// Where a request goes after the request phase.
@@ -147,8 +161,8 @@ pub(crate) enum RequestOutcome {
     /// On to the target; a plugin may have chosen another pool.
     Continue {
         pool: Option<String>,
-        /// The request as the plugins saw it last, for the response phase.
-        view: Box<Request>,
+        /// For the response phase; none when no plugin of the chain has one.
+        response: Option<Box<ResponseInputs>>,
         /// The plugins' cache key, TTL and bypass for the response cache.
         cache: crate::cache::Overrides,
     },
@@ -158,7 +172,10 @@ pub(crate) enum RequestOutcome {
 
 impl PluginChain {
     pub(crate) fn new(plugins: Vec<Arc<LoadedPlugin>>) -> Self {
-        Self { plugins }
+        let phases = plugins
+            .iter()
+            .fold(Phases::empty(), |all, plugin| all | plugin.phases());
+        Self { plugins, phases }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -177,6 +194,11 @@ impl PluginChain {
         mut parts: Parts,
         client: SocketAddr,
     ) -> (Parts, RequestOutcome) {
+        if !self.phases.contains(Phases::REQUEST) {
+            // Nothing to call: no hop, no slot.
+            let outcome = self.on_request(&mut parts, client);
+            return (parts, outcome);
+        }
         let permit = match gate.enter("request").await {
             Ok(permit) => permit,
             Err(shed) => return (parts, RequestOutcome::Respond(shed)),
@@ -205,9 +227,12 @@ impl PluginChain {
     pub(crate) async fn run_response_phase(
         self: &Arc<Self>,
         gate: &PluginGate,
-        view: Box<Request>,
+        inputs: Option<Box<ResponseInputs>>,
         response: Response<Body>,
     ) -> Response<Body> {
+        let Some(inputs) = inputs else {
+            return response;
+        };
         // Shedding here drops the target's answer, but skipping the
         // response plugins would let through what they exist to change.
         let permit = match gate.enter("response").await {
@@ -217,7 +242,7 @@ impl PluginChain {
         let chain = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            chain.on_response(&view, response)
+            chain.on_response(&inputs, response)
         })
         .await
         .unwrap_or_else(|error| {
@@ -226,21 +251,30 @@ impl PluginChain {
         })
     }
 
-    /// Runs `on-request` through the chain, applying each plugin's changes
-    /// to `parts` before the next plugin sees the request.
+    /// Runs `on-request` through the chain's plugins that have it,
+    /// applying each plugin's changes to `parts` before the next plugin sees
+    /// the request.
     pub(crate) fn on_request(&self, parts: &mut Parts, client: SocketAddr) -> RequestOutcome {
         let mut view = request_view(parts, client);
         let mut pool = None;
         let mut cache = crate::cache::Overrides::default();
-        for plugin in &self.plugins {
-            let decision = match plugin.on_request(&view) {
-                Ok(decision) => decision,
+        let mut contexts = Vec::new();
+        for (place, plugin) in self.plugins.iter().enumerate() {
+            if !plugin.phases().contains(Phases::REQUEST) {
+                continue;
+            }
+            let outcome = match plugin.on_request(&view) {
+                Ok(outcome) => outcome,
                 Err(error) => match failure(plugin, &error) {
                     Some(response) => return RequestOutcome::Respond(response),
                     None => continue,
                 },
             };
-            match decision {
+            if let Some(context) = outcome.context {
+                contexts.resize(place + 1, None);
+                contexts[place] = Some(context);
+            }
+            match outcome.decision {
                 RequestDecision::Continue => {}
                 RequestDecision::ContinueWith(changes) => {
                     apply_request_changes(parts, changes, &mut pool, &mut cache);
@@ -255,25 +289,34 @@ impl PluginChain {
                 }
             }
         }
+        let response = self
+            .phases
+            .contains(Phases::RESPONSE)
+            .then(|| Box::new(ResponseInputs { view, contexts }));
         RequestOutcome::Continue {
             pool,
-            view: Box::new(view),
+            response,
             cache,
         }
     }
 
-    /// Runs `on-response` through the chain in reverse order.
+    /// Runs `on-response` through the chain's plugins that have it, in
+    /// reverse order.
     pub(crate) fn on_response(
         &self,
-        view: &Request,
+        inputs: &ResponseInputs,
         mut response: Response<Body>,
     ) -> Response<Body> {
-        for plugin in self.plugins.iter().rev() {
+        for (place, plugin) in self.plugins.iter().enumerate().rev() {
+            if !plugin.phases().contains(Phases::RESPONSE) {
+                continue;
+            }
             let head = ResponseHead {
                 status: response.status().as_u16(),
                 headers: http_view::header_pairs(response.headers()),
             };
-            match plugin.on_response(view, &head) {
+            let context = inputs.contexts.get(place).and_then(Option::as_deref);
+            match plugin.on_response(&inputs.view, &head, context) {
                 Ok(ResponseDecision::Continue) => {}
                 Ok(ResponseDecision::ContinueWith(changes)) => {
                     http_view::apply_response_changes(response.headers_mut(), &changes)

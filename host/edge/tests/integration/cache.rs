@@ -1015,14 +1015,7 @@ config = {{ default_ttl = 60, bypass_cookies = ["session"] }}
 
 /// An unlabelled metric's value on the node's `/metrics`; 0 when absent.
 async fn metric(node: &breakwater_edge::RunningNode, name: &str) -> f64 {
-    let text = client()
-        .get(admin_url(node, "/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = common::metrics_text(node).await;
     text.lines()
         .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .find_map(|value| value.trim().parse().ok())

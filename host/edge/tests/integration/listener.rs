@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::common::{
-    PATIENCE, admin_url, client, json, listener, proxy_config, start_node, start_upstream, url,
+    PATIENCE, admin_url, client, json, listener, metric, proxy_config, start_node, start_upstream,
+    url,
 };
 
 /// A self-signed certificate for `localhost` in a temporary directory, and
@@ -287,25 +288,6 @@ async fn shutdown_drains_in_flight_requests_and_refuses_new_connections() {
         tokio::net::TcpStream::connect(admin).await.is_err(),
         "the admin listener accepts connections after shutdown"
     );
-}
-
-/// The value of the sample of `name` whose labels include every one of
-/// `labels` (`key="value"` pairs), from the node's `/metrics`.
-async fn metric(node: &breakwater_edge::RunningNode, name: &str, labels: &[&str]) -> Option<f64> {
-    let text = client()
-        .get(admin_url(node, "/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let matches = series.starts_with(&format!("{name}{{"))
-            && labels.iter().all(|label| series.contains(label));
-        matches.then(|| value.parse().ok()).flatten()
-    })
 }
 
 /// An h2 (prior knowledge) client connection to `addr`; the task resolves

@@ -229,3 +229,99 @@ sha256 = "{}"
     };
     assert!(error.contains("sha256"), "{error}");
 }
+
+#[tokio::test]
+async fn a_chain_mixes_abi_versions_and_allowed_answers_carry_ratelimit_headers() {
+    let upstream = start_upstream().await;
+    let plugins = format!(
+        "{}grants = [\"log\"]\n{}grants = [\"counters\"]\n",
+        plugin_table("old", "fixture_abi_v0_1", "closed", "{}"),
+        // So slow that no token comes back while the test runs.
+        plugin_table(
+            "rate-limit",
+            "rate_limit",
+            "closed",
+            r#"{ anonymous = { rate_per_second = 0.01, burst = 2 } }"#
+        ),
+    );
+    let node = start_node(&config(upstream.addr, r#""old", "rate-limit""#, &plugins)).await;
+    let header = |response: &reqwest::Response, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+
+    for remaining in [1, 0] {
+        let response = client()
+            .get(url(&node, "/echo"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "ratelimit-policy").as_deref(),
+            Some(r#""anonymous";q=2;w=200"#)
+        );
+        // t: the spent tokens come back at one per 100 s.
+        let refill = (2 - remaining) * 100;
+        assert_eq!(
+            header(&response, "ratelimit"),
+            Some(format!(r#""anonymous";r={remaining};t={refill}"#))
+        );
+        // The 0.1.0 plugin's response phase runs through the adapter.
+        assert_eq!(
+            header(&response, "x-abi-response").as_deref(),
+            Some("/echo")
+        );
+        let echo = common::json(&response.bytes().await.expect("body"));
+        assert_eq!(echo["headers"]["x-abi"], "0.1.0", "{echo}");
+    }
+
+    // Refused in rate-limit's request phase: no response phase runs.
+    let refused = client()
+        .get(url(&node, "/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(refused.status(), 429);
+    assert_eq!(
+        header(&refused, "ratelimit").as_deref(),
+        Some(r#""anonymous";r=0;t=100"#)
+    );
+    assert_eq!(header(&refused, "x-abi-response"), None);
+}
+
+#[tokio::test]
+async fn a_chain_without_a_response_phase_makes_no_response_call() {
+    let upstream = start_upstream().await;
+    let plugins = format!(
+        "{}isolation = \"reused\"\n\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        plugin_table(
+            "count",
+            "fixture_misbehave",
+            "closed",
+            r#"{ mode = "count" }"#
+        )
+    );
+    let node = start_node(&config(upstream.addr, r#""count""#, &plugins)).await;
+    for _ in 0..3 {
+        let response = client()
+            .get(url(&node, "/echo"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+    }
+    // Every call is timed: three requests, three calls, all `on-request`.
+    assert_eq!(
+        common::metric(
+            &node,
+            "breakwater_plugin_call_seconds_count",
+            &[r#"plugin="count""#]
+        )
+        .await,
+        Some(3.0)
+    );
+}

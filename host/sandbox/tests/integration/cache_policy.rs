@@ -30,7 +30,7 @@ enum Cache {
 
 #[track_caller]
 fn decide(plugin: &LoadedPlugin, req: &Request) -> Cache {
-    match plugin.on_request(req).expect("call") {
+    match plugin.on_request(req).expect("call").decision {
         RequestDecision::ContinueWith(changes) => {
             assert!(changes.set_headers.is_empty() && changes.remove_headers.is_empty());
             assert!(changes.upstream_pool.is_none() && changes.rewrite_path.is_none());

@@ -25,7 +25,7 @@ fn header<'r>(response: &'r Response, name: &str) -> &'r str {
 fn kv_get_set_delete_and_ttl() {
     let (sandbox, clock) = sandbox_on_manual_clock();
     let plugin = load_all_granted(&sandbox, "calls", "fixture_host_calls");
-    let call = |path: &str| respond(plugin.on_request(&get(path)).expect(path));
+    let call = |path: &str| respond(plugin.on_request(&get(path)).expect(path).decision);
 
     assert_eq!(call("/kv/get/colour").status, 404);
     assert_eq!(call("/kv/set/colour/blue").status, 200);
@@ -43,7 +43,12 @@ fn kv_get_set_delete_and_ttl() {
     // Another plugin has its own namespace.
     let other = load_all_granted(&sandbox, "other", "fixture_host_calls");
     assert_eq!(call("/kv/set/shared/no").status, 200);
-    let seen = respond(other.on_request(&get("/kv/get/shared")).expect("call"));
+    let seen = respond(
+        other
+            .on_request(&get("/kv/get/shared"))
+            .expect("call")
+            .decision,
+    );
     assert_eq!(seen.status, 404);
 }
 
@@ -55,7 +60,8 @@ fn counters_take_honours_rate_and_burst() {
         respond(
             plugin
                 .on_request(&get(&format!("/take/{query}")))
-                .expect(query),
+                .expect(query)
+                .decision,
         )
     };
 
@@ -95,7 +101,8 @@ fn counters_take_honours_rate_and_burst() {
     let theirs = respond(
         other
             .on_request(&get("/take/c?cost=5&rate=1&burst=5"))
-            .expect("call"),
+            .expect("call")
+            .decision,
     );
     assert_eq!(header(&theirs, "x-allowed"), "true");
 }
@@ -104,7 +111,7 @@ fn counters_take_honours_rate_and_burst() {
 fn log_clock_and_metrics_are_callable() {
     let sandbox = sandbox();
     let plugin = load_all_granted(&sandbox, "calls", "fixture_host_calls");
-    let observed = respond(plugin.on_request(&get("/observe")).expect("call"));
+    let observed = respond(plugin.on_request(&get("/observe")).expect("call").decision);
     assert_eq!(observed.status, 200);
     let now: u64 = header(&observed, "x-now-ms").parse().expect("number");
     assert!(now > 1_700_000_000_000, "wall clock in ms: {now}");
@@ -120,7 +127,11 @@ fn the_template_stamps_a_header_and_denies_configured_prefixes() {
             r#"{"header":"x-edge","value":"bw","deny_prefixes":["/admin"]}"#,
         ))
         .expect("load");
-    match plugin.on_request(&get("/public?x=1")).expect("call") {
+    match plugin
+        .on_request(&get("/public?x=1"))
+        .expect("call")
+        .decision
+    {
         RequestDecision::ContinueWith(changes) => {
             assert_eq!(
                 changes.set_headers,
@@ -129,7 +140,12 @@ fn the_template_stamps_a_header_and_denies_configured_prefixes() {
         }
         other => panic!("expected changes, got {other:?}"),
     }
-    let denied = respond(plugin.on_request(&get("/admin/users")).expect("call"));
+    let denied = respond(
+        plugin
+            .on_request(&get("/admin/users"))
+            .expect("call")
+            .decision,
+    );
     assert_eq!(denied.status, 403);
     assert!(String::from_utf8_lossy(&denied.body).contains("req-1"));
 
@@ -137,7 +153,10 @@ fn the_template_stamps_a_header_and_denies_configured_prefixes() {
         status: 200,
         headers: vec![],
     };
-    match plugin.on_response(&get("/public"), &head).expect("call") {
+    match plugin
+        .on_response(&get("/public"), &head, None)
+        .expect("call")
+    {
         ResponseDecision::ContinueWith(changes) => {
             assert_eq!(
                 changes.set_headers,

@@ -28,7 +28,7 @@ fn a_global_in_one_request_is_unseen_by_the_next() {
         .load(spec("count", "fixture_misbehave", r#"{"mode":"count"}"#))
         .expect("load");
     for _ in 0..5 {
-        let decision = plugin.on_request(&get("/")).expect("call");
+        let decision = plugin.on_request(&get("/")).expect("call").decision;
         assert_eq!(header(&decision, "x-count"), Some("1"), "{decision:?}");
     }
     // Concurrent calls reuse pool slots in any order; none sees another's state.
@@ -38,7 +38,7 @@ fn a_global_in_one_request_is_unseen_by_the_next() {
             let plugin = Arc::clone(&plugin);
             std::thread::spawn(move || {
                 for _ in 0..25 {
-                    let decision = plugin.on_request(&get("/")).expect("call");
+                    let decision = plugin.on_request(&get("/")).expect("call").decision;
                     assert_eq!(header(&decision, "x-count"), Some("1"), "{decision:?}");
                 }
             })
@@ -58,7 +58,7 @@ fn reused_counter(sandbox: &Sandbox, name: &str, recycle_after: u64) -> LoadedPl
 
 /// The `x-count` a call of `plugin` for `path` answers.
 fn count(plugin: &LoadedPlugin, path: &str) -> u64 {
-    let decision = plugin.on_request(&get(path)).expect("call");
+    let decision = plugin.on_request(&get(path)).expect("call").decision;
     header(&decision, "x-count")
         .and_then(|count| count.parse().ok())
         .unwrap_or_else(|| panic!("no count in {decision:?}"))
@@ -218,7 +218,7 @@ fn an_ok_plugin_continues() {
         .load(spec("ok", "fixture_misbehave", r#"{"mode":"ok"}"#))
         .expect("load");
     assert!(matches!(
-        plugin.on_request(&get("/")).expect("call"),
+        plugin.on_request(&get("/")).expect("call").decision,
         RequestDecision::Continue
     ));
 }

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod abi;
 mod cache_policy;
 mod capabilities;
 mod isolation;

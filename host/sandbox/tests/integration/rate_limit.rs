@@ -53,7 +53,7 @@ impl Refusal {
 /// otherwise (anything else fails the test).
 #[track_caller]
 fn call(plugin: &LoadedPlugin, req: &Request) -> Option<Refusal> {
-    match plugin.on_request(req).expect("call") {
+    match plugin.on_request(req).expect("call").decision {
         RequestDecision::Continue => None,
         RequestDecision::Respond(response) => {
             assert_eq!(response.status, 429);
@@ -296,7 +296,7 @@ fn only_the_listed_path_prefixes_are_limited() {
 /// The headers a request goes on with (panics on a 429 or no changes).
 #[track_caller]
 fn set_headers(plugin: &LoadedPlugin, req: &Request) -> Vec<(String, String)> {
-    match plugin.on_request(req).expect("call") {
+    match plugin.on_request(req).expect("call").decision {
         RequestDecision::ContinueWith(changes) => changes.set_headers,
         other => panic!("expected the request to go on with changes, got {other:?}"),
     }
@@ -369,4 +369,59 @@ fn loading_without_the_counters_grant_is_refused() {
         ),
         "{error}"
     );
+}
+
+#[test]
+fn allowed_answers_carry_ratelimit_headers_passed_through_the_context() {
+    let (sandbox, _clock) = sandbox_on_manual_clock();
+    let plugin = load(
+        &sandbox,
+        r#"{"anonymous": {"rate_per_second": 2, "burst": 4}, "path_prefixes": ["/v1/"]}"#,
+    );
+    let head = breakwater_sandbox::ResponseHead {
+        status: 200,
+        headers: Vec::new(),
+    };
+    for remaining in [3, 2] {
+        let req = get("/v1/models");
+        let outcome = plugin.on_request(&req).expect("call");
+        assert!(matches!(outcome.decision, RequestDecision::Continue));
+        let context = outcome
+            .context
+            .expect("an allowed request leaves its counts");
+        match plugin
+            .on_response(&req, &head, Some(&context))
+            .expect("call")
+        {
+            breakwater_sandbox::ResponseDecision::ContinueWith(changes) => {
+                // w: 4 tokens at 2/s; t: the tokens spent come back at 2/s,
+                // rounded up to whole seconds.
+                let refill = (4 - remaining + 1) / 2;
+                assert_eq!(
+                    changes.set_headers,
+                    [
+                        (
+                            "ratelimit-policy".to_owned(),
+                            r#""anonymous";q=4;w=2"#.to_owned()
+                        ),
+                        (
+                            "ratelimit".to_owned(),
+                            format!(r#""anonymous";r={remaining};t={refill}"#)
+                        ),
+                    ]
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // A path that is not limited leaves nothing, and its answer is untouched.
+    let outcome = plugin.on_request(&get("/index.html")).expect("call");
+    assert_eq!(outcome.context, None);
+    assert!(matches!(
+        plugin
+            .on_response(&get("/index.html"), &head, None)
+            .expect("call"),
+        breakwater_sandbox::ResponseDecision::Continue
+    ));
 }

@@ -36,7 +36,7 @@ fn route(plugin: &LoadedPlugin, req: &Request) -> Option<String> {
 /// The pool and the rewritten path, if any.
 #[track_caller]
 fn route_and_path(plugin: &LoadedPlugin, req: &Request) -> (Option<String>, Option<String>) {
-    match plugin.on_request(req).expect("call") {
+    match plugin.on_request(req).expect("call").decision {
         RequestDecision::Continue => (None, None),
         RequestDecision::ContinueWith(changes) => {
             assert!(changes.set_headers.is_empty() && changes.remove_headers.is_empty());

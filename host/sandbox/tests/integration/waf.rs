@@ -16,7 +16,7 @@ fn load(sandbox: &Sandbox, config: &str) -> LoadedPlugin {
 /// Asserts the waf answered 403 for `rule`, with the JSON body and content type.
 #[track_caller]
 fn assert_blocked(plugin: &LoadedPlugin, req: &Request, rule: &str) {
-    match plugin.on_request(req).expect("call") {
+    match plugin.on_request(req).expect("call").decision {
         RequestDecision::Respond(response) => {
             assert_eq!(response.status, 403, "{} {}", req.method, req.path);
             let content_type = response
@@ -43,7 +43,7 @@ fn assert_blocked(plugin: &LoadedPlugin, req: &Request, rule: &str) {
 
 #[track_caller]
 fn assert_continues(plugin: &LoadedPlugin, req: &Request) {
-    let decision = plugin.on_request(req).expect("call");
+    let decision = plugin.on_request(req).expect("call").decision;
     assert!(
         matches!(decision, RequestDecision::Continue),
         "{} {} should continue, got {decision:?}",

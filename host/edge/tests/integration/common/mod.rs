@@ -110,6 +110,30 @@ pub fn admin_url(node: &RunningNode, path: &str) -> String {
     format!("http://{admin}{path}")
 }
 
+/// The node's `/metrics` page.
+pub async fn metrics_text(node: &RunningNode) -> String {
+    client()
+        .get(admin_url(node, "/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The value of the sample of `name` whose labels include every one of
+/// `labels` (`key="value"` pairs), from the node's `/metrics`.
+pub async fn metric(node: &RunningNode, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = metrics_text(node).await;
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let matches = series.starts_with(&format!("{name}{{"))
+            && labels.iter().all(|label| series.contains(label));
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
+
 /// A reqwest client with a bounded overall timeout.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -17,6 +17,7 @@ const COMPONENTS: &[&str] = &[
     "waf",
     "fixture_misbehave",
     "fixture_host_calls",
+    "fixture_abi_v0_1",
     "rate_limit",
     "router",
     "cache_policy",
