@@ -136,8 +136,9 @@ pub struct LimitsConfig {
     /// Request body, in bytes; beyond it: 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
-    /// Time a client has to send the whole request head; beyond it the
-    /// connection is closed (slowloris).
+    /// Time a client has to send the whole request head (a new
+    /// connection's first one from accept, a later one from its first
+    /// byte); beyond it the connection is closed (slowloris).
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Time a client has to send the whole request body; beyond it: 408.

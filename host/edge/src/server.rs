@@ -204,7 +204,7 @@ fn connection_limits(limits: &LimitsConfig) -> ConnectionLimits {
 }
 
 fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = breakwater_listen::http_builder(&connection_limits(limits));
+    let mut builder = breakwater_listen::http_builder();
     // hyper's own ceiling sits just above ours so that our check answers
     // with a JSON 431 in all but absurd cases; hyper's minimum is 8 KiB.
     builder

@@ -13,7 +13,8 @@
 //! `breakwater_listener_connections_refused_total{reason}` (`max_connections`,
 //! `max_connections_per_ip`), `breakwater_listener_connections_closed_total{reason}`
 //! (`no_request`: nothing within the header-read timeout; `idle`: no request
-//! in flight for the idle timeout), `breakwater_listener_tls_handshake_failures_total`,
+//! in flight for the idle timeout; `slow_head`: a later HTTP/1.1 request head
+//! unfinished a header-read timeout after its first byte), `breakwater_listener_tls_handshake_failures_total`,
 //! `breakwater_listener_unparsable_requests_total{status}` (heads hyper
 //! answered itself).
 
@@ -31,12 +32,13 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::activity::{Activity, IdleReason, TrackedService};
+use crate::activity::{Activity, IdleReason, QuietBounds, ReadWatch, TrackedService};
 use crate::limiter::{ConnectionLimiter, ConnectionPermit};
 
 pub use crate::parse_error::ParseErrorBody;
@@ -48,11 +50,12 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// Time a new connection has to complete its TLS handshake and send its
-    /// first request; also the time an HTTP/1.1 client has to send each
-    /// request head (hyper's slowloris guard).
+    /// first request; also the time an HTTP/1.1 client has to finish each
+    /// later request head, from its first byte (the slowloris guard).
     pub header_read_timeout: Duration,
-    /// Time a connection may stay open with no request in flight (HTTP/1.1
-    /// keep-alive and h2 alike); then it is closed (h2: GOAWAY first).
+    /// Time a connection may stay open with no request in flight and, on
+    /// HTTP/1.1, no byte of the next request yet (keep-alive and h2 alike);
+    /// then it is closed (h2: GOAWAY first).
     pub idle_timeout: Duration,
     /// Connections the listener holds at once.
     pub max_connections: usize,
@@ -91,14 +94,16 @@ pub struct ServeOptions {
     pub parse_error_body: Option<ParseErrorBody>,
 }
 
-/// A connection builder with the timers and the HTTP/1.1 header-read
-/// timeout of `limits` set; callers add protocol settings of their own.
-pub fn http_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+/// A connection builder with hyper's timers set; callers add protocol
+/// settings of their own. [`serve`] bounds request heads itself (see the
+/// `activity` module), so hyper's HTTP/1.1 header-read timer is off: it
+/// would also cut keep-alive connections idle for longer than it.
+pub fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     builder
 }
@@ -165,11 +170,17 @@ pub async fn serve<M, S, B>(
         let tls = options.tls.clone();
         tracker.spawn(async move {
             match tls {
-                None => connection.serve(TokioIo::new(stream), service).await,
+                None => connection.serve(stream, service).await,
+                // Boxed: a task is as large as its largest state, and a TLS
+                // session held inline would more than double every plain
+                // connection's (6.5 KiB against 2.9 KiB), idle ones included.
                 Some(acceptor) => {
-                    if let Some(stream) = connection.handshake(acceptor, stream).await {
-                        connection.serve(TokioIo::new(stream), service).await;
-                    }
+                    Box::pin(async move {
+                        if let Some(stream) = connection.handshake(acceptor, stream).await {
+                            connection.serve(stream, service).await;
+                        }
+                    })
+                    .await;
                 }
             }
         });
@@ -225,7 +236,7 @@ impl Connection {
     /// connection idles past its bound, or the listener stops.
     async fn serve<I, S, B>(self, io: I, service: S)
     where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError> + Send + 'static,
@@ -235,7 +246,7 @@ impl Connection {
     {
         let activity = Activity::default();
         let io = ParseErrorRewrite::new(
-            io,
+            TokioIo::new(ReadWatch::new(io, activity.clone())),
             activity.clone(),
             self.parse_error_body.clone(),
             &self.name,
@@ -243,10 +254,14 @@ impl Connection {
         let service = TrackedService::new(service, activity.clone());
         let connection = self.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
-        // hyper's own header timeout only starts once it has told HTTP/1.1
-        // from h2, which a silent socket never lets it do, and h2 has no
-        // idle timeout at all: this bounds both.
-        let idle = activity.idle(self.limits.header_read_timeout, self.limits.idle_timeout);
+        // hyper has no idle timeout for h2, and its HTTP/1.1 header timer
+        // cannot tell an idle keep-alive connection from a slow head: this
+        // bounds all three.
+        let idle = activity.idle(QuietBounds {
+            first_request: self.limits.header_read_timeout,
+            idle: self.limits.idle_timeout,
+            head: self.limits.header_read_timeout,
+        });
         tokio::pin!(idle);
         let closing = tokio::select! {
             outcome = &mut connection => {
@@ -261,7 +276,8 @@ impl Connection {
                 )
                 .increment(1);
                 tracing::debug!(listener = %self.name, peer = %self.peer, reason = reason.label(), "closing the connection");
-                if reason == IdleReason::NoRequest {
+                if reason != IdleReason::Idle {
+                    // A head is missing or half sent: nothing to finish.
                     return;
                 }
                 // Nothing is in flight: the GOAWAY (h2) or the close (HTTP/1.1)

@@ -383,6 +383,59 @@ async fn idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() {
     );
 }
 
+#[tokio::test]
+async fn a_keep_alive_connection_idle_past_the_header_read_timeout_is_still_served() {
+    let upstream = start_upstream().await;
+    let limits = "header_read_timeout = \"200ms\"\nidle_timeout = \"60s\"";
+    let node = start_node(&proxy_config(upstream.addr, limits, "")).await;
+    let request = b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+    let mut stream = common::raw_connect_and_send(listener(&node), request).await;
+    let first = common::read_raw_response(&mut stream).await;
+    assert_eq!(first.map(|r| r.status), Some(200));
+    // Idle for several header-read timeouts, far inside the idle timeout:
+    // the idle timeout is what bounds a quiet keep-alive connection.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request)
+        .await
+        .expect("the connection takes a second request");
+    let second = common::read_raw_response(&mut stream).await;
+    assert_eq!(
+        second.map(|r| r.status),
+        Some(200),
+        "a keep-alive connection was cut at the header read timeout, not the idle timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_later_request_head_sent_slowly_is_cut_at_the_header_read_timeout() {
+    let upstream = start_upstream().await;
+    let limits = "header_read_timeout = \"500ms\"\nidle_timeout = \"60s\"";
+    let node = start_node(&proxy_config(upstream.addr, limits, "")).await;
+    let addr = listener(&node);
+
+    let mut stream =
+        common::raw_connect_and_send(addr, b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    let first = common::read_raw_response(&mut stream).await;
+    assert_eq!(first.map(|r| r.status), Some(200));
+    // The next head starts, then stalls: the idle timeout (60 s) no
+    // longer applies, the header read timeout (500 ms) does.
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /echo HTTP/1.1\r\nX-Slow: ")
+        .await
+        .expect("write half a head");
+    assert!(
+        common::closed_within(&mut stream, Duration::from_secs(10)).await,
+        "a half-sent later head is still open 10 s on (header_read_timeout 500 ms)"
+    );
+    let slow_heads = metric(
+        &node,
+        "breakwater_listener_connections_closed_total",
+        &[&format!("listener=\"{addr}\""), "reason=\"slow_head\""],
+    )
+    .await;
+    assert_eq!(slow_heads, Some(1.0));
+}
+
 /// A connection to `addr` from the loopback address `from`, with one
 /// request sent on it.
 async fn connect_from(from: &str, addr: SocketAddr) -> tokio::net::TcpStream {

@@ -462,7 +462,7 @@ pub async fn serve_with(
     };
     breakwater_listen::serve(
         listener,
-        breakwater_listen::http_builder(&limits),
+        breakwater_listen::http_builder(),
         options,
         make_service,
         stop,
