@@ -253,6 +253,41 @@ pub struct RouteConfig {
     /// upstream's `Cache-Control` does not say.
     #[serde(default, with = "humantime_serde::option")]
     pub stale_if_error: Option<Duration>,
+    /// How much of a request body this route buffers for its plugins'
+    /// `on-request`, in bytes: `true` for [`DEFAULT_PLUGIN_BODY_BYTES`], or
+    /// a byte count. A larger body streams past the plugins, who are told
+    /// it was too large. Absent (or 0): plugins never see bodies.
+    #[serde(default, deserialize_with = "plugin_body_bytes")]
+    pub plugin_body_bytes: u64,
+}
+
+/// `plugin_body_bytes = true`: enough for chat completions with long
+/// system prompts, small next to a plugin's memory.
+pub const DEFAULT_PLUGIN_BODY_BYTES: u64 = 64 * 1024;
+
+/// The most a route may buffer for plugins: each plugin on the route gets
+/// its own copy in its memory.
+pub const MAX_PLUGIN_BODY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// `true`, `false` or a byte count.
+fn plugin_body_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct Bytes;
+    impl serde::de::Visitor<'_> for Bytes {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("true, false, or a byte count such as 65536")
+        }
+        fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<u64, E> {
+            Ok(if on { DEFAULT_PLUGIN_BODY_BYTES } else { 0 })
+        }
+        fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> Result<u64, E> {
+            Ok(bytes)
+        }
+        fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> Result<u64, E> {
+            u64::try_from(bytes).map_err(|_| E::custom("a byte count cannot be negative"))
+        }
+    }
+    deserializer.deserialize_any(Bytes)
 }
 
 /// The response cache: a memory tier and an optional disk tier, each with

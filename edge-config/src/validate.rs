@@ -622,6 +622,26 @@ fn check_routes(config: &EdgeConfig, checker: &mut Checker<'_>) {
                 "write a duration such as \"30s\", or leave `deadline` out for the pool's total_timeout",
             );
         }
+        if route.plugin_body_bytes > 0 {
+            let at = [Key("route"), Index(i), Key("plugin_body_bytes")];
+            if route.plugins.is_empty() {
+                checker.report(
+                    &at,
+                    "`plugin_body_bytes` has no effect on a route without plugins",
+                    "add the plugins that read bodies to this route's `plugins`, or remove `plugin_body_bytes`",
+                );
+            } else if route.plugin_body_bytes > crate::model::MAX_PLUGIN_BODY_BYTES {
+                checker.report(
+                    &at,
+                    format!(
+                        "plugin_body_bytes = {} is more than a route may buffer for plugins ({})",
+                        route.plugin_body_bytes,
+                        crate::model::MAX_PLUGIN_BODY_BYTES
+                    ),
+                    "write `true` (64 KiB) or a smaller byte count; larger bodies stream past the plugins",
+                );
+            }
+        }
         if config.pool(&route.pool).is_none() {
             let fix = match nearest(&route.pool, pool_names.iter().copied()) {
                 Some(near) => format!("replace `{}` with `{near}`", route.pool),

@@ -84,6 +84,7 @@ impl GpuHostChild {
             .arg("--listen")
             .arg(listen.to_string())
             .stdin(Stdio::null());
+        stop_with_parent(&mut command);
         let child = command.spawn().context("starting `breakwater gpu-host`")?;
         let mut host = Self { child, listen };
         host.wait_ready().await?;
@@ -147,3 +148,30 @@ impl Drop for GpuHostChild {
         let _ = self.child.wait();
     }
 }
+
+/// Asks the kernel to send the GPU host SIGTERM when `up` dies, however it
+/// dies: a killed `up` must not leave a GPU host holding its port (and the
+/// next `up` failing to start). Called from the thread that spawns it,
+/// which lives as long as `up` (the signal follows the spawning thread).
+#[cfg(target_os = "linux")]
+fn stop_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only prctl and getppid, which are async-signal-safe.
+    let parent = std::process::id();
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // `up` died before the request took effect: nobody would signal.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::other("the parent `breakwater up` exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn stop_with_parent(_command: &mut Command) {}

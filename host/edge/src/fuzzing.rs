@@ -55,6 +55,7 @@ pub fn cache_headers(
         sie_ms: response_cc.stale_if_error.unwrap_or(0) * 1000,
         url: String::new(),
         tags: Vec::new(),
+        ttl_by_plugin: plugin_ttl.is_some(),
     };
     let _ = entry.current_age_ms(now_ms);
     let _ = entry.useful_for_ms(now_ms);

@@ -94,6 +94,41 @@ impl ClientBodyError {
         }
     }
 
+    /// Counts the error against `route` (a pool's or route's name) and
+    /// answers it: 413, 408 or 400, with the JSON error body.
+    pub(crate) fn response(self, route: &str) -> Response<ResponseBody> {
+        metrics::counter!(
+            "breakwater_edge_client_body_errors_total",
+            "pool" => route.to_owned(),
+            "kind" => self.label()
+        )
+        .increment(1);
+        tracing::debug!(pool = %route, error = %self, "request body broken by the client");
+        let (status, code, message) = match self {
+            ClientBodyError::TooLarge(max) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the request body exceeds {max} bytes"),
+            ),
+            ClientBodyError::TimedOut(t) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body was not received within {t:?}"),
+            ),
+            ClientBodyError::Malformed => (
+                StatusCode::BAD_REQUEST,
+                "bad_request_body",
+                "the request body's framing is malformed".to_owned(),
+            ),
+            ClientBodyError::Aborted => (
+                StatusCode::BAD_REQUEST,
+                "incomplete_request_body",
+                "the request body ended before it was complete".to_owned(),
+            ),
+        };
+        crate::error::error_response(status, code, &message)
+    }
+
     /// Malformed when hyper's decoder refused the framing; aborted
     /// otherwise (end of input, an h2 stream the client reset).
     fn of_read_error(error: &hyper::Error) -> Self {
@@ -205,4 +240,114 @@ impl Body for LimitedBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A request body on its way to the target: still the client's stream, or
+/// already behind the node's size and time limits (because a phase read
+/// some of it).
+pub(crate) enum ClientBody {
+    Streaming(Incoming),
+    Limited(ResponseBody, BodyLimitTrip),
+}
+
+impl ClientBody {
+    /// The body with the node's limits applied, and where a broken one is
+    /// recorded.
+    pub(crate) fn limited(
+        self,
+        max_bytes: u64,
+        timeout: Duration,
+    ) -> (ResponseBody, BodyLimitTrip) {
+        match self {
+            ClientBody::Streaming(body) => {
+                let (limited, trip) = LimitedBody::new(body, max_bytes, timeout);
+                (ResponseBody::new(limited), trip)
+            }
+            ClientBody::Limited(body, trip) => (body, trip),
+        }
+    }
+}
+
+/// What the request phase is shown of a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BufferedBody {
+    /// The route buffers no body for its plugins.
+    NotBuffered,
+    /// The whole body (empty when the request has none).
+    Whole(Bytes),
+    /// The body is larger than the route buffers (`limit` bytes).
+    TooLarge { limit: u64 },
+}
+
+/// Reads up to `buffer_limit` bytes of `body` for the plugins, within the
+/// node's `max_bytes` and `timeout`. A body that fits is returned whole and
+/// forwarded from memory; a larger one (declared, or found while reading)
+/// streams on with what was read put back in front. A body the client
+/// breaks while it is read is its error, answered by the caller.
+pub(crate) async fn buffer_for_plugins(
+    body: Incoming,
+    declared_length: Option<u64>,
+    buffer_limit: u64,
+    max_bytes: u64,
+    timeout: Duration,
+) -> Result<(BufferedBody, ClientBody), ClientBodyError> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+
+    if body.is_end_stream() {
+        return Ok((
+            BufferedBody::Whole(Bytes::new()),
+            ClientBody::Streaming(body),
+        ));
+    }
+    let too_large = BufferedBody::TooLarge {
+        limit: buffer_limit,
+    };
+    if declared_length.is_some_and(|length| length > buffer_limit) {
+        return Ok((too_large, ClientBody::Streaming(body)));
+    }
+    let (mut limited, trip) = LimitedBody::new(body, max_bytes, timeout);
+    let mut chunks = Vec::new();
+    let mut read = 0u64;
+    loop {
+        match limited.frame().await {
+            None => break,
+            Some(Err(_)) => return Err(trip.get().unwrap_or(ClientBodyError::Aborted)),
+            // Trailers of a buffered body are not forwarded: nothing in
+            // front of an inference API uses them.
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                read += data.len() as u64;
+                chunks.push(data);
+                if read > buffer_limit {
+                    let read_so_far = futures_util::stream::iter(
+                        chunks.into_iter().map(|chunk| Ok(Frame::data(chunk))),
+                    );
+                    let rest = http_body_util::BodyStream::new(limited);
+                    let body = http_body_util::StreamBody::new(read_so_far.chain(rest));
+                    return Ok((
+                        too_large,
+                        ClientBody::Limited(ResponseBody::new(body), trip),
+                    ));
+                }
+            }
+        }
+    }
+    let whole = match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(usize::try_from(read).unwrap_or(0));
+            for chunk in chunks {
+                all.extend_from_slice(&chunk);
+            }
+            all.freeze()
+        }
+    };
+    let forwarded = ResponseBody::from(whole.clone());
+    Ok((
+        BufferedBody::Whole(whole),
+        ClientBody::Limited(forwarded, BodyLimitTrip::default()),
+    ))
 }

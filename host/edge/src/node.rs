@@ -15,7 +15,9 @@ use hyper::body::Incoming;
 use crate::cache::{Origin, Overrides, ResponseCache, RoutePolicy};
 use crate::error::EdgeError;
 use crate::error::error_response;
-use crate::limits::{LimitedBody, MethodAllowList, request_head_bytes};
+use crate::limits::{
+    BufferedBody, ClientBody, MethodAllowList, buffer_for_plugins, request_head_bytes,
+};
 use crate::observe::{CountedBody, InFlight, REQUEST_ID, RouteMetrics, request_id};
 use crate::plugins::RequestOutcome;
 use crate::plugins::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadReport};
@@ -41,6 +43,8 @@ struct Route {
     cache: Option<RoutePolicy>,
     /// The route's deadline; none: the pool's `total_timeout`.
     deadline: Option<std::time::Duration>,
+    /// Bytes of a request body buffered for the plugins (0: none).
+    plugin_body_bytes: u64,
 }
 
 /// The node's request handling state, shared by every listener.
@@ -81,6 +85,7 @@ impl EdgeNode {
                 slot: 0,
                 cache: None,
                 deadline: None,
+                plugin_body_bytes: 0,
             });
         }
         for route in &config.routes {
@@ -96,6 +101,7 @@ impl EdgeNode {
                         stale_if_error: route.stale_if_error.unwrap_or_default(),
                     }),
                     deadline: route.deadline,
+                    plugin_body_bytes: route.plugin_body_bytes,
                 });
             }
         }
@@ -272,14 +278,35 @@ impl EdgeNode {
         let chain = self.plugins.chain(route.slot);
         if chain.is_empty() {
             let cache = route.cache.map(|policy| (policy, Overrides::default()));
+            let body = ClientBody::Streaming(body);
             let response = self
                 .serve_target(&route.target, &route.prefix, parts, body, client, cache)
                 .await;
             return (route.metrics.clone(), response);
         }
 
+        let (shown, body) = if route.plugin_body_bytes > 0 && chain.reads_requests() {
+            match buffer_for_plugins(
+                body,
+                declared_length,
+                route.plugin_body_bytes,
+                self.limits.max_body_bytes,
+                self.limits.body_read_timeout,
+            )
+            .await
+            {
+                Ok(buffered) => buffered,
+                Err(error) => {
+                    return (route.metrics.clone(), error.response(&route.metrics.name));
+                }
+            }
+        } else {
+            (BufferedBody::NotBuffered, ClientBody::Streaming(body))
+        };
         let gate = self.plugins.gate();
-        let (parts, outcome) = chain.run_request_phase(gate, parts, client.peer).await;
+        let (parts, outcome) = chain
+            .run_request_phase(gate, parts, shown, client.peer)
+            .await;
         let (pool, response_inputs, overrides) = match outcome {
             RequestOutcome::Respond(response) => return (route.metrics.clone(), response),
             RequestOutcome::Continue {
@@ -324,7 +351,7 @@ impl EdgeNode {
         target: &Target,
         route_prefix: &str,
         parts: Parts,
-        body: Incoming,
+        body: ClientBody,
         client: &ClientConnection,
         cache: Option<(RoutePolicy, Overrides)>,
     ) -> Response<Body> {
@@ -342,12 +369,9 @@ impl EdgeNode {
                 .await
             }
             Target::Pool(pool) => {
-                let (limited, trip) = LimitedBody::new(
-                    body,
-                    self.limits.max_body_bytes,
-                    self.limits.body_read_timeout,
-                );
-                let request = Request::from_parts(parts, Body::new(limited));
+                let (limited, trip) =
+                    body.limited(self.limits.max_body_bytes, self.limits.body_read_timeout);
+                let request = Request::from_parts(parts, limited);
                 match (cache, &self.cache) {
                     (Some((policy, overrides)), Some(store)) => {
                         let origin = Arc::new(Origin {

@@ -10,6 +10,11 @@ use http::request::Parts;
 
 use crate::{Request, RequestChanges, ResponseChanges};
 
+/// A header only plugins see, on a route that buffers bodies for them, when
+/// the body was larger than the route buffers: its value is the limit in
+/// bytes. A client's own field of this name is never shown.
+pub const BODY_TOO_LARGE_HEADER: &str = "breakwater-body-too-large";
+
 /// The request as a plugin sees it: method as sent, host lower-case
 /// without a port (from `Host`, else the URI's authority), path with its
 /// query, header names lower-case in the map's order. The body is not
@@ -28,11 +33,25 @@ pub fn request_view(parts: &Parts, client_ip: IpAddr, request_id: &str) -> Reque
             .uri
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
-        headers: header_pairs(&parts.headers),
+        headers: parts
+            .headers
+            .iter()
+            .filter(|(name, _)| name.as_str() != BODY_TOO_LARGE_HEADER)
+            .map(header_pair)
+            .collect(),
         client_ip: client_ip.to_string(),
         request_id: request_id.to_owned(),
         body: None,
     }
+}
+
+/// Tells the plugins that the body was not buffered because it is larger
+/// than `limit` bytes: the body stays absent from the view and
+/// [`BODY_TOO_LARGE_HEADER`] carries the limit.
+pub fn mark_body_too_large(view: &mut Request, limit: u64) {
+    view.body = None;
+    view.headers
+        .push((BODY_TOO_LARGE_HEADER.to_owned(), limit.to_string()));
 }
 
 /// `host` without a `:port`, but with the colons of a bracketed IPv6
@@ -47,15 +66,14 @@ fn host_without_port(host: &str) -> &str {
 /// Header fields as (lower-case name, value) pairs; a value that is not
 /// UTF-8 is shown lossily.
 pub fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
-        .collect()
+    headers.iter().map(header_pair).collect()
+}
+
+fn header_pair((name, value): (&HeaderName, &HeaderValue)) -> (String, String) {
+    (
+        name.as_str().to_owned(),
+        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+    )
 }
 
 /// A `continue-with`'s header edits and path rewrite applied to the

@@ -10,7 +10,8 @@
 //!   "routes": [],
 //!   "default_ttl": null,
 //!   "bypass_cookies": [],
-//!   "ai_paths": ["/v1/chat/completions", "/v1/completions"]
+//!   "ai_paths": ["/v1/chat/completions", "/v1/completions"],
+//!   "tenant": "api_key"
 //! }
 //! ```
 //!
@@ -41,20 +42,30 @@
 //! - `bypass_cookies`: cookie names whose presence bypasses the cache.
 //! - `ai_paths`: paths (without query, exact) of OpenAI-style completion
 //!   endpoints whose `POST` bodies may be cached.
+//! - `tenant`: whose cached completions a request may read. `"api_key"`
+//!   (the default): each API key (`Authorization`, else `X-Api-Key`) has its
+//!   own entries, and requests without one share theirs. `{"header":
+//!   "x-tier"}`: requests with the same value of that header share (a tier,
+//!   an organisation set by an earlier plugin or a trusted proxy).
+//!   `"shared"`: every caller shares, for public answers only.
 //!
 //! Decisions, in this order:
 //! 1. A method other than `GET` and `HEAD` bypasses, except `POST` to an
 //!    `ai_paths` entry (step 4).
 //! 2. `Authorization` present bypasses unless the matched route is
-//!    `shareable`.
+//!    `shareable` or the request is a completion (its key names the tenant).
 //! 3. A cookie named in `bypass_cookies` bypasses.
 //! 4. `POST` to an AI path: the JSON body (only when the host buffered it;
-//!    absent, malformed or not an object bypasses) is cacheable when its
-//!    `temperature` is the number 0 (absent means the API default of 1, so
-//!    not cacheable), or when the client sends `Cache-Control: max-age=N`,
-//!    whose N then is the TTL. `Cache-Control: no-store` or `no-cache`
-//!    always bypasses. The key hashes the canonical JSON of the fields that
-//!    decide the answer (see [`KEYED_FIELDS`]).
+//!    absent, too large, malformed or not an object bypasses) is cacheable
+//!    when the answer is deterministic: its `temperature` is the number 0
+//!    (absent means the API default of 1), or it carries an integer `seed`.
+//!    A client's `Cache-Control: max-age=N` makes any completion cacheable
+//!    for N seconds. `Cache-Control: no-store` or `no-cache` always
+//!    bypasses. The key hashes the canonical JSON of the whole body but the
+//!    fields that never change the answer ([`UNKEYED_FIELDS`]): unknown
+//!    fields are keyed, so a new API parameter never shares an answer it
+//!    would change. `stream` is keyed too: a streamed answer and a whole
+//!    one are stored apart.
 //! 5. Otherwise the request continues with its key and TTL.
 //!
 //! Key formats, fields joined by `|`:
@@ -66,9 +77,12 @@
 //!   name lower-cased, every value of the header joined by `,` as sent, and
 //!   `%`, `&`, `=` and `|` in values percent-encoded; a header that is absent
 //!   is written as its bare name.
-//! - `POST|host|/v1/chat/completions|<sha256 hex>` — the same normalized
-//!   host and path, then the hex SHA-256 of the canonical body: an object of
-//!   the keyed fields present in the body, object keys sorted at every depth,
+//! - `POST|host|/v1/chat/completions|<tenant>|<sha256 hex>` — the same
+//!   normalized host and path; the tenant: `-` (shared, or no API key),
+//!   `key:` and the first 32 hex digits of the API key's SHA-256, or `hdr:`
+//!   and the header's value escaped as vary values are; then the hex
+//!   SHA-256 of the canonical body: an object of the keyed fields present
+//!   in the body, object keys sorted at every depth,
 //!   no whitespace, numbers with an integral value written as integers
 //!   (`0.0` and `0` are the same). The vary headers follow as for `GET`.
 //!
@@ -83,33 +97,23 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// The body fields that decide a completion's answer, and so its key:
-/// the input, the model, the sampling parameters and the output's shape
-/// (`stream` too, since a streamed answer has another wire format).
-const KEYED_FIELDS: &[&str] = &[
-    "model",
-    "messages",
-    "prompt",
-    "suffix",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "seed",
-    "n",
-    "stream",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "response_format",
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-];
+/// Body fields that never change a completion's answer: who asks
+/// (`user`), bookkeeping (`metadata`, `store`) and the queue it waits in
+/// (`service_tier`). Every other field, known or not, is part of the key.
+const UNKEYED_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier"];
+
+/// Whose cached completions a request may read.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum Tenant {
+    /// One tenant per API key; requests without one share.
+    #[default]
+    ApiKey,
+    /// One tenant per value of this request header.
+    Header(String),
+    /// Everyone shares.
+    Shared,
+}
 
 /// The plugin's configuration; unknown fields refuse the load.
 #[derive(Deserialize)]
@@ -121,6 +125,7 @@ struct Config {
     default_ttl: Option<u64>,
     bypass_cookies: Vec<String>,
     ai_paths: Vec<String>,
+    tenant: Tenant,
 }
 
 impl Default for Config {
@@ -134,6 +139,7 @@ impl Default for Config {
             ai_paths: ["/v1/chat/completions", "/v1/completions"]
                 .map(String::from)
                 .to_vec(),
+            tenant: Tenant::ApiKey,
         }
     }
 }
@@ -171,6 +177,7 @@ struct CachePolicy {
     default_ttl: Option<u64>,
     bypass_cookies: Vec<String>,
     ai_paths: Vec<String>,
+    tenant: Tenant,
 }
 
 impl Plugin for CachePolicy {
@@ -203,6 +210,10 @@ impl Plugin for CachePolicy {
             default_ttl: config.default_ttl,
             bypass_cookies: config.bypass_cookies,
             ai_paths: config.ai_paths,
+            tenant: match config.tenant {
+                Tenant::Header(name) => Tenant::Header(name.to_ascii_lowercase()),
+                other => other,
+            },
         })
     }
 }
@@ -235,7 +246,7 @@ impl CachePolicy {
             .routes
             .iter()
             .find(|r| path.starts_with(&r.path_prefix));
-        if req.header("authorization").is_some() && !route.is_some_and(|r| r.shareable) {
+        if req.header("authorization").is_some() && !ai && !route.is_some_and(|r| r.shareable) {
             return None;
         }
         if self.has_bypass_cookie(req) {
@@ -250,6 +261,8 @@ impl CachePolicy {
         let ttl = if ai {
             let (digest, ttl) = ai_digest(req, route_ttl)?;
             key.push('|');
+            key.push_str(&self.tenant_part(req));
+            key.push('|');
             key.push_str(&digest);
             ttl
         } else {
@@ -260,6 +273,22 @@ impl CachePolicy {
             key.push_str(&self.vary_part(req));
         }
         Some((key, ttl))
+    }
+
+    /// Who may read this completion's entry (see the key formats).
+    fn tenant_part(&self, req: &Request) -> String {
+        let named = match &self.tenant {
+            Tenant::Shared => None,
+            Tenant::ApiKey => req
+                .header("authorization")
+                .or_else(|| req.header("x-api-key"))
+                .map(|key| format!("key:{}", &hex(&Sha256::digest(key.as_bytes()))[..32])),
+            Tenant::Header(name) => {
+                let vals: Vec<&str> = values(req, name).collect();
+                (!vals.is_empty()).then(|| format!("hdr:{}", escape(&vals.join(","))))
+            }
+        };
+        named.unwrap_or_else(|| "-".to_owned())
     }
 
     fn has_bypass_cookie(&self, req: &Request) -> bool {
@@ -372,10 +401,14 @@ fn ai_digest(req: &Request, route_ttl: Option<u64>) -> Option<(String, Option<u6
     let Value::Object(body) = serde_json::from_slice::<Value>(req.body.as_deref()?).ok()? else {
         return None;
     };
-    let deterministic = body
+    let greedy = body
         .get("temperature")
         .and_then(Value::as_f64)
         .is_some_and(|t| t == 0.0);
+    let seeded = body
+        .get("seed")
+        .is_some_and(|seed| seed.is_i64() || seed.is_u64());
+    let deterministic = greedy || seeded;
     let ttl = match max_age {
         Some(seconds) => Some(seconds),
         None if deterministic => route_ttl,
@@ -383,9 +416,10 @@ fn ai_digest(req: &Request, route_ttl: Option<u64>) -> Option<(String, Option<u6
     };
     let mut canonical = String::new();
     canonical.push('{');
-    let mut fields: Vec<(&str, &Value)> = KEYED_FIELDS
+    let mut fields: Vec<(&str, &Value)> = body
         .iter()
-        .filter_map(|name| body.get(*name).map(|value| (*name, value)))
+        .filter(|(name, _)| !UNKEYED_FIELDS.contains(&name.as_str()))
+        .map(|(name, value)| (name.as_str(), value))
         .collect();
     fields.sort_by_key(|(name, _)| *name);
     for (i, (name, value)) in fields.iter().enumerate() {
@@ -397,9 +431,11 @@ fn ai_digest(req: &Request, route_ttl: Option<u64>) -> Option<(String, Option<u6
         write_canonical(&mut canonical, value);
     }
     canonical.push('}');
-    let digest = Sha256::digest(canonical.as_bytes());
-    let hex = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Some((hex, ttl))
+    Some((hex(&Sha256::digest(canonical.as_bytes())), ttl))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn write_string(out: &mut String, text: &str) {

@@ -28,6 +28,14 @@ impl Request {
         self.path.split_once('?').map(|(_, query)| query)
     }
 
+    /// When the route buffers bodies for plugins (`plugin_body_bytes`) and
+    /// this one was larger, the route's limit in bytes: the body streams to
+    /// the upstream unseen, and the plugin's policy decides what that means.
+    pub fn body_too_large(&self) -> Option<u64> {
+        self.header("breakwater-body-too-large")
+            .and_then(|limit| limit.parse().ok())
+    }
+
     /// The buffered body parsed as JSON; none when the route does not buffer
     /// bodies or the body is not valid JSON of this shape.
     pub fn json_body<T: serde::de::DeserializeOwned>(&self) -> Option<T> {

@@ -1,11 +1,12 @@
 //! `breakwater up` smoke test: the demo site on :8080 with ETags, the demo
-//! model answering a streamed chat through the edge, and the demo plugin
-//! chain (waf, rate limit). Needs ports 8080, 9000 and 9901 free.
+//! model answering a streamed chat through the edge, deterministic
+//! completions answered from the edge's cache, and the demo plugin chain
+//! (waf, rate limit). Needs ports 8080, 9000 and 9901 free.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, port_is_free};
+use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, metric_sum, port_is_free, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_the_demo_site_with_etags() {
@@ -109,6 +110,8 @@ async fn up_serves_the_demo_site_with_etags() {
         .collect();
     assert_eq!(answer, "The capital of France is Paris.");
 
+    completions_are_cached_when_deterministic(&client, addr).await;
+
     let mut limited = None;
     for _ in 0..60 {
         let response = client
@@ -131,4 +134,167 @@ async fn up_serves_the_demo_site_with_etags() {
     let status = tokio::task::block_in_place(|| node.wait_timeout(Duration::from_secs(15)))
         .unwrap_or_else(|| panic!("breakwater up still runs after SIGTERM:\n{}", node.stderr()));
     assert!(status.success(), "exited with {status}:\n{}", node.stderr());
+}
+
+/// Generations the demo's GPU host has finished, whatever their outcome.
+async fn generations(client: &reqwest::Client) -> f64 {
+    let text = client
+        .get("http://127.0.0.1:9000/metrics")
+        .send()
+        .await
+        .expect("GET the GPU host's /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    metric_sum(&text, "breakwater_infer_sequences_finished_total", &[])
+}
+
+/// A short chat about `topic`, as a JSON body with `extra` fields. The
+/// run's own nonce keeps the disk tier's entries of earlier runs out.
+fn chat_body(nonce: u128, topic: &str, extra: serde_json::Value) -> String {
+    let mut body = serde_json::json!({
+        "model": "smollm2-135m-instruct",
+        "messages": [
+            {"role": "system", "content": format!("You are a helpful assistant. Session {nonce}.")},
+            {"role": "user", "content": topic},
+        ],
+        "max_tokens": 8,
+    });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    body.to_string()
+}
+
+/// Sends `body` and returns its `X-Cache`, `X-Model-Version` and body,
+/// after the GPU host counted the generation a miss made.
+async fn ask(client: &reqwest::Client, addr: SocketAddr, body: &str) -> (String, String, Vec<u8>) {
+    let response = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST /v1/chat/completions");
+    assert_eq!(response.status(), 200, "{body}");
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (cache, version) = (header("x-cache"), header("x-model-version"));
+    let bytes = response.bytes().await.expect("the answer").to_vec();
+    (cache, version, bytes)
+}
+
+/// Sends `body` and checks how the edge answered it and how many
+/// generations that cost the GPU host.
+async fn expect(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    body: &str,
+    cache: &str,
+    new_generations: f64,
+) -> Vec<u8> {
+    let before = generations(client).await;
+    let (marked, _, answer) = ask(client, addr, body).await;
+    assert_eq!(marked, cache, "X-Cache of {body}");
+    let after = before + new_generations;
+    wait_for(
+        &format!("{new_generations} generation(s) for {body}"),
+        PATIENCE,
+        async || generations(client).await >= after,
+    )
+    .await;
+    assert_eq!(generations(client).await, after, "generations for {body}");
+    answer
+}
+
+/// The demo route caches deterministic completions (temperature 0, or a
+/// seed) by their canonical body: the repeat is a hit, byte for byte,
+/// without a generation; any change to what decides the answer misses;
+/// a sampled completion always reaches the GPU host.
+async fn completions_are_cached_when_deterministic(client: &reqwest::Client, addr: SocketAddr) {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_nanos();
+    let greedy = chat_body(
+        nonce,
+        "Name a colour.",
+        serde_json::json!({"temperature": 0}),
+    );
+    let first = expect(client, addr, &greedy, "MISS", 1.0).await;
+    // Written otherwise (spacing, field order), the same request.
+    let value: serde_json::Value = serde_json::from_str(&greedy).expect("JSON");
+    let pretty = serde_json::to_string_pretty(&value).expect("JSON text");
+    let again = expect(client, addr, &pretty, "HIT", 0.0).await;
+    assert_eq!(again, first, "a hit is the stored answer, byte for byte");
+
+    let streamed = chat_body(
+        nonce,
+        "Name a colour.",
+        serde_json::json!({"temperature": 0, "stream": true}),
+    );
+    let first = expect(client, addr, &streamed, "MISS", 1.0).await;
+    let text = String::from_utf8_lossy(&first);
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let again = expect(client, addr, &streamed, "HIT", 0.0).await;
+    assert_eq!(again, first, "a streamed hit replays the stored events");
+
+    for (what, changed) in [
+        (
+            "temperature",
+            chat_body(
+                nonce,
+                "Name a colour.",
+                serde_json::json!({"temperature": 0, "seed": 1}),
+            ),
+        ),
+        (
+            "seed",
+            chat_body(
+                nonce,
+                "Name a colour.",
+                serde_json::json!({"temperature": 0.7, "seed": 2}),
+            ),
+        ),
+        (
+            "message",
+            chat_body(
+                nonce,
+                "Name a fruit.",
+                serde_json::json!({"temperature": 0}),
+            ),
+        ),
+    ] {
+        let before = generations(client).await;
+        let (marked, _, _) = ask(client, addr, &changed).await;
+        assert_eq!(marked, "MISS", "a changed {what} misses: {changed}");
+        wait_for(
+            &format!("the generation of a changed {what}"),
+            PATIENCE,
+            async || generations(client).await > before,
+        )
+        .await;
+    }
+    // A seeded answer is deterministic: cached like a greedy one.
+    let seeded = chat_body(
+        nonce,
+        "Name a colour.",
+        serde_json::json!({"temperature": 0.7, "seed": 2}),
+    );
+    expect(client, addr, &seeded, "HIT", 0.0).await;
+
+    let sampled = chat_body(
+        nonce,
+        "Name a colour.",
+        serde_json::json!({"temperature": 0.7}),
+    );
+    for _ in 0..2 {
+        expect(client, addr, &sampled, "BYPASS", 1.0).await;
+    }
 }

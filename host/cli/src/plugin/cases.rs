@@ -39,6 +39,10 @@ pub(crate) struct Case {
     pub(crate) request_id: Option<String>,
     #[serde(default)]
     pub(crate) body: Option<Body>,
+    /// The route buffers this many bytes for plugins and the body was
+    /// larger: the plugin sees no body and the too-large mark instead.
+    #[serde(default)]
+    pub(crate) body_too_large: Option<u64>,
     /// The upstream's response head; when present, `on-response` runs too.
     #[serde(default)]
     pub(crate) response: Option<ResponseInput>,
@@ -68,6 +72,12 @@ impl Case {
     pub(crate) fn problem(&self) -> Option<String> {
         if let Err(problem) = self.request(0) {
             return Some(problem);
+        }
+        if self.body.is_some() && self.body_too_large.is_some() {
+            return Some(
+                "give `body` or `body_too_large`, not both: a body too large is never shown"
+                    .to_owned(),
+            );
         }
         if let Some(response) = &self.response
             && !(100..=999).contains(&response.status)
@@ -121,6 +131,7 @@ impl Case {
                 .clone()
                 .unwrap_or_else(|| format!("test-{number}")),
             body: self.body.as_ref().map(|b| b.0.clone()),
+            body_too_large: self.body_too_large,
         })
     }
 }
@@ -132,6 +143,7 @@ pub(crate) struct CaseRequest {
     client_ip: IpAddr,
     request_id: String,
     body: Option<Vec<u8>>,
+    body_too_large: Option<u64>,
 }
 
 impl CaseRequest {
@@ -139,6 +151,9 @@ impl CaseRequest {
     pub(crate) fn view(&self) -> Request {
         let mut view = http_view::request_view(&self.parts, self.client_ip, &self.request_id);
         view.body.clone_from(&self.body);
+        if let Some(limit) = self.body_too_large {
+            http_view::mark_body_too_large(&mut view, limit);
+        }
         view
     }
 

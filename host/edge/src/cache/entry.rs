@@ -5,7 +5,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-const MAGIC: &[u8; 4] = b"BWC1";
+/// Bumped with the record's layout: records of another layout read as
+/// corrupt, so an upgrade starts with an empty disk tier.
+const MAGIC: &[u8; 4] = b"BWC2";
 
 /// One stored response.
 #[derive(Debug, Clone)]
@@ -26,6 +28,11 @@ pub(crate) struct Entry {
     pub url: String,
     /// `Surrogate-Key` values, for purges by tag.
     pub tags: Vec<String>,
+    /// A plugin's `cache-ttl-ms` set `freshness_ms`: the operator's policy
+    /// then also overrides the upstream's `no-cache` (as it overrides its
+    /// `max-age`), so hits need no round trip. An inference server marks
+    /// every event stream `no-cache`, deterministic ones included.
+    pub ttl_by_plugin: bool,
 }
 
 /// What lives under one storage key.
@@ -115,6 +122,7 @@ impl Stored {
                 }
                 put_bytes(&mut body, e.url.as_bytes());
                 put_list(&mut body, e.tags.iter().map(String::as_bytes));
+                body.put_u8(u8::from(e.ttl_by_plugin));
                 body.put_u32(u32::try_from(e.headers.len()).unwrap_or(u32::MAX));
                 for (name, value) in &e.headers {
                     put_bytes(&mut body, name.as_str().as_bytes());
@@ -150,6 +158,11 @@ impl Stored {
                 }
                 let url = r.string()?;
                 let tags = r.strings()?;
+                let ttl_by_plugin = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Malformed),
+                };
                 let count = r.u32()?;
                 let mut headers = HeaderMap::new();
                 for _ in 0..count {
@@ -180,6 +193,7 @@ impl Stored {
                     sie_ms,
                     url,
                     tags,
+                    ttl_by_plugin,
                 })))
             }
             _ => Err(DecodeError::Malformed),
@@ -269,6 +283,7 @@ mod tests {
             freshness_ms: 4,
             swr_ms: 5,
             sie_ms: 6,
+            ttl_by_plugin: true,
             url: "example.com/a?b".into(),
             tags: vec!["t1".into(), "t2".into()],
         }))

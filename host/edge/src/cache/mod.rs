@@ -248,7 +248,7 @@ impl ResponseCache {
         }
         let stored_cc = Directives::response(&entry.headers);
         let fresh = age < entry.freshness_ms;
-        let must_validate = stored_cc.no_cache || ask.cc.no_cache;
+        let must_validate = stored_no_cache(&entry) || ask.cc.no_cache;
         let client_ok = client_accepts(&ask, &entry, age);
         let may_be_stale = !must_validate && !fresh && !stored_cc.forbids_stale();
         let staleness = age.saturating_sub(entry.freshness_ms);
@@ -452,6 +452,7 @@ impl ResponseCache {
                 .flat_map(str::split_whitespace)
                 .map(str::to_owned)
                 .collect(),
+            ttl_by_plugin: ask.ttl.is_some(),
         };
         let head = Arc::new(SharedHead {
             stored: template.clone(),
@@ -470,6 +471,10 @@ impl ResponseCache {
         let cache = self.clone();
         let key = ask.primary.clone();
         let rec_for_end = rec.clone();
+        // A completion's stream that ends without `data: [DONE]` was cut
+        // short by the generator (an error event, a deadline), however
+        // cleanly its body ended: never stored.
+        let needs_done = ask.method == Method::POST && is_event_stream(&template.headers);
         let on_end: flight::OnEnd = Box::new(move |complete| {
             let handle = tokio::runtime::Handle::try_current();
             let (true, Ok(handle)) = (complete, handle) else {
@@ -480,7 +485,10 @@ impl ResponseCache {
                 return;
             };
             handle.spawn(async move {
-                if complete && let Some(chunks) = rec_for_end.chunks() {
+                if complete
+                    && let Some(chunks) = rec_for_end.chunks()
+                    && (!needs_done || ends_with_done(&chunks))
+                {
                     let sse = is_event_stream(&template.headers);
                     let entry = Entry {
                         chunks: if sse {
@@ -592,6 +600,23 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
 }
 
+/// Whether an event stream's last event is OpenAI's `data: [DONE]`.
+fn ends_with_done(chunks: &[Bytes]) -> bool {
+    let mut tail = Vec::new();
+    for chunk in chunks.iter().rev() {
+        tail.splice(0..0, chunk.iter().copied());
+        if tail.len() >= 32 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let trimmed = text.trim_end_matches(['\r', '\n']);
+    trimmed
+        .rsplit(['\r', '\n'])
+        .next()
+        .is_some_and(|line| line.trim_end() == "data: [DONE]")
+}
+
 /// One chunk for a plain body: fewer, larger frames to replay.
 fn join(chunks: Vec<Bytes>) -> Vec<Bytes> {
     if chunks.len() <= 1 {
@@ -662,6 +687,7 @@ fn freshen(
         request_time_ms: request_time,
         response_time_ms: response_time,
         headers,
+        ttl_by_plugin: ask.ttl.is_some(),
         ..stale.clone()
     }
 }
@@ -879,8 +905,13 @@ fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> 
 fn fresh_hit(ask: &Ask, entry: &Entry, age_ms: u64) -> bool {
     age_ms < entry.freshness_ms
         && !ask.cc.no_cache
-        && !Directives::response(&entry.headers).no_cache
+        && !stored_no_cache(entry)
         && client_accepts(ask, entry, age_ms)
+}
+
+/// The stored answer's `no-cache`, unless a plugin's TTL overrides it.
+fn stored_no_cache(entry: &Entry) -> bool {
+    !entry.ttl_by_plugin && Directives::response(&entry.headers).no_cache
 }
 
 /// The client's own `max-age` and `min-fresh` (RFC 9111 §5.2.1).
@@ -932,6 +963,22 @@ impl CloneHead for Parts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_stream_ending_in_done_is_a_whole_completion() {
+        let done = |parts: &[&'static str]| {
+            let chunks: Vec<Bytes> = parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect();
+            ends_with_done(&chunks)
+        };
+        assert!(done(&["data: {\"a\":1}\n\n", "data: [DONE]\n\n"]));
+        assert!(done(&["data: {}\r\n\r\ndata: [DO", "NE]\r\n\r\n"]));
+        assert!(!done(&["data: {\"error\":{}}\n\n"]));
+        assert!(!done(&["data: [DONE]\n\ndata: {}\n\n"]));
+        assert!(!done(&[]));
+    }
 
     #[test]
     fn a_range_is_sliced_across_chunk_boundaries() {

@@ -25,6 +25,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::error_response;
+use crate::limits::BufferedBody;
 
 /// Loads a configured plugin into the node's sandbox.
 pub(crate) fn load(sandbox: &Sandbox, config: &PluginConfig) -> Result<LoadedPlugin, LoadError> {
@@ -182,6 +183,11 @@ impl PluginChain {
         self.plugins.is_empty()
     }
 
+    /// Whether some plugin of the chain has a request phase.
+    pub(crate) fn reads_requests(&self) -> bool {
+        self.phases.contains(Phases::REQUEST)
+    }
+
     /// [`PluginChain::on_request`] on the blocking pool. Plugin calls are
     /// synchronous Wasmtime calls, and WASI's synchronous host functions
     /// (a plugin writing to stderr, as a Rust panic does) block on the Tokio
@@ -192,11 +198,12 @@ impl PluginChain {
         self: &Arc<Self>,
         gate: &PluginGate,
         mut parts: Parts,
+        body: BufferedBody,
         client: SocketAddr,
     ) -> (Parts, RequestOutcome) {
         if !self.phases.contains(Phases::REQUEST) {
             // Nothing to call: no hop, no slot.
-            let outcome = self.on_request(&mut parts, client);
+            let outcome = self.on_request(&mut parts, &body, client);
             return (parts, outcome);
         }
         let permit = match gate.enter("request").await {
@@ -208,7 +215,7 @@ impl PluginChain {
             // Held by the task, not the request: a client that goes away
             // does not free the slot while its plugins still run.
             let _permit = permit;
-            let outcome = chain.on_request(&mut parts, client);
+            let outcome = chain.on_request(&mut parts, &body, client);
             (parts, outcome)
         })
         .await;
@@ -253,9 +260,15 @@ impl PluginChain {
 
     /// Runs `on-request` through the chain's plugins that have it,
     /// applying each plugin's changes to `parts` before the next plugin sees
-    /// the request.
-    pub(crate) fn on_request(&self, parts: &mut Parts, client: SocketAddr) -> RequestOutcome {
+    /// the request. `body` is what the route buffered of the body.
+    pub(crate) fn on_request(
+        &self,
+        parts: &mut Parts,
+        body: &BufferedBody,
+        client: SocketAddr,
+    ) -> RequestOutcome {
         let mut view = request_view(parts, client);
+        show_body(&mut view, body);
         let mut pool = None;
         let mut cache = crate::cache::Overrides::default();
         let mut contexts = Vec::new();
@@ -278,7 +291,12 @@ impl PluginChain {
                 RequestDecision::Continue => {}
                 RequestDecision::ContinueWith(changes) => {
                     apply_request_changes(parts, changes, &mut pool, &mut cache);
+                    let shown = view.body.take();
                     view = request_view(parts, client);
+                    view.body = shown;
+                    if matches!(body, BufferedBody::TooLarge { .. }) {
+                        show_body(&mut view, body);
+                    }
                 }
                 RequestDecision::Respond(answer) => {
                     return RequestOutcome::Respond(plugin_response(
@@ -377,6 +395,16 @@ fn failure(plugin: &LoadedPlugin, error: &CallError) -> Option<Response<Body>> {
             "plugin_failed",
             &format!("plugin `{}` failed ({})", plugin.name(), error.kind),
         )),
+    }
+}
+
+/// `body` as the view shows it: the bytes of a whole body, or the mark of
+/// one too large to buffer.
+fn show_body(view: &mut Request, body: &BufferedBody) {
+    match body {
+        BufferedBody::NotBuffered => {}
+        BufferedBody::Whole(bytes) => view.body = Some(bytes.to_vec()),
+        BufferedBody::TooLarge { limit } => http_view::mark_body_too_large(view, *limit),
     }
 }
 

@@ -609,35 +609,7 @@ impl UpstreamPool {
     /// The client broke its request body: its own error, counted apart
     /// from upstream errors.
     fn client_body_error(&self, error: ClientBodyError) -> Response<Body> {
-        metrics::counter!(
-            "breakwater_edge_client_body_errors_total",
-            "pool" => self.name.clone(),
-            "kind" => error.label()
-        )
-        .increment(1);
-        tracing::debug!(pool = %self.name, %error, "request body broken by the client");
-        match error {
-            ClientBodyError::TooLarge(max) => error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                &format!("the request body exceeds {max} bytes"),
-            ),
-            ClientBodyError::TimedOut(t) => error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                &format!("the request body was not received within {t:?}"),
-            ),
-            ClientBodyError::Malformed => error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_request_body",
-                "the request body's framing is malformed",
-            ),
-            ClientBodyError::Aborted => error_response(
-                StatusCode::BAD_REQUEST,
-                "incomplete_request_body",
-                "the request body ended before it was complete",
-            ),
-        }
+        error.response(&self.name)
     }
 
     /// The body could not be kept for another attempt.

@@ -956,37 +956,14 @@ async fn the_cache_policy_plugin_sets_key_ttl_and_bypass() {
     let up = Upstream::start().await;
     // No freshness of its own: only the plugin's TTL makes it a hit.
     up.set("/plain", script(200, &[], "plain"));
-    let (path, sha256) = common::component("cache_policy");
-    let toml = format!(
-        r#"
-[[listener]]
-address = "127.0.0.1:0"
-
-[admin]
-address = "127.0.0.1:0"
-token = "secret"
-
-[[route]]
-prefix = "/"
-pool = "upstream"
-cache = true
-plugins = ["cache-policy"]
-
-[[pool]]
-name = "upstream"
-endpoints = ["http://{}"]
-
-[[plugin]]
-name = "cache-policy"
-path = "{}"
-sha256 = "{sha256}"
-config = {{ default_ttl = 60, bypass_cookies = ["session"] }}
-"#,
-        up.addr,
-        path.display()
-    );
     let dir = tmp();
-    let node = start_node_in(&toml, dir.path()).await;
+    let node = cache_policy_node(
+        up.addr,
+        "",
+        r#"{ default_ttl = 60, bypass_cookies = ["session"] }"#,
+        dir.path(),
+    )
+    .await;
 
     assert_eq!(get(&node, "/plain?utm_source=x").await.x_cache, "MISS");
     // The plugin's key drops utm_* parameters: the same entry.
@@ -1010,6 +987,162 @@ config = {{ default_ttl = 60, bypass_cookies = ["session"] }}
         "{body}"
     );
     assert_eq!(get(&node, "/plain").await.x_cache, "MISS");
+    node.shutdown().await;
+}
+
+/// A node whose cached `/` route runs cache-policy with `config`, `route`
+/// holding the route's extra keys; its admin token is `secret`.
+async fn cache_policy_node(
+    upstream: SocketAddr,
+    route: &str,
+    config: &str,
+    dir: &Path,
+) -> breakwater_edge::RunningNode {
+    let (path, sha256) = common::component("cache_policy");
+    let toml = format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+
+[admin]
+address = "127.0.0.1:0"
+token = "secret"
+
+[[route]]
+prefix = "/"
+pool = "upstream"
+cache = true
+plugins = ["cache-policy"]
+{route}
+
+[[pool]]
+name = "upstream"
+endpoints = ["http://{upstream}"]
+
+[[plugin]]
+name = "cache-policy"
+path = "{}"
+sha256 = "{sha256}"
+config = {config}
+"#,
+        path.display()
+    );
+    start_node_in(&toml, dir).await
+}
+
+/// A node whose `/` route shows bodies up to 256 bytes to cache-policy.
+async fn completion_node(upstream: SocketAddr, dir: &Path) -> breakwater_edge::RunningNode {
+    cache_policy_node(
+        upstream,
+        "plugin_body_bytes = 256",
+        "{ default_ttl = 60 }",
+        dir,
+    )
+    .await
+}
+
+async fn post(node: &breakwater_edge::RunningNode, body: reqwest::Body) -> Got {
+    let response = client()
+        .post(url(node, "/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("POST");
+    got(response).await
+}
+
+#[tokio::test]
+async fn completions_are_cached_by_the_body_the_route_shows_its_plugins() {
+    let up = Upstream::start().await;
+    // An inference server's `no-cache`: the plugin's TTL overrides it.
+    up.set(
+        "/v1/chat/completions",
+        Script {
+            echo_body: true,
+            ..script(
+                200,
+                &[
+                    ("content-type", "application/json"),
+                    ("cache-control", "no-cache"),
+                ],
+                "answer to ",
+            )
+        },
+    );
+    let dir = tmp();
+    let node = completion_node(up.addr, dir.path()).await;
+
+    let greedy = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#;
+    let first = post(&node, greedy.into()).await;
+    assert_eq!((first.status, first.x_cache.as_str()), (200, "MISS"));
+    assert_eq!(up.last().body, greedy, "the body is forwarded unchanged");
+    let respaced = r#"{ "temperature": 0.0, "messages": [ {"content": "hi", "role": "user"} ], "model": "m" }"#;
+    let hit = post(&node, respaced.into()).await;
+    assert_eq!(hit.x_cache, "HIT");
+    assert_eq!(hit.body, first.body, "a hit is the stored answer");
+    assert_eq!(up.count(), 1);
+
+    let sampled = greedy.replace(r#""temperature":0"#, r#""temperature":0.5"#);
+    assert_eq!(post(&node, sampled.into()).await.x_cache, "BYPASS");
+    assert_eq!(up.count(), 2);
+
+    // Larger than the route shows: the plugin is told, bypasses, and the
+    // upstream still gets every byte, whether the length was declared or
+    // the body came in chunks the node read part of.
+    let long = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}],"temperature":0}}"#,
+        "x".repeat(400)
+    );
+    let declared = post(&node, long.clone().into()).await;
+    assert_eq!(
+        (declared.status, declared.x_cache.as_str()),
+        (200, "BYPASS")
+    );
+    assert_eq!(up.last().body, long);
+    let pieces: Vec<Result<String, std::io::Error>> = long
+        .as_bytes()
+        .chunks(100)
+        .map(|piece| Ok(String::from_utf8_lossy(piece).into_owned()))
+        .collect();
+    let chunked = post(
+        &node,
+        reqwest::Body::wrap_stream(futures_util::stream::iter(pieces)),
+    )
+    .await;
+    assert_eq!((chunked.status, chunked.x_cache.as_str()), (200, "BYPASS"));
+    assert_eq!(up.last().body, long);
+    assert_eq!(up.count(), 4);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_broken_while_shown_to_plugins_is_the_clients_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let dir = tmp();
+    let node = completion_node(up.addr, dir.path()).await;
+    let mut stream = tokio::net::TcpStream::connect(common::listener(&node))
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        )
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("bad_request_body"), "{answer}");
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+    assert!(common::metrics_text(&node).await.contains(
+        r#"breakwater_edge_client_body_errors_total{pool="upstream",kind="malformed"} 1"#
+    ));
     node.shutdown().await;
 }
 

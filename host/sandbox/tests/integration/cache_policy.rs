@@ -204,7 +204,7 @@ fn deterministic_chat_completion_is_keyed_by_canonical_body() {
         Cache::Bypass => panic!("temperature 0 bypassed"),
     };
     let hex = key0
-        .strip_prefix("POST|example.test|/v1/chat/completions|")
+        .strip_prefix("POST|example.test|/v1/chat/completions|-|")
         .expect("key format");
     assert_eq!(hex.len(), 64);
     assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -284,6 +284,50 @@ fn sampled_chat_completion_bypasses_unless_client_sets_max_age() {
         "no-store",
     );
     assert_eq!(decide(&plugin, &refused), Cache::Bypass);
+}
+
+#[test]
+fn a_completion_is_read_only_by_its_tenant() {
+    let sandbox = sandbox();
+    let by_key = load(&sandbox, "");
+    let as_key = |k: &str| {
+        key(
+            &by_key,
+            &with_header(post("/v1/chat/completions", CHAT), "Authorization", k),
+        )
+    };
+    let anonymous = key(&by_key, &post("/v1/chat/completions", CHAT));
+    assert!(anonymous.contains("|-|"), "{anonymous}");
+    assert_eq!(as_key("Bearer a"), as_key("Bearer a"));
+    assert_ne!(as_key("Bearer a"), as_key("Bearer b"));
+    assert_ne!(as_key("Bearer a"), anonymous);
+    assert!(!as_key("Bearer a").contains("Bearer"), "the key is hashed");
+
+    let by_tier = load(&sandbox, r#"{"tenant": {"header": "X-Tier"}}"#);
+    let in_tier = |tier: &str| {
+        key(
+            &by_tier,
+            &with_header(
+                with_header(post("/v1/chat/completions", CHAT), "x-tier", tier),
+                "Authorization",
+                "Bearer someone",
+            ),
+        )
+    };
+    assert_eq!(in_tier("gold"), in_tier("gold"));
+    assert_ne!(in_tier("gold"), in_tier("free"));
+
+    let shared = load(&sandbox, r#"{"tenant": "shared"}"#);
+    let with_auth = with_header(
+        post("/v1/chat/completions", CHAT),
+        "Authorization",
+        "Bearer a",
+    );
+    assert_eq!(
+        key(&shared, &with_auth),
+        key(&shared, &post("/v1/chat/completions", CHAT))
+    );
+    assert!(try_load(&sandbox, r#"{"tenant": "nobody"}"#).is_err());
 }
 
 #[test]
