@@ -50,6 +50,21 @@ pub fn breakwater_bin() -> &'static Path {
     })
 }
 
+/// A bundled plugin's artifact as `cargo xtask test` builds it (`name` as
+/// the file is called, e.g. `cache_policy`) and its sha256 pin.
+pub fn plugin_artifact(name: &str) -> (PathBuf, String) {
+    use sha2::{Digest, Sha256};
+    let path = workspace_root().join(format!("plugins/target/wasm32-wasip2/release/{name}.wasm"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; `cargo xtask test` builds the plugins first",
+            path.display()
+        )
+    });
+    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+    (path, sha256)
+}
+
 /// A `breakwater` command with `args`, run from the workspace root.
 pub fn breakwater(args: &[&str]) -> Command {
     let mut command = Command::new(breakwater_bin());
@@ -401,6 +416,45 @@ impl EdgeProcess {
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
         get_text(&format!("http://{}/metrics", self.admin)).await
+    }
+}
+
+/// An answer as the cache tests read it.
+pub struct Answered {
+    pub status: u16,
+    /// `X-Cache`: `HIT`, `MISS`, … (empty when absent).
+    pub x_cache: String,
+    /// `X-Model-Version` (empty when absent).
+    pub model_version: String,
+    pub body: Vec<u8>,
+}
+
+/// `POST url` with the JSON text `body`; panics when it cannot be sent.
+pub async fn post_json(client: &reqwest::Client, url: &str, body: &str) -> Answered {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (x_cache, model_version) = (header("x-cache"), header("x-model-version"));
+    let status = response.status().as_u16();
+    let body = response.bytes().await.expect("the answer").to_vec();
+    Answered {
+        status,
+        x_cache,
+        model_version,
+        body,
     }
 }
 

@@ -11,6 +11,8 @@
 //!   line, metrics) and the serving version keeps serving.
 //! - With the first store stopped, the host starts from the second, and
 //!   follows the channel there.
+//! - An edge caching the host's deterministic answers stops serving the
+//!   old version's entries once the host swapped.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,7 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use breakwater_e2e::{ChildGuard, GpuHostProcess, PATIENCE, breakwater, metric};
+use breakwater_e2e::{
+    ChildGuard, EdgeProcess, GpuHostProcess, PATIENCE, breakwater, metric, metric_sum,
+    plugin_artifact, post_json, wait_for,
+};
 use breakwater_store::testing::S3Server;
 
 const MODEL: &str = "m";
@@ -562,4 +567,106 @@ async fn gpu_host_falls_back_to_the_second_store_when_the_first_is_stopped() {
         "{text}"
     );
     host.ask(false).await.expect("v2 answers");
+}
+
+/// An edge in front of `host` whose `/v1/` route caches deterministic
+/// completions for an hour (cache-policy, bodies shown to it), with the
+/// pool's readiness checked twice a second.
+fn caching_edge(host: &Host) -> EdgeProcess {
+    let (plugin, sha256) = plugin_artifact("cache_policy");
+    let upstream = host.url("");
+    EdgeProcess::start(&format!(
+        r#"
+[[listener]]
+address = "{{listen}}"
+
+[admin]
+address = "{{admin}}"
+
+[[route]]
+prefix = "/v1/"
+pool = "gpu"
+cache = true
+plugins = ["cache-policy"]
+plugin_body_bytes = true
+
+[[pool]]
+name = "gpu"
+endpoints = ["{upstream}"]
+
+[pool.health]
+path = "/health/ready"
+interval = "500ms"
+timeout = "400ms"
+
+[[plugin]]
+name = "cache-policy"
+path = "{}"
+sha256 = "{sha256}"
+config = {{ default_ttl = 3600 }}
+"#,
+        plugin.display()
+    ))
+}
+
+/// [`REQUEST`] through `edge`: its `X-Cache`, `X-Model-Version` and text.
+async fn ask_edge(edge: &EdgeProcess) -> (String, String, String) {
+    let answered = post_json(
+        &reqwest::Client::new(),
+        &edge.url("/v1/completions"),
+        REQUEST,
+    )
+    .await;
+    assert_eq!(answered.status, 200);
+    let answer: serde_json::Value = serde_json::from_slice(&answered.body).expect("a JSON answer");
+    let text = answer["choices"][0]["text"].as_str().unwrap_or_default();
+    (answered.x_cache, answered.model_version, text.to_owned())
+}
+
+/// How many times the edge saw an endpoint name a model version it did
+/// not name before.
+async fn versions_seen(edge: &EdgeProcess) -> f64 {
+    metric_sum(
+        &edge.metrics().await,
+        "breakwater_upstream_model_version_changes_total",
+        &[],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_retires_the_edges_cached_answers_of_the_old_version() {
+    let server = S3Server::start().await;
+    let store = store_url(&server, "retire");
+    let _v1 = push(&store, "1", 11, Some("stable"));
+    let _v2 = push(&store, "2", 22, None);
+    let cache = tempfile::tempdir().expect("tempdir");
+    let host = Host::start("m:stable", &[&store], cache.path(), &[], &[]).await;
+    let edge = caching_edge(&host);
+
+    let (outcome, version, v1_text) = ask_edge(&edge).await;
+    assert_eq!((outcome.as_str(), version.as_str()), ("MISS", "1"));
+    let hit = ask_edge(&edge).await;
+    assert_eq!(hit, ("HIT".to_owned(), "1".to_owned(), v1_text.clone()));
+
+    promote(&store, "2", "stable");
+    let (status, body) = host.reload(None).await;
+    assert_eq!(status, 200, "{body}\n{}", host.stderr());
+    assert_eq!(body["to"], "2", "{body}");
+    // The edge hears of the swap from its next readiness check; from then
+    // on v1's entry is never fresh, its hour of TTL notwithstanding.
+    wait_for("the edge to see version 2", PATIENCE, async || {
+        versions_seen(&edge).await >= 2.0
+    })
+    .await;
+    let (outcome, version, v2_text) = ask_edge(&edge).await;
+    assert_eq!((outcome.as_str(), version.as_str()), ("MISS", "2"));
+    assert_ne!(v2_text, v1_text, "v1 and v2 answer differently");
+    let hit = ask_edge(&edge).await;
+    assert_eq!(hit, ("HIT".to_owned(), "2".to_owned(), v2_text));
+    let text = edge.metrics().await;
+    assert_eq!(
+        metric(&text, "breakwater_cache_retired_model_entries_total", &[]),
+        1.0,
+        "{text}"
+    );
 }

@@ -6,13 +6,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, free_port, workspace_root};
-use sha2::{Digest, Sha256};
+use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, free_port, plugin_artifact};
 
 /// A site at `/` run through the `template` plugin stamping
 /// `x-generation: value`, pinned to `sha256`.
 fn config(addr: SocketAddr, value: &str, sha256: &str) -> String {
-    let plugin = workspace_root().join("plugins/target/wasm32-wasip2/release/template.wasm");
+    let (plugin, _) = plugin_artifact("template");
     format!(
         r#"
 [[listener]]
@@ -35,14 +34,7 @@ config = {{ header = "x-generation", value = "{value}" }}
 }
 
 fn template_sha256() -> String {
-    let path = workspace_root().join("plugins/target/wasm32-wasip2/release/template.wasm");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; `cargo xtask test` builds the plugins first",
-            path.display()
-        )
-    });
-    format!("{:x}", Sha256::digest(&bytes))
+    plugin_artifact("template").1
 }
 
 /// Replaces the file whole, as an editor saving it would.

@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use breakwater_e2e::{ChildGuard, PATIENCE, breakwater, metric_sum, port_is_free, wait_for};
+use breakwater_e2e::{
+    ChildGuard, PATIENCE, breakwater, metric_sum, port_is_free, post_json, wait_for,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_the_demo_site_with_etags() {
@@ -166,28 +168,11 @@ fn chat_body(nonce: u128, topic: &str, extra: serde_json::Value) -> String {
     body.to_string()
 }
 
-/// Sends `body` and returns its `X-Cache`, `X-Model-Version` and body,
-/// after the GPU host counted the generation a miss made.
-async fn ask(client: &reqwest::Client, addr: SocketAddr, body: &str) -> (String, String, Vec<u8>) {
-    let response = client
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .expect("POST /v1/chat/completions");
-    assert_eq!(response.status(), 200, "{body}");
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let (cache, version) = (header("x-cache"), header("x-model-version"));
-    let bytes = response.bytes().await.expect("the answer").to_vec();
-    (cache, version, bytes)
+/// Sends `body` and returns its `X-Cache` and body.
+async fn ask(client: &reqwest::Client, addr: SocketAddr, body: &str) -> (String, Vec<u8>) {
+    let answered = post_json(client, &format!("http://{addr}/v1/chat/completions"), body).await;
+    assert_eq!(answered.status, 200, "{body}");
+    (answered.x_cache, answered.body)
 }
 
 /// Sends `body` and checks how the edge answered it and how many
@@ -200,7 +185,7 @@ async fn expect(
     new_generations: f64,
 ) -> Vec<u8> {
     let before = generations(client).await;
-    let (marked, _, answer) = ask(client, addr, body).await;
+    let (marked, answer) = ask(client, addr, body).await;
     assert_eq!(marked, cache, "X-Cache of {body}");
     let after = before + new_generations;
     wait_for(
@@ -272,7 +257,7 @@ async fn completions_are_cached_when_deterministic(client: &reqwest::Client, add
         ),
     ] {
         let before = generations(client).await;
-        let (marked, _, _) = ask(client, addr, &changed).await;
+        let (marked, _) = ask(client, addr, &changed).await;
         assert_eq!(marked, "MISS", "a changed {what} misses: {changed}");
         wait_for(
             &format!("the generation of a changed {what}"),

@@ -63,6 +63,22 @@ impl Origin {
     async fn fetch(&self, request: Request<Body>, trip: &BodyLimitTrip) -> Response<Body> {
         self.pool.forward(request, &self.client, trip).await
     }
+
+    /// Whether `entry` was made by a model version no endpoint of the pool
+    /// serves any more (a channel moved, the GPU hosts swapped): then it is
+    /// never fresh, whatever its TTL, and is served only as a stale
+    /// fallback when no upstream answers.
+    fn retired(&self, entry: &Entry) -> bool {
+        let retired = entry
+            .headers
+            .get(breakwater_wire::MODEL_VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|version| self.pool.serves_model_version(version) == Some(false));
+        if retired {
+            metrics::counter!("breakwater_cache_retired_model_entries_total").increment(1);
+        }
+        retired
+    }
 }
 
 /// What a purge selects.
@@ -242,6 +258,12 @@ impl ResponseCache {
         origin: Arc<Origin>,
         trip: BodyLimitTrip,
     ) -> Response<Body> {
+        if origin.retired(&entry) {
+            if ask.cc.only_if_cached {
+                return not_cached(&ask);
+            }
+            return self.fetch(ask, body, origin, trip, Some(entry)).await;
+        }
         let age = entry.current_age_ms(now_ms());
         if fresh_hit(&ask, &entry, age) {
             return answer(&ask, &entry, Outcome::Hit, Some(tier));
@@ -313,6 +335,7 @@ impl ResponseCache {
                         if let Some((entry, tier)) =
                             self.tiers.lookup(&ask.primary, &ask.headers).await
                             && fresh_hit(&ask, &entry, entry.current_age_ms(now_ms()))
+                            && !origin.retired(&entry)
                         {
                             return answer(&ask, &entry, Outcome::Hit, Some(tier));
                         }

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
+use breakwater_wire::MODEL_VERSION_HEADER;
 use edge_config::{HealthCheckConfig, OutlierConfig};
-use http::Uri;
+use http::{HeaderMap, Uri};
 use metrics::Gauge;
 
 /// Milliseconds on a process-wide monotonic clock, never 0 (0 means "none").
@@ -81,6 +83,9 @@ pub(crate) struct Endpoint {
     latency: Mutex<Latency>,
     outstanding_gauge: Gauge,
     healthy_gauge: Gauge,
+    /// The model version the endpoint last named (`X-Model-Version` on an
+    /// answer or a readiness check); none until it names one.
+    model_version: ArcSwapOption<String>,
 }
 
 impl Endpoint {
@@ -112,7 +117,35 @@ impl Endpoint {
                 ewma: DEFAULT_RTT.as_secs_f64(),
                 at: Instant::now(),
             }),
+            model_version: ArcSwapOption::empty(),
         }
+    }
+
+    /// Records the model version `headers` name, if any: the endpoint
+    /// serves it from now on.
+    pub(crate) fn note_model_version(&self, headers: &HeaderMap) {
+        let Some(version) = headers
+            .get(MODEL_VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        if self
+            .model_version
+            .load()
+            .as_deref()
+            .is_some_and(|known| known == version)
+        {
+            return;
+        }
+        let before = self.model_version.swap(Some(Arc::new(version.to_owned())));
+        tracing::info!(pool = %self.pool, endpoint = %self.label, version, before = before.as_deref().map(String::as_str), "endpoint serves a model version");
+        metrics::counter!("breakwater_upstream_model_version_changes_total", "pool" => self.pool.clone(), "endpoint" => self.label.clone()).increment(1);
+    }
+
+    /// The model version the endpoint last named.
+    pub(crate) fn model_version(&self) -> Option<Arc<String>> {
+        self.model_version.load_full()
     }
 
     pub(crate) fn is_ejected(&self, now: u64) -> bool {

@@ -73,7 +73,7 @@ use limit::{ConcurrencyLimit, Permit};
 use pool::PoolCore;
 
 /// The deadline header, in Unix milliseconds.
-pub(crate) const DEADLINE_HEADER: &str = "x-request-deadline";
+pub(crate) use breakwater_wire::DEADLINE_HEADER;
 /// Sent upstream on every attempt after the first: `2`, `3`, …
 pub(crate) const ATTEMPT_HEADER: &str = "x-breakwater-attempt";
 
@@ -243,6 +243,28 @@ impl UpstreamPool {
     fn primary(&self) -> &PoolCore {
         // The chain always holds the pool itself.
         &self.chain[0]
+    }
+
+    /// Whether an answer made by model `version` is current: some healthy
+    /// endpoint of this pool or of its failover pools last named that
+    /// version (during a rolling swap both versions are). A dead host's
+    /// version dies with it, except while no endpoint is healthy: an
+    /// outage retires nothing. None while no endpoint has named any
+    /// version.
+    pub(crate) fn serves_model_version(&self, version: &str) -> Option<bool> {
+        let now = now_ms();
+        let endpoints = || self.chain.iter().flat_map(|core| core.endpoints.iter());
+        let any_healthy = endpoints().any(|endpoint| endpoint.is_healthy(now));
+        let mut named_any = false;
+        for endpoint in endpoints().filter(|e| !any_healthy || e.is_healthy(now)) {
+            if let Some(named) = endpoint.model_version() {
+                if named.as_str() == version {
+                    return Some(true);
+                }
+                named_any = true;
+            }
+        }
+        named_any.then_some(false)
     }
 
     /// Whether requests are panic routed now: every pool that could take
@@ -528,6 +550,7 @@ impl UpstreamPool {
         let outcome = match sent {
             Ok(Ok(response)) => {
                 let status = response.status();
+                endpoint.note_model_version(response.headers());
                 if status == StatusCode::SERVICE_UNAVAILABLE
                     && let Some(wait) = retry_after(response.headers())
                 {
@@ -917,6 +940,39 @@ mod tests {
         assert!(a.in_panic(now_ms()));
         // `b` alone is one pool of one ejected endpoint: its own.
         assert!(b.choose(None, &[]).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_model_version_is_current_while_a_healthy_endpoint_names_it() {
+        let pools = node_pools(2, "outlier = { max_ejected_share = 1.0 }");
+        let a = &pools["a"];
+        let named = |version: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                breakwater_wire::MODEL_VERSION_HEADER,
+                HeaderValue::from_str(version).expect("a header value"),
+            );
+            headers
+        };
+        assert_eq!(a.serves_model_version("1"), None, "nobody named one yet");
+        let (first, second) = (&a.chain[0].endpoints[0], &a.chain[0].endpoints[1]);
+        first.note_model_version(&named("1"));
+        second.note_model_version(&named("1"));
+        assert_eq!(a.serves_model_version("1"), Some(true));
+        // A rolling swap: both versions are served.
+        second.note_model_version(&named("2"));
+        assert_eq!(a.serves_model_version("1"), Some(true));
+        assert_eq!(a.serves_model_version("2"), Some(true));
+        // The failover pool's endpoint counts too.
+        a.chain[1].endpoints[0].note_model_version(&named("3"));
+        assert_eq!(a.serves_model_version("3"), Some(true));
+        // The last host of version 1 is ejected: 1 is retired…
+        eject(&a.chain[0], first);
+        assert_eq!(a.serves_model_version("1"), Some(false));
+        // …but an outage retires nothing.
+        eject(&a.chain[0], second);
+        eject(&a.chain[1], &a.chain[1].endpoints[0]);
+        assert_eq!(a.serves_model_version("1"), Some(true));
     }
 
     #[tokio::test]

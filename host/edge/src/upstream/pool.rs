@@ -316,7 +316,10 @@ async fn check(client: &HttpClient, endpoint: &Endpoint, path: &str, timeout: Du
         HeaderValue::from_static("breakwater-health-check"),
     );
     match tokio::time::timeout(timeout, client.request(request)).await {
-        Ok(Ok(response)) if response.status().is_success() => Verdict::Pass,
+        Ok(Ok(response)) if response.status().is_success() => {
+            endpoint.note_model_version(response.headers());
+            Verdict::Pass
+        }
         Ok(Err(e)) if e.is_connect() => Verdict::Refused,
         _ => Verdict::Fail,
     }

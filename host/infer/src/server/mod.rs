@@ -52,14 +52,7 @@ use crate::tokenizer::Tokenizer;
 
 pub use breakwater_listen::ConnectionLimits;
 
-/// The header carrying a request's deadline, in Unix milliseconds (the edge
-/// sets it from its own deadline).
-pub const DEADLINE_HEADER: &str = "x-request-deadline";
-
-/// The response header naming the model version that produced an answer
-/// (models pulled from a store only): after a hot swap, clients and tests
-/// can tell which version answered.
-pub const MODEL_VERSION_HEADER: &str = "x-model-version";
+pub use breakwater_wire::{DEADLINE_HEADER, MODEL_VERSION_HEADER};
 
 /// Token texts that end a turn in common chat formats. llama.cpp stops on
 /// these too (its "end of generation" set), whatever the metadata's EOS:
@@ -477,7 +470,17 @@ async fn live() -> impl IntoResponse {
 
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
     match app.model() {
-        Some(_) => axum::Json(json!({"status": "ready"})).into_response(),
+        Some(model) => {
+            let mut response = axum::Json(json!({"status": "ready"})).into_response();
+            // The edge's health checks learn from it which version answers.
+            if let Some(version) = model
+                .version()
+                .and_then(|v| HeaderValue::from_str(&v.version).ok())
+            {
+                response.headers_mut().insert(MODEL_VERSION_HEADER, version);
+            }
+            response
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "loading"})),

@@ -1,0 +1,15 @@
+//! The contract between an edge node and the GPU hosts behind it, as far as
+//! HTTP headers carry it. Both sides name these constants, so neither can
+//! drift from the other.
+
+/// Sent upstream by the edge: the request's deadline as a Unix time in
+/// milliseconds. The GPU host refuses work it could not finish by then and
+/// cancels a generation that runs past it.
+pub const DEADLINE_HEADER: &str = "x-request-deadline";
+
+/// Sent by the GPU host on every answer of its model and on its readiness
+/// check: the stored version it serves (absent for a model loaded from a
+/// plain file). The edge learns from it which versions a pool serves, and a
+/// cached answer made by a version no endpoint serves any more is never
+/// fresh.
+pub const MODEL_VERSION_HEADER: &str = "x-model-version";
