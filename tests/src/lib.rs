@@ -458,6 +458,37 @@ pub async fn post_json(client: &reqwest::Client, url: &str, body: &str) -> Answe
     }
 }
 
+/// The `id` of an answer and everything but its ids and times: a whole
+/// JSON answer, or each event of a stream.
+pub fn identity_and_rest(answer: &[u8]) -> (String, Vec<serde_json::Value>) {
+    let text = String::from_utf8_lossy(answer);
+    let documents: Vec<&str> = if text.starts_with("data: ") {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter(|data| *data != "[DONE]")
+            .collect()
+    } else {
+        vec![&text]
+    };
+    let mut id = String::new();
+    let rest = documents
+        .into_iter()
+        .map(|document| {
+            let mut value: serde_json::Value =
+                serde_json::from_str(document).unwrap_or_else(|e| panic!("{document}: {e}"));
+            if let Some(object) = value.as_object_mut() {
+                let named = object.remove("id");
+                id = named
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                object.remove("created");
+            }
+            value
+        })
+        .collect();
+    (id, rest)
+}
+
 /// The body of `GET url` as text, within [`PATIENCE`]; panics on failure.
 pub async fn get_text(url: &str) -> String {
     reqwest::Client::new()

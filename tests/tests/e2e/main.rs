@@ -6,6 +6,7 @@
 //! every one). nextest still runs each test in its own process.
 
 mod access_log;
+mod ai_cache;
 mod cache_kill;
 mod client_faults;
 mod config_check;

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use breakwater_e2e::{
-    ChildGuard, PATIENCE, breakwater, metric_sum, port_is_free, post_json, wait_for,
+    ChildGuard, PATIENCE, breakwater, identity_and_rest, metric_sum, port_is_free, post_json,
+    wait_for,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +200,8 @@ async fn expect(
 }
 
 /// The demo route caches deterministic completions (temperature 0, or a
-/// seed) by their canonical body: the repeat is a hit, byte for byte,
+/// seed) by their canonical body: the repeat is a hit with the same
+/// content byte for byte (under an id of its own),
 /// without a generation; any change to what decides the answer misses;
 /// a sampled completion always reaches the GPU host.
 async fn completions_are_cached_when_deterministic(client: &reqwest::Client, addr: SocketAddr) {
@@ -217,7 +219,7 @@ async fn completions_are_cached_when_deterministic(client: &reqwest::Client, add
     let value: serde_json::Value = serde_json::from_str(&greedy).expect("JSON");
     let pretty = serde_json::to_string_pretty(&value).expect("JSON text");
     let again = expect(client, addr, &pretty, "HIT", 0.0).await;
-    assert_eq!(again, first, "a hit is the stored answer, byte for byte");
+    assert_same_answer(&first, &again);
 
     let streamed = chat_body(
         nonce,
@@ -228,7 +230,7 @@ async fn completions_are_cached_when_deterministic(client: &reqwest::Client, add
     let text = String::from_utf8_lossy(&first);
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let again = expect(client, addr, &streamed, "HIT", 0.0).await;
-    assert_eq!(again, first, "a streamed hit replays the stored events");
+    assert_same_answer(&first, &again);
 
     for (what, changed) in [
         (
@@ -282,4 +284,15 @@ async fn completions_are_cached_when_deterministic(client: &reqwest::Client, add
     for _ in 0..2 {
         expect(client, addr, &sampled, "BYPASS", 1.0).await;
     }
+}
+
+/// A hit is the stored answer, its content byte for byte, under an id of
+/// its own and of the same length (Content-Length holds).
+fn assert_same_answer(first: &[u8], again: &[u8]) {
+    assert_eq!(first.len(), again.len());
+    let (first_id, first_rest) = identity_and_rest(first);
+    let (again_id, again_rest) = identity_and_rest(again);
+    assert_eq!(again_rest, first_rest, "the same content");
+    assert_ne!(again_id, first_id, "each answer has its own id");
+    assert_eq!(again_id.len(), first_id.len());
 }

@@ -8,6 +8,7 @@
 
 pub(crate) mod entry;
 mod flight;
+mod identity;
 pub(crate) mod policy;
 mod store;
 
@@ -797,10 +798,24 @@ fn answer(ask: &Ask, entry: &Entry, outcome: Outcome, tier: Option<Tier>) -> Res
     if !ask.background {
         count(tier, outcome);
     }
-    client_view(
-        ask,
-        marked(stored_response(entry, body_of(&entry.chunks)), outcome),
-    )
+    let body = match own_identity(ask) {
+        Some(mut identity) => body_of(
+            &entry
+                .chunks
+                .iter()
+                .map(|chunk| identity.rewrite(chunk.clone()))
+                .collect::<Vec<_>>(),
+        ),
+        None => body_of(&entry.chunks),
+    };
+    client_view(ask, marked(stored_response(entry, body), outcome))
+}
+
+/// For a shared completion (a plugin-keyed `POST`), the rewriting that
+/// gives this client's copy its own id and time.
+fn own_identity(ask: &Ask) -> Option<identity::Identity> {
+    (ask.method == Method::POST && ask.plugin_keyed)
+        .then(|| identity::Identity::new(now_ms() / 1000))
 }
 
 /// `entry`'s status and header fields over `body`, with its current `Age`.
@@ -919,7 +934,14 @@ fn slice_chunks(chunks: &[Bytes], range: ByteRange) -> Vec<Bytes> {
 /// recording's body.
 fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> {
     count(None, Outcome::Hit);
-    let response = stored_response(&head.stored, rec.reader());
+    let body = match own_identity(ask) {
+        Some(mut identity) => Body::new(
+            rec.reader()
+                .map_frame(move |frame| frame.map_data(|data| identity.rewrite(data))),
+        ),
+        None => rec.reader(),
+    };
+    let response = stored_response(&head.stored, body);
     client_view(ask, marked(response, Outcome::Hit))
 }
 

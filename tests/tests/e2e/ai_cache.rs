@@ -1,0 +1,139 @@
+//! Completions answered at the edge, against a real GPU host process (CPU
+//! backend, a random tiny model from `breakwater model gen-test`) behind a
+//! `breakwater edge` whose `/v1/` route caches deterministic completions
+//! (cache-policy, bodies shown to it).
+//!
+//! - The launch crowd: 200 identical deterministic streaming requests at
+//!   once make one generation; every client gets the whole stream, the
+//!   same content, under an id of its own.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use breakwater_e2e::{
+    EdgeProcess, GpuHostProcess, PATIENCE, breakwater, identity_and_rest, metric_sum,
+    plugin_artifact, post_json,
+};
+
+/// A random tiny model in `dir`.
+fn gen_model(dir: &Path) {
+    let path = dir.to_str().expect("UTF-8 path");
+    let output = breakwater(&["model", "gen-test", path, "--seed", "5"])
+        .output()
+        .expect("run breakwater model gen-test");
+    assert!(
+        output.status.success(),
+        "gen-test failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// An edge whose `/v1/` route caches `host`'s deterministic completions.
+/// Plugin phases and followers may wait as long as a crowd needs here:
+/// this is about what reaches the GPU host, not about shedding.
+fn caching_edge(host: &GpuHostProcess) -> EdgeProcess {
+    let (plugin, sha256) = plugin_artifact("cache_policy");
+    EdgeProcess::start(&format!(
+        r#"
+[[listener]]
+address = "{{listen}}"
+
+[admin]
+address = "{{admin}}"
+
+[limits]
+plugin_queue_timeout = "30s"
+
+[cache]
+coalesce_wait = "60s"
+
+[[route]]
+prefix = "/v1/"
+pool = "gpu"
+cache = true
+plugins = ["cache-policy"]
+plugin_body_bytes = true
+
+[[pool]]
+name = "gpu"
+endpoints = ["http://{}"]
+first_byte_timeout = "60s"
+
+[[plugin]]
+name = "cache-policy"
+path = "{}"
+sha256 = "{sha256}"
+config = {{ default_ttl = 3600 }}
+"#,
+        host.addr,
+        plugin.display()
+    ))
+}
+
+/// Generations the GPU host finished, whatever their outcome.
+async fn generations(host: &GpuHostProcess) -> f64 {
+    metric_sum(
+        &host.metrics().await,
+        "breakwater_infer_sequences_finished_total",
+        &[],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crowd_asking_the_same_thing_at_once_makes_one_generation() {
+    let model = tempfile::tempdir().expect("tempdir");
+    gen_model(model.path());
+    let path = model.path().to_str().expect("UTF-8 path");
+    let host =
+        GpuHostProcess::start(&["--model", path, "--model-name", "m"], |_| {}, PATIENCE).await;
+    let edge = caching_edge(&host);
+    let before = generations(&host).await;
+
+    const CROWD: usize = 200;
+    let body = r#"{"model":"m","prompt":"launch day","max_tokens":48,"temperature":0,"ignore_eos":true,"stream":true}"#;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CROWD)
+        .build()
+        .expect("client");
+    let url = edge.url("/v1/completions");
+    let answers =
+        futures_util::future::join_all((0..CROWD).map(|_| post_json(&client, &url, body))).await;
+
+    let mut ids = HashSet::new();
+    let mut contents = HashSet::new();
+    let mut outcomes = std::collections::BTreeMap::new();
+    for answer in &answers {
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let text = String::from_utf8_lossy(&answer.body);
+        assert!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "a whole stream: {text}"
+        );
+        let (id, rest) = identity_and_rest(&answer.body);
+        ids.insert(id);
+        contents.insert(serde_json::to_string(&rest).expect("JSON"));
+        *outcomes.entry(answer.x_cache.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(contents.len(), 1, "every client got the same content");
+    assert_eq!(ids.len(), CROWD, "each client its own id");
+    assert_eq!(outcomes.get("MISS"), Some(&1), "one leader: {outcomes:?}");
+    assert_eq!(
+        generations(&host).await - before,
+        1.0,
+        "one generation for the whole crowd ({outcomes:?})"
+    );
+    let text = edge.metrics().await;
+    eprintln!(
+        "crowd of {CROWD}: {outcomes:?}, waiters fed live: {}",
+        metric_sum(
+            &text,
+            "breakwater_cache_coalesced_waits_total",
+            &[("outcome", "shared")]
+        )
+    );
+}
