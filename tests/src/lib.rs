@@ -65,6 +65,59 @@ pub fn plugin_artifact(name: &str) -> (PathBuf, String) {
     (path, sha256)
 }
 
+/// Writes a random model of `shape` (`tiny` or `smollm2-135m`) from `seed`
+/// into `dir` (`breakwater model gen-test`).
+pub fn gen_test_model(dir: &Path, shape: &str, seed: u64) {
+    let dir = dir.to_str().expect("UTF-8 path");
+    let seed = seed.to_string();
+    let output = breakwater(&["model", "gen-test", dir, "--shape", shape, "--seed", &seed])
+        .output()
+        .expect("run breakwater model gen-test");
+    assert!(
+        output.status.success(),
+        "gen-test failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// An edge in front of the GPU host at `upstream` (`http://host:port`)
+/// whose `/v1/` route caches deterministic completions for an hour
+/// (cache-policy, bodies shown to it). `top` holds extra top-level
+/// sections (`[limits]`, `[cache]`), `pool` extra lines of the pool.
+pub fn completion_caching_edge(upstream: &str, top: &str, pool: &str) -> EdgeProcess {
+    let (plugin, sha256) = plugin_artifact("cache_policy");
+    EdgeProcess::start(&format!(
+        r#"
+[[listener]]
+address = "{{listen}}"
+
+[admin]
+address = "{{admin}}"
+
+{top}
+
+[[route]]
+prefix = "/v1/"
+pool = "gpu"
+cache = true
+plugins = ["cache-policy"]
+plugin_body_bytes = true
+
+[[plugin]]
+name = "cache-policy"
+path = "{}"
+sha256 = "{sha256}"
+config = {{ default_ttl = 3600 }}
+
+[[pool]]
+name = "gpu"
+endpoints = ["{upstream}"]
+{pool}
+"#,
+        plugin.display()
+    ))
+}
+
 /// A `breakwater` command with `args`, run from the workspace root.
 pub fn breakwater(args: &[&str]) -> Command {
     let mut command = Command::new(breakwater_bin());

@@ -8,66 +8,21 @@
 //!   same content, under an id of its own.
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use breakwater_e2e::{
-    EdgeProcess, GpuHostProcess, PATIENCE, breakwater, identity_and_rest, metric_sum,
-    plugin_artifact, post_json,
+    EdgeProcess, GpuHostProcess, PATIENCE, completion_caching_edge, gen_test_model,
+    identity_and_rest, metric_sum, post_json,
 };
 
-/// A random tiny model in `dir`.
-fn gen_model(dir: &Path) {
-    let path = dir.to_str().expect("UTF-8 path");
-    let output = breakwater(&["model", "gen-test", path, "--seed", "5"])
-        .output()
-        .expect("run breakwater model gen-test");
-    assert!(
-        output.status.success(),
-        "gen-test failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// An edge whose `/v1/` route caches `host`'s deterministic completions.
-/// Plugin phases and followers may wait as long as a crowd needs here:
-/// this is about what reaches the GPU host, not about shedding.
+/// An edge caching `host`'s deterministic completions. Plugin phases and
+/// followers may wait as long as a crowd needs here: this is about what
+/// reaches the GPU host, not about shedding.
 fn caching_edge(host: &GpuHostProcess) -> EdgeProcess {
-    let (plugin, sha256) = plugin_artifact("cache_policy");
-    EdgeProcess::start(&format!(
-        r#"
-[[listener]]
-address = "{{listen}}"
-
-[admin]
-address = "{{admin}}"
-
-[limits]
-plugin_queue_timeout = "30s"
-
-[cache]
-coalesce_wait = "60s"
-
-[[route]]
-prefix = "/v1/"
-pool = "gpu"
-cache = true
-plugins = ["cache-policy"]
-plugin_body_bytes = true
-
-[[pool]]
-name = "gpu"
-endpoints = ["http://{}"]
-first_byte_timeout = "60s"
-
-[[plugin]]
-name = "cache-policy"
-path = "{}"
-sha256 = "{sha256}"
-config = {{ default_ttl = 3600 }}
-"#,
-        host.addr,
-        plugin.display()
-    ))
+    completion_caching_edge(
+        &format!("http://{}", host.addr),
+        "[limits]\nplugin_queue_timeout = \"30s\"\n\n[cache]\ncoalesce_wait = \"60s\"",
+        "first_byte_timeout = \"60s\"",
+    )
 }
 
 /// Generations the GPU host finished, whatever their outcome.
@@ -82,7 +37,7 @@ async fn generations(host: &GpuHostProcess) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crowd_asking_the_same_thing_at_once_makes_one_generation() {
     let model = tempfile::tempdir().expect("tempdir");
-    gen_model(model.path());
+    gen_test_model(model.path(), "tiny", 5);
     let path = model.path().to_str().expect("UTF-8 path");
     let host =
         GpuHostProcess::start(&["--model", path, "--model-name", "m"], |_| {}, PATIENCE).await;

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use breakwater_e2e::{
-    ChildGuard, EdgeProcess, GpuHostProcess, PATIENCE, breakwater, metric, metric_sum,
-    plugin_artifact, post_json, wait_for,
+    ChildGuard, EdgeProcess, GpuHostProcess, PATIENCE, breakwater, completion_caching_edge, metric,
+    metric_sum, post_json, wait_for,
 };
 use breakwater_store::testing::S3Server;
 
@@ -569,44 +569,14 @@ async fn gpu_host_falls_back_to_the_second_store_when_the_first_is_stopped() {
     host.ask(false).await.expect("v2 answers");
 }
 
-/// An edge in front of `host` whose `/v1/` route caches deterministic
-/// completions for an hour (cache-policy, bodies shown to it), with the
-/// pool's readiness checked twice a second.
+/// An edge caching `host`'s deterministic completions, with the pool's
+/// readiness checked twice a second.
 fn caching_edge(host: &Host) -> EdgeProcess {
-    let (plugin, sha256) = plugin_artifact("cache_policy");
-    let upstream = host.url("");
-    EdgeProcess::start(&format!(
-        r#"
-[[listener]]
-address = "{{listen}}"
-
-[admin]
-address = "{{admin}}"
-
-[[route]]
-prefix = "/v1/"
-pool = "gpu"
-cache = true
-plugins = ["cache-policy"]
-plugin_body_bytes = true
-
-[[pool]]
-name = "gpu"
-endpoints = ["{upstream}"]
-
-[pool.health]
-path = "/health/ready"
-interval = "500ms"
-timeout = "400ms"
-
-[[plugin]]
-name = "cache-policy"
-path = "{}"
-sha256 = "{sha256}"
-config = {{ default_ttl = 3600 }}
-"#,
-        plugin.display()
-    ))
+    completion_caching_edge(
+        &host.url(""),
+        "",
+        "[pool.health]\npath = \"/health/ready\"\ninterval = \"500ms\"\ntimeout = \"400ms\"",
+    )
 }
 
 /// [`REQUEST`] through `edge`: its `X-Cache`, `X-Model-Version` and text.

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use breakwater_e2e::{
-    EdgeProcess, GpuHostProcess, PATIENCE, breakwater, metric, metric_sum, wait_for,
+    EdgeProcess, GpuHostProcess, PATIENCE, gen_test_model, metric, metric_sum, wait_for,
     wait_until_marked_down,
 };
 use futures_util::StreamExt;
@@ -30,15 +30,7 @@ fn client() -> reqwest::Client {
 
 /// Writes a random model of `shape` (`tiny` or `smollm2-135m`) into `dir`.
 fn gen_model(dir: &Path, shape: &str) {
-    let dir = dir.to_str().expect("UTF-8 path");
-    let output = breakwater(&["model", "gen-test", dir, "--shape", shape, "--seed", "7"])
-        .output()
-        .expect("run breakwater model gen-test");
-    assert!(
-        output.status.success(),
-        "gen-test failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    gen_test_model(dir, shape, 7);
 }
 
 /// Starts a `breakwater gpu-host` on `model` (CPU backend, one thread)
