@@ -56,6 +56,7 @@ pub fn cache_headers(
         url: String::new(),
         tags: Vec::new(),
         ttl_by_plugin: plugin_ttl.is_some(),
+        tokens: (0, 0),
     };
     let _ = entry.current_age_ms(now_ms);
     let _ = entry.useful_for_ms(now_ms);

@@ -5,7 +5,8 @@
 //!
 //! - The launch crowd: 200 identical deterministic streaming requests at
 //!   once make one generation; every client gets the whole stream, the
-//!   same content, under an id of its own.
+//!   same content, under an id of its own; the tokens the others were
+//!   spared are counted.
 
 use std::collections::HashSet;
 
@@ -82,7 +83,28 @@ async fn a_crowd_asking_the_same_thing_at_once_makes_one_generation() {
         1.0,
         "one generation for the whole crowd ({outcomes:?})"
     );
+    // Tokens saved: each of the 199 others was spared the whole stream,
+    // one token per content event (no usage was asked for).
+    let events = String::from_utf8_lossy(&answers[0].body)
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+        .filter(|event| {
+            event["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|text| !text.is_empty())
+        })
+        .count();
     let text = edge.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "breakwater_cache_tokens_saved_total",
+            &[("kind", "completion")]
+        ),
+        ((CROWD - 1) * events) as f64,
+        "{text}"
+    );
     eprintln!(
         "crowd of {CROWD}: {outcomes:?}, waiters fed live: {}",
         metric_sum(

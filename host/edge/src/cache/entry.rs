@@ -33,6 +33,9 @@ pub(crate) struct Entry {
     /// `max-age`), so hits need no round trip. An inference server marks
     /// every event stream `no-cache`, deterministic ones included.
     pub ttl_by_plugin: bool,
+    /// A stored completion's token counts (prompt, completion), from its
+    /// `usage`; what each hit saves a GPU. Zero for other answers.
+    pub tokens: (u64, u64),
 }
 
 /// What lives under one storage key.
@@ -123,6 +126,8 @@ impl Stored {
                 put_bytes(&mut body, e.url.as_bytes());
                 put_list(&mut body, e.tags.iter().map(String::as_bytes));
                 body.put_u8(u8::from(e.ttl_by_plugin));
+                body.put_u64(e.tokens.0);
+                body.put_u64(e.tokens.1);
                 body.put_u32(u32::try_from(e.headers.len()).unwrap_or(u32::MAX));
                 for (name, value) in &e.headers {
                     put_bytes(&mut body, name.as_str().as_bytes());
@@ -163,6 +168,7 @@ impl Stored {
                     1 => true,
                     _ => return Err(DecodeError::Malformed),
                 };
+                let tokens = (r.u64()?, r.u64()?);
                 let count = r.u32()?;
                 let mut headers = HeaderMap::new();
                 for _ in 0..count {
@@ -194,6 +200,7 @@ impl Stored {
                     url,
                     tags,
                     ttl_by_plugin,
+                    tokens,
                 })))
             }
             _ => Err(DecodeError::Malformed),
@@ -284,6 +291,7 @@ mod tests {
             swr_ms: 5,
             sie_ms: 6,
             ttl_by_plugin: true,
+            tokens: (7, 8),
             url: "example.com/a?b".into(),
             tags: vec!["t1".into(), "t2".into()],
         }))

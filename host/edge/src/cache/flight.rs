@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,6 +51,8 @@ pub(crate) struct Recording {
     state: Mutex<RecState>,
     changed: watch::Sender<u64>,
     limit: usize,
+    /// A completion's token counts, read once from the complete recording.
+    tokens: OnceLock<(u64, u64)>,
 }
 
 /// What a follower got after waiting.
@@ -75,6 +77,22 @@ impl Recording {
             }),
             changed: watch::channel(0).0,
             limit,
+            tokens: OnceLock::new(),
+        }
+    }
+
+    /// The (prompt, completion) tokens of the complete recorded answer, a
+    /// completion (`event_stream` or whole): read from it once, for the
+    /// store and every waiter that followed it. (0, 0) until complete.
+    pub(crate) fn completion_tokens(&self, event_stream: bool) -> (u64, u64) {
+        if let Some(tokens) = self.tokens.get() {
+            return *tokens;
+        }
+        match self.chunks() {
+            Some(chunks) => *self
+                .tokens
+                .get_or_init(|| super::usage::completion_tokens(&chunks, event_stream)),
+            None => (0, 0),
         }
     }
 

@@ -11,6 +11,7 @@ mod flight;
 mod identity;
 pub(crate) mod policy;
 mod store;
+mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use edge_config::CacheConfig;
+use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -477,6 +479,7 @@ impl ResponseCache {
                 .map(str::to_owned)
                 .collect(),
             ttl_by_plugin: ask.ttl.is_some(),
+            tokens: (0, 0),
         };
         let head = Arc::new(SharedHead {
             stored: template.clone(),
@@ -499,6 +502,7 @@ impl ResponseCache {
         // short by the generator (an error event, a deadline), however
         // cleanly its body ended: never stored.
         let needs_done = ask.method == Method::POST && is_event_stream(&template.headers);
+        let completion = ask.method == Method::POST && ask.plugin_keyed;
         let on_end: flight::OnEnd = Box::new(move |complete| {
             let handle = tokio::runtime::Handle::try_current();
             let (true, Ok(handle)) = (complete, handle) else {
@@ -514,12 +518,18 @@ impl ResponseCache {
                     && (!needs_done || ends_with_done(&chunks))
                 {
                     let sse = is_event_stream(&template.headers);
+                    let tokens = if completion {
+                        rec_for_end.completion_tokens(sse)
+                    } else {
+                        (0, 0)
+                    };
                     let entry = Entry {
                         chunks: if sse {
                             split_events(chunks)
                         } else {
                             join(chunks)
                         },
+                        tokens,
                         ..template
                     };
                     cache
@@ -797,6 +807,9 @@ fn client_view(ask: &Ask, mut response: Response<Body>) -> Response<Body> {
 fn answer(ask: &Ask, entry: &Entry, outcome: Outcome, tier: Option<Tier>) -> Response<Body> {
     if !ask.background {
         count(tier, outcome);
+        if matches!(outcome, Outcome::Hit | Outcome::Stale) {
+            usage::count_saved(entry.tokens, 1);
+        }
     }
     let body = match own_identity(ask) {
         Some(mut identity) => body_of(
@@ -935,10 +948,23 @@ fn slice_chunks(chunks: &[Bytes], range: ByteRange) -> Vec<Bytes> {
 fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> {
     count(None, Outcome::Hit);
     let body = match own_identity(ask) {
-        Some(mut identity) => Body::new(
-            rec.reader()
-                .map_frame(move |frame| frame.map_data(|data| identity.rewrite(data))),
-        ),
+        Some(mut identity) => {
+            let copy = rec
+                .reader()
+                .map_frame(move |frame| frame.map_data(|data| identity.rewrite(data)));
+            // A waiter that got the whole completion was spared a
+            // generation: counted when its copy ends.
+            let event_stream = is_event_stream(&head.stored.headers);
+            let rec = rec.clone();
+            let counted = futures_util::stream::once(async move {
+                usage::count_saved(rec.completion_tokens(event_stream), 1);
+                None::<Result<http_body::Frame<Bytes>, axum::Error>>
+            })
+            .filter_map(|nothing| async move { nothing });
+            Body::new(http_body_util::StreamBody::new(
+                http_body_util::BodyStream::new(copy).chain(counted),
+            ))
+        }
         None => rec.reader(),
     };
     let response = stored_response(&head.stored, body);
