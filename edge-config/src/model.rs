@@ -158,6 +158,12 @@ pub struct LimitsConfig {
     /// `Retry-After`. Zero sheds at once when every slot is busy.
     #[serde(default = "default_plugin_queue_timeout", with = "humantime_serde")]
     pub plugin_queue_timeout: Duration,
+    /// Bytes of request bodies the node holds at once for plugins to read
+    /// (routes with `plugin_body_bytes`). A body that would go over it
+    /// streams past the plugins as one too large, so a crowd of slow
+    /// bodies cannot take the node's memory.
+    #[serde(default = "default_plugin_body_budget")]
+    pub plugin_body_budget: u64,
     /// Time a connection may stay open with no request in flight (HTTP/1.1
     /// keep-alive and h2 alike); then it is closed, h2 with a GOAWAY.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
@@ -186,6 +192,7 @@ impl Default for LimitsConfig {
             shutdown_grace: default_shutdown_grace(),
             plugin_concurrency: default_plugin_concurrency(),
             plugin_queue_timeout: default_plugin_queue_timeout(),
+            plugin_body_budget: default_plugin_body_budget(),
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
@@ -513,6 +520,9 @@ fn default_shutdown_grace() -> Duration {
 }
 fn default_plugin_concurrency() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+fn default_plugin_body_budget() -> u64 {
+    64 * 1024 * 1024
 }
 fn default_plugin_queue_timeout() -> Duration {
     Duration::from_secs(1)

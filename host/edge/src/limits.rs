@@ -279,18 +279,55 @@ pub(crate) enum BufferedBody {
     TooLarge { limit: u64 },
 }
 
+/// The node-wide budget of body bytes held for plugins
+/// (`[limits] plugin_body_budget`).
+#[derive(Clone)]
+pub(crate) struct BodyBudget(Arc<tokio::sync::Semaphore>);
+
+/// A share of the [`BodyBudget`], given back when dropped.
+pub(crate) type BudgetShare = Option<tokio::sync::OwnedSemaphorePermit>;
+
+impl BodyBudget {
+    pub(crate) fn new(bytes: u64) -> Self {
+        let permits = usize::try_from(bytes)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self(Arc::new(tokio::sync::Semaphore::new(permits)))
+    }
+
+    /// `bytes` more for `held`, or false (counted) when the budget has no
+    /// room for them.
+    fn take(&self, held: &mut BudgetShare, bytes: u64) -> bool {
+        let taken = u32::try_from(bytes)
+            .ok()
+            .and_then(|bytes| Arc::clone(&self.0).try_acquire_many_owned(bytes).ok());
+        match (taken, held.as_mut()) {
+            (Some(permit), Some(held)) => held.merge(permit),
+            (Some(permit), None) => *held = Some(permit),
+            (None, _) => {
+                metrics::counter!("breakwater_plugin_body_over_budget_total").increment(1);
+                return false;
+            }
+        }
+        true
+    }
+}
+
 /// Reads up to `buffer_limit` bytes of `body` for the plugins, within the
-/// node's `max_bytes` and `timeout`. A body that fits is returned whole and
-/// forwarded from memory; a larger one (declared, or found while reading)
-/// streams on with what was read put back in front. A body the client
-/// breaks while it is read is its error, answered by the caller.
+/// node's `max_bytes` and `timeout`, and within what `budget` has left. A
+/// body that fits is returned whole and forwarded from memory, with the
+/// share of the budget it holds (drop it once the plugins are done); a
+/// larger one (declared, or found while reading), or one the budget has no
+/// room for, streams on with what was read put back in front. A body the
+/// client breaks while it is read is its error, answered by the caller.
 pub(crate) async fn buffer_for_plugins(
     body: Incoming,
     declared_length: Option<u64>,
     buffer_limit: u64,
+    budget: &BodyBudget,
     max_bytes: u64,
     timeout: Duration,
-) -> Result<(BufferedBody, ClientBody), ClientBodyError> {
+) -> Result<(BufferedBody, ClientBody, BudgetShare), ClientBodyError> {
     use futures_util::StreamExt;
     use http_body_util::BodyExt;
 
@@ -298,14 +335,20 @@ pub(crate) async fn buffer_for_plugins(
         return Ok((
             BufferedBody::Whole(Bytes::new()),
             ClientBody::Streaming(body),
+            None,
         ));
     }
     let too_large = BufferedBody::TooLarge {
         limit: buffer_limit,
     };
-    if declared_length.is_some_and(|length| length > buffer_limit) {
-        return Ok((too_large, ClientBody::Streaming(body)));
+    let mut held = None;
+    // A declared length is reserved whole, before a byte is read.
+    if declared_length
+        .is_some_and(|length| length > buffer_limit || !budget.take(&mut held, length))
+    {
+        return Ok((too_large, ClientBody::Streaming(body), None));
     }
+    let reserved = declared_length.is_some();
     let (mut limited, trip) = LimitedBody::new(body, max_bytes, timeout);
     let mut chunks = Vec::new();
     let mut read = 0u64;
@@ -320,8 +363,9 @@ pub(crate) async fn buffer_for_plugins(
                     continue;
                 };
                 read += data.len() as u64;
+                let room = reserved || budget.take(&mut held, data.len() as u64);
                 chunks.push(data);
-                if read > buffer_limit {
+                if read > buffer_limit || !room {
                     let read_so_far = futures_util::stream::iter(
                         chunks.into_iter().map(|chunk| Ok(Frame::data(chunk))),
                     );
@@ -330,6 +374,7 @@ pub(crate) async fn buffer_for_plugins(
                     return Ok((
                         too_large,
                         ClientBody::Limited(ResponseBody::new(body), trip),
+                        None,
                     ));
                 }
             }
@@ -349,5 +394,6 @@ pub(crate) async fn buffer_for_plugins(
     Ok((
         BufferedBody::Whole(whole),
         ClientBody::Limited(forwarded, BodyLimitTrip::default()),
+        held,
     ))
 }

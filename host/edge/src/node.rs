@@ -16,7 +16,7 @@ use crate::cache::{Origin, Overrides, ResponseCache, RoutePolicy};
 use crate::error::EdgeError;
 use crate::error::error_response;
 use crate::limits::{
-    BufferedBody, ClientBody, MethodAllowList, buffer_for_plugins, request_head_bytes,
+    BodyBudget, BufferedBody, ClientBody, MethodAllowList, buffer_for_plugins, request_head_bytes,
 };
 use crate::observe::{CountedBody, InFlight, REQUEST_ID, RouteMetrics, request_id};
 use crate::plugins::RequestOutcome;
@@ -66,6 +66,8 @@ pub(crate) struct EdgeNode {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// Metrics of requests refused before they had a route.
     unrouted: Arc<RouteMetrics>,
+    /// Body bytes held for plugins at once, node-wide.
+    plugin_body_budget: BodyBudget,
 }
 
 impl EdgeNode {
@@ -132,6 +134,7 @@ impl EdgeNode {
             cache,
             trusted_proxies: config.node.trusted_proxy_networks(),
             unrouted: Arc::new(RouteMetrics::new("none")),
+            plugin_body_budget: BodyBudget::new(config.limits.plugin_body_budget),
         })
     }
 
@@ -285,11 +288,12 @@ impl EdgeNode {
             return (route.metrics.clone(), response);
         }
 
-        let (shown, body) = if route.plugin_body_bytes > 0 && chain.reads_requests() {
+        let (shown, body, held) = if route.plugin_body_bytes > 0 && chain.reads_requests() {
             match buffer_for_plugins(
                 body,
                 declared_length,
                 route.plugin_body_bytes,
+                &self.plugin_body_budget,
                 self.limits.max_body_bytes,
                 self.limits.body_read_timeout,
             )
@@ -301,12 +305,14 @@ impl EdgeNode {
                 }
             }
         } else {
-            (BufferedBody::NotBuffered, ClientBody::Streaming(body))
+            (BufferedBody::NotBuffered, ClientBody::Streaming(body), None)
         };
         let gate = self.plugins.gate();
         let (parts, outcome) = chain
             .run_request_phase(gate, parts, shown, client.peer)
             .await;
+        // The plugins are done with it; the forwarded copy is the pool's.
+        drop(held);
         let (pool, response_inputs, overrides) = match outcome {
             RequestOutcome::Respond(response) => return (route.metrics.clone(), response),
             RequestOutcome::Continue {

@@ -1052,6 +1052,35 @@ async fn post(node: &breakwater_edge::RunningNode, body: reqwest::Body) -> Got {
     got(response).await
 }
 
+/// Sends `body` twice, with its length declared and then in chunks of
+/// `piece` bytes, and checks that each time it streamed past the plugins
+/// (a bypass) and reached the upstream whole.
+async fn streams_past_the_plugins(
+    node: &breakwater_edge::RunningNode,
+    up: &Upstream,
+    body: &str,
+    piece: usize,
+) {
+    let declared = post(node, body.to_owned().into()).await;
+    assert_eq!(
+        (declared.status, declared.x_cache.as_str()),
+        (200, "BYPASS")
+    );
+    assert_eq!(up.last().body, body);
+    let pieces: Vec<Result<String, std::io::Error>> = body
+        .as_bytes()
+        .chunks(piece)
+        .map(|piece| Ok(String::from_utf8_lossy(piece).into_owned()))
+        .collect();
+    let chunked = post(
+        node,
+        reqwest::Body::wrap_stream(futures_util::stream::iter(pieces)),
+    )
+    .await;
+    assert_eq!((chunked.status, chunked.x_cache.as_str()), (200, "BYPASS"));
+    assert_eq!(up.last().body, body);
+}
+
 #[tokio::test]
 async fn completions_are_cached_by_the_body_the_route_shows_its_plugins() {
     let up = Upstream::start().await;
@@ -1094,25 +1123,43 @@ async fn completions_are_cached_by_the_body_the_route_shows_its_plugins() {
         r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}],"temperature":0}}"#,
         "x".repeat(400)
     );
-    let declared = post(&node, long.clone().into()).await;
-    assert_eq!(
-        (declared.status, declared.x_cache.as_str()),
-        (200, "BYPASS")
+    streams_past_the_plugins(&node, &up, &long, 100).await;
+    assert_eq!(up.count(), 4);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_beyond_the_nodes_budget_stream_past_the_plugins() {
+    let up = Upstream::start().await;
+    up.set(
+        "/v1/chat/completions",
+        Script {
+            echo_body: true,
+            ..script(200, &[("content-type", "application/json")], "answer to ")
+        },
     );
-    assert_eq!(up.last().body, long);
-    let pieces: Vec<Result<String, std::io::Error>> = long
-        .as_bytes()
-        .chunks(100)
-        .map(|piece| Ok(String::from_utf8_lossy(piece).into_owned()))
-        .collect();
-    let chunked = post(
-        &node,
-        reqwest::Body::wrap_stream(futures_util::stream::iter(pieces)),
+    let dir = tmp();
+    // Room for one 100-byte body at a time, node-wide.
+    let node = cache_policy_node(
+        up.addr,
+        "plugin_body_bytes = 256\n\n[limits]\nplugin_body_budget = 100",
+        "{ default_ttl = 60 }",
+        dir.path(),
     )
     .await;
-    assert_eq!((chunked.status, chunked.x_cache.as_str()), (200, "BYPASS"));
-    assert_eq!(up.last().body, long);
-    assert_eq!(up.count(), 4);
+    let small = r#"{"model":"m","prompt":"a","temperature":0}"#;
+    assert_eq!(post(&node, small.into()).await.x_cache, "MISS");
+    let large = format!(
+        r#"{{"model":"m","prompt":"{}","temperature":0}}"#,
+        "b".repeat(120)
+    );
+    streams_past_the_plugins(&node, &up, &large, 40).await;
+    assert_eq!(
+        metric(&node, "breakwater_plugin_body_over_budget_total").await,
+        2.0
+    );
+    // What a request held is given back: the small body is shown again.
+    assert_eq!(post(&node, small.into()).await.x_cache, "HIT");
     node.shutdown().await;
 }
 
