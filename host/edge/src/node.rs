@@ -99,6 +99,7 @@ impl EdgeNode {
                     target: Target::Pool(pool.clone()),
                     slot: 0,
                     cache: route.cache.then(|| RoutePolicy {
+                        name: Arc::from(route.pool.as_str()),
                         stale_while_revalidate: route.stale_while_revalidate.unwrap_or_default(),
                         stale_if_error: route.stale_if_error.unwrap_or_default(),
                     }),
@@ -280,7 +281,10 @@ impl EdgeNode {
         // whatever a reload swaps in meanwhile.
         let chain = self.plugins.chain(route.slot);
         if chain.is_empty() {
-            let cache = route.cache.map(|policy| (policy, Overrides::default()));
+            let cache = route
+                .cache
+                .clone()
+                .map(|policy| (policy, Overrides::default()));
             let body = ClientBody::Streaming(body);
             let response = self
                 .serve_target(&route.target, &route.prefix, parts, body, client, cache)
@@ -342,7 +346,7 @@ impl EdgeNode {
             },
         };
         // A plugin may have rewritten the path: the site sees the new one.
-        let cache = route.cache.map(|policy| (policy, overrides));
+        let cache = route.cache.clone().map(|policy| (policy, overrides));
         let response = self
             .serve_target(target, &route.prefix, parts, body, client, cache)
             .await;

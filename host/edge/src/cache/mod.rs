@@ -41,8 +41,11 @@ const X_CACHE: &str = "x-cache";
 const SURROGATE_KEY: &str = "surrogate-key";
 
 /// What a route adds to the upstream's own directives.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct RoutePolicy {
+    /// The route's metrics label (its pool's name): a node's completions
+    /// route and its site traffic are told apart in the cache metrics.
+    pub name: Arc<str>,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
 }
@@ -222,7 +225,7 @@ impl ResponseCache {
                     self.invalidate(&parts, &url, response.headers()).await;
                 }
             }
-            count(None, Outcome::Bypass);
+            count(&route.name, None, Outcome::Bypass);
             return marked(response, Outcome::Bypass);
         }
         let ask = Ask {
@@ -305,7 +308,7 @@ impl ResponseCache {
     ) -> Response<Body> {
         if ask.method == Method::HEAD {
             let request = upstream_request(&ask, &ask.headers, body);
-            count(None, Outcome::Miss);
+            count(&ask.route.name, None, Outcome::Miss);
             return marked(origin.fetch(request, &trip).await, Outcome::Miss);
         }
         match self.flights.join(&ask.primary, self.max_object_bytes) {
@@ -432,7 +435,7 @@ impl ResponseCache {
         if too_big || verdict.is_err() {
             tracing::debug!(key = %ask.primary, reason = verdict.err().unwrap_or("too big"), "not stored");
             drop(guard);
-            count(None, Outcome::Miss);
+            count(&ask.route.name, None, Outcome::Miss);
             return client_view(&ask, marked(response, Outcome::Miss));
         }
 
@@ -545,7 +548,7 @@ impl ResponseCache {
             });
         });
         let body = Body::new(Tee::new(upstream_body, rec, on_end));
-        count(None, Outcome::Miss);
+        count(&ask.route.name, None, Outcome::Miss);
         client_view(
             &ask,
             marked(Response::from_parts(parts, body), Outcome::Miss),
@@ -755,7 +758,7 @@ fn upstream_request(ask: &Ask, headers: &HeaderMap, body: Body) -> Request<Body>
     request
 }
 
-fn count(tier: Option<Tier>, outcome: Outcome) {
+fn count(route: &str, tier: Option<Tier>, outcome: Outcome) {
     let tier = tier.map_or("none", Tier::label);
     let result = match outcome {
         Outcome::Hit => "hit",
@@ -763,7 +766,7 @@ fn count(tier: Option<Tier>, outcome: Outcome) {
         Outcome::Stale => "stale",
         Outcome::Bypass => "bypass",
     };
-    metrics::counter!("breakwater_cache_requests_total", "tier" => tier, "result" => result)
+    metrics::counter!("breakwater_cache_requests_total", "route" => route.to_owned(), "tier" => tier, "result" => result)
         .increment(1);
 }
 
@@ -806,7 +809,7 @@ fn client_view(ask: &Ask, mut response: Response<Body>) -> Response<Body> {
 /// A stored entry as an answer, with its current `Age`.
 fn answer(ask: &Ask, entry: &Entry, outcome: Outcome, tier: Option<Tier>) -> Response<Body> {
     if !ask.background {
-        count(tier, outcome);
+        count(&ask.route.name, tier, outcome);
         if matches!(outcome, Outcome::Hit | Outcome::Stale) {
             usage::count_saved(entry.tokens, 1);
         }
@@ -876,7 +879,7 @@ async fn serve_range(
     let response = origin
         .fetch(upstream_request(&ask, &ask.headers, body), trip)
         .await;
-    count(None, Outcome::Bypass);
+    count(&ask.route.name, None, Outcome::Bypass);
     marked(response, Outcome::Bypass)
 }
 
@@ -901,7 +904,7 @@ fn ranged_answer(ask: &Ask, entry: &Entry, tier: Tier) -> Response<Body> {
     let single = match ranges {
         RangeOutcome::Ranges(ranges) if ranges.len() == 1 => ranges[0],
         RangeOutcome::Unsatisfiable => {
-            count(Some(tier), Outcome::Hit);
+            count(&ask.route.name, Some(tier), Outcome::Hit);
             let mut response = error_response(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 "range_not_satisfiable",
@@ -916,7 +919,7 @@ fn ranged_answer(ask: &Ask, entry: &Entry, tier: Tier) -> Response<Body> {
         }
         _ => return answer(ask, entry, Outcome::Hit, Some(tier)),
     };
-    count(Some(tier), Outcome::Hit);
+    count(&ask.route.name, Some(tier), Outcome::Hit);
     let mut response = stored_response(entry, body_of(&slice_chunks(&entry.chunks, single)));
     *response.status_mut() = StatusCode::PARTIAL_CONTENT;
     let headers = response.headers_mut();
@@ -946,7 +949,7 @@ fn slice_chunks(chunks: &[Bytes], range: ByteRange) -> Vec<Bytes> {
 /// A coalesced follower's answer: the leader's head as stored, the
 /// recording's body.
 fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> {
-    count(None, Outcome::Hit);
+    count(&ask.route.name, None, Outcome::Hit);
     let body = match own_identity(ask) {
         Some(mut identity) => {
             let copy = rec
@@ -1004,7 +1007,7 @@ fn shareable(headers: &HeaderMap) -> HeaderMap {
 }
 
 fn not_cached(ask: &Ask) -> Response<Body> {
-    count(None, Outcome::Miss);
+    count(&ask.route.name, None, Outcome::Miss);
     marked(
         error_response(
             StatusCode::GATEWAY_TIMEOUT,

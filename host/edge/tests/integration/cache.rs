@@ -1111,6 +1111,13 @@ async fn completions_are_cached_by_the_body_the_route_shows_its_plugins() {
     assert_eq!(hit.x_cache, "HIT");
     assert_eq!(hit.body, first.body, "a hit is the stored answer");
     assert_eq!(up.count(), 1);
+    let text = common::metrics_text(&node).await;
+    assert!(
+        text.contains(
+            r#"breakwater_cache_requests_total{route="upstream",tier="memory",result="hit"} 1"#
+        ),
+        "hits are counted per route and tier:\n{text}"
+    );
 
     let sampled = greedy.replace(r#""temperature":0"#, r#""temperature":0.5"#);
     assert_eq!(post(&node, sampled.into()).await.x_cache, "BYPASS");
