@@ -40,6 +40,9 @@ pub struct EdgeConfig {
     /// The response cache used by routes with `cache = true`.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Token accounting per API key on routes with `count_tokens = true`.
+    #[serde(default)]
+    pub usage: UsageConfig,
     /// Where plugins given by `url` are fetched from and cached.
     #[serde(default)]
     pub plugin_store: PluginStoreConfig,
@@ -266,6 +269,39 @@ pub struct RouteConfig {
     /// it was too large. Absent (or 0): plugins never see bodies.
     #[serde(default, deserialize_with = "plugin_body_bytes")]
     pub plugin_body_bytes: u64,
+    /// Whether the LLM tokens of this route's answers are counted per API
+    /// key and tier (`[usage]`).
+    #[serde(default)]
+    pub count_tokens: bool,
+}
+
+/// Token accounting: `breakwater_tokens_total{tier,kind}` and per-key
+/// totals on the admin listener (`GET /admin/usage`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    /// The request header naming the request's tier, as a plugin left it
+    /// (the rate-limit plugin's `tier_header`); none: every key's tier is
+    /// `all`.
+    #[serde(default)]
+    pub tier_header: Option<String>,
+    /// How many keys' totals are kept; beyond it the least recently used
+    /// are forgotten.
+    #[serde(default = "default_usage_max_keys")]
+    pub max_keys: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            tier_header: None,
+            max_keys: default_usage_max_keys(),
+        }
+    }
+}
+
+fn default_usage_max_keys() -> u64 {
+    100_000
 }
 
 /// `plugin_body_bytes = true`: enough for chat completions with long

@@ -31,11 +31,13 @@ pub(crate) async fn serve(
     certificates: Certificates,
     stop: CancellationToken,
 ) {
-    // Every route here changes the node: each one requires the token.
+    // Every route here changes the node or shows what tenants did: each one
+    // requires the token.
     let mutating = Router::new()
         .route("/admin/plugins/reload", post(reload_plugins))
         .route("/admin/tls/reload", post(reload_tls))
         .route("/admin/purge", post(purge))
+        .route("/admin/usage", get(usage))
         .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -76,6 +78,58 @@ async fn metrics() -> impl IntoResponse {
         )],
         body,
     )
+}
+
+/// `GET /admin/usage?key=K` (or `?key_sha256=D`): the key's token totals
+/// on routes with `count_tokens`, its tier as last seen; 404 for a key the
+/// ledger does not hold.
+async fn usage(State(node): State<Arc<EdgeNode>>, uri: http::Uri) -> Response {
+    let Some(ledger) = node.usage() else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "no_usage",
+            "no route on this node has `count_tokens = true`",
+        );
+    };
+    // An API key, or its digest as the ledger keeps it (the first 32 hex
+    // digits of its SHA-256), so an operator need not send the key itself.
+    let mut named = uri.query().unwrap_or("").split('&').filter_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .ok()?
+            .into_owned();
+        match name {
+            "key" => Some(crate::usage::digest_of(&value)),
+            "key_sha256" => Some(value.to_ascii_lowercase()),
+            _ => None,
+        }
+    });
+    let digest = match (named.next(), named.next()) {
+        (Some(digest), None) => digest,
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_usage_query",
+                "name one key: `?key=<API key>` or `?key_sha256=<its digest>`",
+            );
+        }
+    };
+    match ledger.totals(&digest) {
+        Some((tier, totals)) => axum::Json(serde_json::json!({
+            "key_sha256": digest,
+            "tier": tier,
+            "prompt_tokens": totals.prompt_tokens,
+            "completion_tokens": totals.completion_tokens,
+            "cached_tokens": totals.cached_tokens,
+        }))
+        .into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_key",
+            "this node has counted no tokens for that key (or has forgotten it)",
+        ),
+    }
 }
 
 /// Lets a request through only with the configured bearer token. With no

@@ -35,6 +35,7 @@ mod server;
 pub mod static_files;
 mod tls;
 mod upstream;
+mod usage;
 
 pub use error::{EdgeError, error_response};
 pub use observe::{LogFormat, LogGuard, init_logging};

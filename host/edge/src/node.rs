@@ -24,6 +24,7 @@ use crate::plugins::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadRep
 use crate::proxy::{ClientConnection, normalize_request};
 use crate::static_files::StaticSite;
 use crate::upstream::{RequestDeadline, UpstreamPool};
+use crate::usage::{Meter, UsageLedger};
 use std::collections::HashMap;
 
 /// What a path prefix leads to.
@@ -45,6 +46,8 @@ struct Route {
     deadline: Option<std::time::Duration>,
     /// Bytes of a request body buffered for the plugins (0: none).
     plugin_body_bytes: u64,
+    /// Answers' tokens are counted per key and tier.
+    count_tokens: bool,
 }
 
 /// The node's request handling state, shared by every listener.
@@ -68,6 +71,8 @@ pub(crate) struct EdgeNode {
     unrouted: Arc<RouteMetrics>,
     /// Body bytes held for plugins at once, node-wide.
     plugin_body_budget: BodyBudget,
+    /// Token totals per key, when some route counts tokens.
+    usage: Option<Arc<UsageLedger>>,
 }
 
 impl EdgeNode {
@@ -88,6 +93,7 @@ impl EdgeNode {
                 cache: None,
                 deadline: None,
                 plugin_body_bytes: 0,
+                count_tokens: false,
             });
         }
         for route in &config.routes {
@@ -105,6 +111,7 @@ impl EdgeNode {
                     }),
                     deadline: route.deadline,
                     plugin_body_bytes: route.plugin_body_bytes,
+                    count_tokens: route.count_tokens,
                 });
             }
         }
@@ -136,6 +143,11 @@ impl EdgeNode {
             trusted_proxies: config.node.trusted_proxy_networks(),
             unrouted: Arc::new(RouteMetrics::new("none")),
             plugin_body_budget: BodyBudget::new(config.limits.plugin_body_budget),
+            usage: config
+                .routes
+                .iter()
+                .any(|route| route.count_tokens)
+                .then(|| Arc::new(UsageLedger::new(&config.usage))),
         })
     }
 
@@ -149,6 +161,16 @@ impl EdgeNode {
 
     pub(crate) fn cache(&self) -> Option<&ResponseCache> {
         self.cache.as_deref()
+    }
+
+    pub(crate) fn usage(&self) -> Option<&UsageLedger> {
+        self.usage.as_deref()
+    }
+
+    /// The meter of a request on `route`, when it counts tokens.
+    fn meter(&self, route: &Route, request: &http::HeaderMap) -> Option<Meter> {
+        let ledger = self.usage.as_ref().filter(|_| route.count_tokens)?;
+        Some(ledger.meter(request))
     }
 
     pub(crate) fn admin_token(&self) -> Option<&str> {
@@ -286,10 +308,11 @@ impl EdgeNode {
                 .clone()
                 .map(|policy| (policy, Overrides::default()));
             let body = ClientBody::Streaming(body);
+            let meter = self.meter(route, &parts.headers);
             let response = self
                 .serve_target(&route.target, &route.prefix, parts, body, client, cache)
                 .await;
-            return (route.metrics.clone(), response);
+            return (route.metrics.clone(), metered(meter, response));
         }
 
         let (shown, body, held) = if route.plugin_body_bytes > 0 && chain.reads_requests() {
@@ -317,6 +340,8 @@ impl EdgeNode {
             .await;
         // The plugins are done with it; the forwarded copy is the pool's.
         drop(held);
+        // After the plugins: the tier is the one they left.
+        let meter = self.meter(route, &parts.headers);
         let (pool, response_inputs, overrides) = match outcome {
             RequestOutcome::Respond(response) => return (route.metrics.clone(), response),
             RequestOutcome::Continue {
@@ -353,7 +378,7 @@ impl EdgeNode {
         let response = chain
             .run_response_phase(gate, response_inputs, response)
             .await;
-        (route.metrics.clone(), response)
+        (route.metrics.clone(), metered(meter, response))
     }
 
     async fn serve_target(
@@ -394,5 +419,12 @@ impl EdgeNode {
                 }
             }
         }
+    }
+}
+
+fn metered(meter: Option<Meter>, response: Response<Body>) -> Response<Body> {
+    match meter {
+        Some(meter) => meter.wrap(response),
+        None => response,
     }
 }

@@ -44,6 +44,10 @@ struct RecState {
     bytes: usize,
     /// `Some(true)`: complete; `Some(false)`: broken off.
     end: Option<bool>,
+    /// Set when the answer is a completion: whether it is an event stream.
+    completion: Option<bool>,
+    /// Followers of a completion not yet counted as spared a generation.
+    uncounted_followers: u64,
 }
 
 /// One answer being recorded.
@@ -74,6 +78,8 @@ impl Recording {
                 chunks: Vec::new(),
                 bytes: 0,
                 end: None,
+                completion: None,
+                uncounted_followers: 0,
             }),
             changed: watch::channel(0).0,
             limit,
@@ -91,7 +97,7 @@ impl Recording {
         match self.chunks() {
             Some(chunks) => *self
                 .tokens
-                .get_or_init(|| super::usage::completion_tokens(&chunks, event_stream)),
+                .get_or_init(|| crate::usage::completion_tokens(&chunks, event_stream)),
             None => (0, 0),
         }
     }
@@ -105,8 +111,14 @@ impl Recording {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    pub(crate) fn publish_head(&self, head: Arc<SharedHead>) {
-        self.state().head = HeadState::Ready(head);
+    /// `completion`: the answer is a completion (`Some(event_stream)`),
+    /// whose followers are counted in `breakwater_cache_tokens_saved_total`.
+    pub(crate) fn publish_head(&self, head: Arc<SharedHead>, completion: Option<bool>) {
+        {
+            let mut state = self.state();
+            state.head = HeadState::Ready(head);
+            state.completion = completion;
+        }
         self.notify();
     }
 
@@ -146,13 +158,25 @@ impl Recording {
     }
 
     fn finish(&self, complete: bool) {
-        {
+        let spared = {
             let mut state = self.state();
             if state.end.is_none() {
                 state.end = Some(complete);
             }
-        }
+            let followers = std::mem::take(&mut state.uncounted_followers);
+            (state.end == Some(true))
+                .then_some(
+                    state
+                        .completion
+                        .map(|event_stream| (event_stream, followers)),
+                )
+                .flatten()
+        };
         self.notify();
+        // Every follower so far was spared a generation of its own.
+        if let Some((event_stream, followers)) = spared {
+            crate::usage::count_saved(self.completion_tokens(event_stream), followers);
+        }
     }
 
     /// The recorded chunks, once complete.
@@ -188,6 +212,22 @@ impl Recording {
     /// A body that replays the recording from its first byte and then
     /// follows it live, one frame per recorded chunk.
     pub(crate) fn reader(self: &Arc<Self>) -> Body {
+        // A completion's follower is counted as spared a generation when
+        // the recording completes, or now if it already has.
+        let spared_now = {
+            let mut state = self.state();
+            match (state.completion, state.end) {
+                (Some(event_stream), Some(true)) => Some(event_stream),
+                (Some(_), None) => {
+                    state.uncounted_followers += 1;
+                    None
+                }
+                _ => None,
+            }
+        };
+        if let Some(event_stream) = spared_now {
+            crate::usage::count_saved(self.completion_tokens(event_stream), 1);
+        }
         let rx = self.changed.subscribe();
         let stream = futures_util::stream::unfold(
             (self.clone(), rx, 0usize),

@@ -11,7 +11,6 @@ mod flight;
 mod identity;
 pub(crate) mod policy;
 mod store;
-mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +18,6 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use edge_config::CacheConfig;
-use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -31,6 +29,7 @@ use crate::proxy::{ClientConnection, UpstreamUnreachable};
 use crate::static_files::range::{self, ByteRange, RangeOutcome};
 use crate::static_files::{conditional, header_str, insert};
 use crate::upstream::UpstreamPool;
+use crate::usage;
 use entry::Entry;
 use flight::{Flights, LeaderGuard, Recording, Role, SharedHead, Tee, Waited};
 use policy::{Directives, StoreContext, now_ms};
@@ -497,15 +496,16 @@ impl ResponseCache {
             }
             None => (None, Arc::new(Recording::new(self.max_object_bytes))),
         };
-        rec.publish_head(head.clone());
+        let completion = ask.method == Method::POST && ask.plugin_keyed;
+        let sse = is_event_stream(&template.headers);
+        rec.publish_head(head.clone(), completion.then_some(sse));
         let cache = self.clone();
         let key = ask.primary.clone();
         let rec_for_end = rec.clone();
         // A completion's stream that ends without `data: [DONE]` was cut
         // short by the generator (an error event, a deadline), however
         // cleanly its body ended: never stored.
-        let needs_done = ask.method == Method::POST && is_event_stream(&template.headers);
-        let completion = ask.method == Method::POST && ask.plugin_keyed;
+        let needs_done = ask.method == Method::POST && sse;
         let on_end: flight::OnEnd = Box::new(move |complete| {
             let handle = tokio::runtime::Handle::try_current();
             let (true, Ok(handle)) = (complete, handle) else {
@@ -520,7 +520,6 @@ impl ResponseCache {
                     && let Some(chunks) = rec_for_end.chunks()
                     && (!needs_done || ends_with_done(&chunks))
                 {
-                    let sse = is_event_stream(&template.headers);
                     let tokens = if completion {
                         rec_for_end.completion_tokens(sse)
                     } else {
@@ -951,23 +950,10 @@ fn slice_chunks(chunks: &[Bytes], range: ByteRange) -> Vec<Bytes> {
 fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> {
     count(&ask.route.name, None, Outcome::Hit);
     let body = match own_identity(ask) {
-        Some(mut identity) => {
-            let copy = rec
-                .reader()
-                .map_frame(move |frame| frame.map_data(|data| identity.rewrite(data)));
-            // A waiter that got the whole completion was spared a
-            // generation: counted when its copy ends.
-            let event_stream = is_event_stream(&head.stored.headers);
-            let rec = rec.clone();
-            let counted = futures_util::stream::once(async move {
-                usage::count_saved(rec.completion_tokens(event_stream), 1);
-                None::<Result<http_body::Frame<Bytes>, axum::Error>>
-            })
-            .filter_map(|nothing| async move { nothing });
-            Body::new(http_body_util::StreamBody::new(
-                http_body_util::BodyStream::new(copy).chain(counted),
-            ))
-        }
+        Some(mut identity) => Body::new(
+            rec.reader()
+                .map_frame(move |frame| frame.map_data(|data| identity.rewrite(data))),
+        ),
         None => rec.reader(),
     };
     let response = stored_response(&head.stored, body);

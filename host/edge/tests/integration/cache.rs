@@ -1170,6 +1170,151 @@ async fn bodies_beyond_the_nodes_budget_stream_past_the_plugins() {
     node.shutdown().await;
 }
 
+/// `GET /admin/usage` with `query`, with or without the admin token.
+async fn usage(
+    node: &breakwater_edge::RunningNode,
+    token: Option<&str>,
+    query: &str,
+) -> (u16, serde_json::Value) {
+    let mut request = client().get(admin_url(node, &format!("/admin/usage?{query}")));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("usage");
+    let status = response.status().as_u16();
+    (status, common::json(&response.bytes().await.expect("body")))
+}
+
+#[tokio::test]
+async fn tokens_are_counted_per_key_and_tier_and_cached_ones_apart() {
+    let up = Upstream::start().await;
+    up.set(
+        "/v1/chat/completions",
+        script(
+            200,
+            &[("content-type", "application/json")],
+            r#"{"id":"chatcmpl-1","choices":[{"message":{"content":"Paris."}}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#,
+        ),
+    );
+    let dir = tmp();
+    let node = cache_policy_node(
+        up.addr,
+        "plugin_body_bytes = 256\ncount_tokens = true\n\n[usage]\ntier_header = \"x-tier\"",
+        "{ default_ttl = 60 }",
+        dir.path(),
+    )
+    .await;
+    let ask = || async {
+        let response = client()
+            .post(url(&node, "/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer k-1")
+            .header("x-tier", "gold")
+            .body(r#"{"model":"m","prompt":"capital of France","temperature":0}"#)
+            .send()
+            .await
+            .expect("POST");
+        got(response).await
+    };
+    assert_eq!(ask().await.x_cache, "MISS");
+    assert_eq!(ask().await.x_cache, "HIT");
+
+    let (status, totals) = usage(&node, Some("secret"), "key=k-1").await;
+    assert_eq!(status, 200, "{totals}");
+    assert_eq!(totals["tier"], "gold");
+    assert_eq!(
+        (
+            &totals["prompt_tokens"],
+            &totals["completion_tokens"],
+            &totals["cached_tokens"]
+        ),
+        (&12.into(), &3.into(), &15.into()),
+        "{totals}"
+    );
+    // By digest, without sending the key itself.
+    let digest = totals["key_sha256"].as_str().expect("a digest").to_owned();
+    assert!(!digest.contains("k-1"));
+    let (status, again) = usage(&node, Some("secret"), &format!("key_sha256={digest}")).await;
+    assert_eq!((status, &again), (200, &totals));
+    assert_eq!(usage(&node, Some("secret"), "key=k-2").await.0, 404);
+    assert_eq!(usage(&node, Some("secret"), "").await.0, 400);
+    assert_eq!(usage(&node, None, "key=k-1").await.0, 401);
+
+    // A waiter that follows a leader's whole (not streamed) answer was
+    // spared its 3 completion tokens too.
+    let gate = CancellationToken::new();
+    up.set(
+        "/v1/chat/completions",
+        Script {
+            gate: Some(gate.clone()),
+            ..script(
+                200,
+                &[("content-type", "application/json")],
+                r#"{"id":"chatcmpl-2","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3}}"#,
+            )
+        },
+    );
+    let saved = || async {
+        let text = common::metrics_text(&node).await;
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(r#"breakwater_cache_tokens_saved_total{kind="completion"} "#)
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = saved().await;
+    let other = || {
+        client()
+            .post(url(&node, "/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(r#"{"model":"m","prompt":"capital of Spain","temperature":0}"#)
+            .send()
+    };
+    let leading = tokio::spawn(other());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while up.count() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let waiting = tokio::spawn(other());
+    while metric(&node, "breakwater_cache_coalesced_waiting").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiter never joined"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.cancel();
+    let leader = got(leading.await.expect("task").expect("leader")).await;
+    let waiter = got(waiting.await.expect("task").expect("waiter")).await;
+    assert_eq!(
+        (leader.x_cache.as_str(), waiter.x_cache.as_str()),
+        ("MISS", "HIT")
+    );
+    assert_eq!(saved().await - before, 3.0);
+    let (_, anonymous) = usage(&node, Some("secret"), "key_sha256=anonymous").await;
+    assert_eq!(
+        (
+            &anonymous["prompt_tokens"],
+            &anonymous["completion_tokens"],
+            &anonymous["cached_tokens"]
+        ),
+        (&5.into(), &3.into(), &8.into()),
+        "the leader's tokens, and the waiter's as cached: {anonymous}"
+    );
+
+    let text = common::metrics_text(&node).await;
+    for (kind, tokens) in [("prompt", 12), ("completion", 3), ("cached", 15)] {
+        let line = format!(r#"breakwater_tokens_total{{tier="gold",kind="{kind}"}} {tokens}"#);
+        assert!(text.contains(&line), "{line} in:\n{text}");
+    }
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_body_broken_while_shown_to_plugins_is_the_clients_error() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
