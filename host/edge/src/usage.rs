@@ -91,7 +91,14 @@ pub(crate) struct Totals {
 pub(crate) struct UsageLedger {
     keys: moka::sync::Cache<String, Arc<Mutex<(String, Totals)>>>,
     tier_header: Option<http::HeaderName>,
+    /// The tiers seen so far, each a label value of `breakwater_tokens_total`.
+    tiers: Mutex<std::collections::HashSet<String>>,
 }
+
+/// Distinct tiers labelled before the rest count as `other`: a request
+/// header a client might set itself must not mint metric series without
+/// bound.
+const MAX_TIERS: usize = 64;
 
 impl UsageLedger {
     pub(crate) fn new(config: &edge_config::UsageConfig) -> Self {
@@ -106,18 +113,35 @@ impl UsageLedger {
                 .tier_header
                 .as_deref()
                 .and_then(|name| http::HeaderName::from_bytes(name.as_bytes()).ok()),
+            tiers: Mutex::default(),
         }
+    }
+
+    /// `named` as a tier label: one of the first [`MAX_TIERS`] names seen
+    /// (at most 64 bytes each), else `other`.
+    fn tier(&self, named: Option<&str>) -> String {
+        let Some(named) = named.filter(|n| !n.is_empty() && n.len() <= 64) else {
+            return if named.is_some() { "other" } else { "all" }.to_owned();
+        };
+        let mut tiers = self.tiers.lock().unwrap_or_else(|p| p.into_inner());
+        if tiers.contains(named) {
+            return named.to_owned();
+        }
+        if tiers.len() < MAX_TIERS {
+            tiers.insert(named.to_owned());
+            return named.to_owned();
+        }
+        "other".to_owned()
     }
 
     /// What a request is counted under: its API key's digest and its tier.
     pub(crate) fn meter(self: &Arc<Self>, request: &HeaderMap) -> Meter {
-        let tier = self
-            .tier_header
-            .as_ref()
-            .and_then(|name| request.get(name))
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("all")
-            .to_owned();
+        let tier = self.tier(
+            self.tier_header
+                .as_ref()
+                .and_then(|name| request.get(name))
+                .map(|v| v.to_str().unwrap_or("")),
+        );
         Meter {
             ledger: Arc::clone(self),
             key: key_digest(request),
@@ -303,6 +327,22 @@ impl http_body::Body for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiers_are_bounded_label_values() {
+        let ledger = UsageLedger::new(&edge_config::UsageConfig {
+            tier_header: Some("x-tier".to_owned()),
+            max_keys: 10,
+        });
+        assert_eq!(ledger.tier(None), "all");
+        assert_eq!(ledger.tier(Some("")), "other");
+        assert_eq!(ledger.tier(Some(&"x".repeat(65))), "other");
+        for i in 0..MAX_TIERS {
+            assert_eq!(ledger.tier(Some(&format!("t{i}"))), format!("t{i}"));
+        }
+        assert_eq!(ledger.tier(Some("one-too-many")), "other");
+        assert_eq!(ledger.tier(Some("t0")), "t0", "known tiers keep their name");
+    }
 
     #[test]
     fn a_key_is_kept_as_its_digest_from_bearer_or_x_api_key() {
