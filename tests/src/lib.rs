@@ -542,6 +542,16 @@ pub fn identity_and_rest(answer: &[u8]) -> (String, Vec<serde_json::Value>) {
     (id, rest)
 }
 
+/// Generations a GPU host has finished, whatever their outcome, from its
+/// metrics at `metrics_url`.
+pub async fn gpu_generations(metrics_url: &str) -> f64 {
+    metric_sum(
+        &get_text(metrics_url).await,
+        "breakwater_infer_sequences_finished_total",
+        &[],
+    )
+}
+
 /// The body of `GET url` as text, within [`PATIENCE`]; panics on failure.
 pub async fn get_text(url: &str) -> String {
     reqwest::Client::new()

@@ -170,12 +170,7 @@ impl UsageLedger {
 /// `X-Api-Key`) as the ledger keeps it: the first 32 hex digits of its
 /// SHA-256, never the key itself; `anonymous` without one.
 pub(crate) fn key_digest(request: &HeaderMap) -> String {
-    let bearer = request
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key.trim());
+    let bearer = crate::admin::bearer_token(request);
     let key = bearer.or_else(|| request.get("x-api-key").and_then(|v| v.to_str().ok()));
     match key {
         Some(key) if !key.is_empty() => digest_of(key),
@@ -208,13 +203,8 @@ impl Meter {
             return response;
         }
         let headers = response.headers();
-        let cached = headers
-            .get("x-cache")
-            .is_some_and(|v| v.as_bytes() == b"HIT" || v.as_bytes() == b"STALE");
-        let event_stream = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        let cached = crate::cache::answered_by_cache(headers);
+        let event_stream = crate::cache::is_event_stream(headers);
         let length = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 
 use breakwater_e2e::{
     EdgeProcess, GpuHostProcess, PATIENCE, completion_caching_edge, gen_test_model,
-    identity_and_rest, metric_sum, post_json,
+    gpu_generations, identity_and_rest, metric_sum, post_json,
 };
 
 /// An edge caching `host`'s deterministic completions. Plugin phases and
@@ -26,15 +26,6 @@ fn caching_edge(host: &GpuHostProcess) -> EdgeProcess {
     )
 }
 
-/// Generations the GPU host finished, whatever their outcome.
-async fn generations(host: &GpuHostProcess) -> f64 {
-    metric_sum(
-        &host.metrics().await,
-        "breakwater_infer_sequences_finished_total",
-        &[],
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crowd_asking_the_same_thing_at_once_makes_one_generation() {
     let model = tempfile::tempdir().expect("tempdir");
@@ -43,7 +34,7 @@ async fn a_crowd_asking_the_same_thing_at_once_makes_one_generation() {
     let host =
         GpuHostProcess::start(&["--model", path, "--model-name", "m"], |_| {}, PATIENCE).await;
     let edge = caching_edge(&host);
-    let before = generations(&host).await;
+    let before = gpu_generations(&host.url("/metrics")).await;
 
     const CROWD: usize = 200;
     let body = r#"{"model":"m","prompt":"launch day","max_tokens":48,"temperature":0,"ignore_eos":true,"stream":true}"#;
@@ -79,7 +70,7 @@ async fn a_crowd_asking_the_same_thing_at_once_makes_one_generation() {
     assert_eq!(ids.len(), CROWD, "each client its own id");
     assert_eq!(outcomes.get("MISS"), Some(&1), "one leader: {outcomes:?}");
     assert_eq!(
-        generations(&host).await - before,
+        gpu_generations(&host.url("/metrics")).await - before,
         1.0,
         "one generation for the whole crowd ({outcomes:?})"
     );

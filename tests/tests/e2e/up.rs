@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use breakwater_e2e::{
-    ChildGuard, PATIENCE, breakwater, identity_and_rest, metric_sum, port_is_free, post_json,
+    ChildGuard, PATIENCE, breakwater, gpu_generations, identity_and_rest, port_is_free, post_json,
     wait_for,
 };
 
@@ -140,16 +140,8 @@ async fn up_serves_the_demo_site_with_etags() {
 }
 
 /// Generations the demo's GPU host has finished, whatever their outcome.
-async fn generations(client: &reqwest::Client) -> f64 {
-    let text = client
-        .get("http://127.0.0.1:9000/metrics")
-        .send()
-        .await
-        .expect("GET the GPU host's /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    metric_sum(&text, "breakwater_infer_sequences_finished_total", &[])
+async fn generations() -> f64 {
+    gpu_generations("http://127.0.0.1:9000/metrics").await
 }
 
 /// A short chat about `topic`, as a JSON body with `extra` fields. The
@@ -185,17 +177,17 @@ async fn expect(
     cache: &str,
     new_generations: f64,
 ) -> Vec<u8> {
-    let before = generations(client).await;
+    let before = generations().await;
     let (marked, answer) = ask(client, addr, body).await;
     assert_eq!(marked, cache, "X-Cache of {body}");
     let after = before + new_generations;
     wait_for(
         &format!("{new_generations} generation(s) for {body}"),
         PATIENCE,
-        async || generations(client).await >= after,
+        async || generations().await >= after,
     )
     .await;
-    assert_eq!(generations(client).await, after, "generations for {body}");
+    assert_eq!(generations().await, after, "generations for {body}");
     answer
 }
 
@@ -258,13 +250,13 @@ async fn completions_are_cached_when_deterministic(client: &reqwest::Client, add
             ),
         ),
     ] {
-        let before = generations(client).await;
+        let before = generations().await;
         let (marked, _) = ask(client, addr, &changed).await;
         assert_eq!(marked, "MISS", "a changed {what} misses: {changed}");
         wait_for(
             &format!("the generation of a changed {what}"),
             PATIENCE,
-            async || generations(client).await > before,
+            async || generations().await > before,
         )
         .await;
     }

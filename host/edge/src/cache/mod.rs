@@ -629,7 +629,7 @@ fn is_error(status: StatusCode) -> bool {
     matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -767,6 +767,15 @@ fn count(route: &str, tier: Option<Tier>, outcome: Outcome) {
     };
     metrics::counter!("breakwater_cache_requests_total", "route" => route.to_owned(), "tier" => tier, "result" => result)
         .increment(1);
+}
+
+/// Whether the cache answered without an upstream request of its own: a
+/// hit (stored, or a leader's answer followed live) or a stale answer.
+pub(crate) fn answered_by_cache(headers: &HeaderMap) -> bool {
+    headers.get(X_CACHE).is_some_and(|v| {
+        v.as_bytes() == Outcome::Hit.label().as_bytes()
+            || v.as_bytes() == Outcome::Stale.label().as_bytes()
+    })
 }
 
 fn marked(mut response: Response<Body>, outcome: Outcome) -> Response<Body> {
