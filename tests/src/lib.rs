@@ -21,15 +21,45 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A cargo command run from inside a test, without the variables cargo
+/// sets for the test process itself (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`,
+/// …): build scripts such as ring's watch some of them, so passing them on
+/// would make the nested build rerun them and rebuild the binary, about a
+/// minute on CI's machine, once per test process.
+pub fn nested_cargo() -> Command {
+    let cargo = std::env::var_os("CARGO")
+        .or_else(|| option_env!("CARGO").map(Into::into))
+        .unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let set_by_cargo = name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            );
+        if set_by_cargo {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// The `breakwater` binary, built (or found up to date) once per test process.
 pub fn breakwater_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let root = workspace_root();
-        let cargo = std::env::var_os("CARGO")
-            .or_else(|| option_env!("CARGO").map(Into::into))
-            .unwrap_or_else(|| "cargo".into());
-        let output = Command::new(cargo)
+        let output = nested_cargo()
             .args(["build", "-p", "breakwater-cli", "--bin", "breakwater"])
             .current_dir(&root)
             .stdin(Stdio::null())

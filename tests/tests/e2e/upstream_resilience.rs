@@ -257,7 +257,14 @@ async fn a_second_region_takes_over_when_every_local_endpoint_is_down_and_hands_
     let edge = tokio::task::block_in_place(|| {
         EdgeProcess::start(&edge_config(
             &[&eu1, &eu2],
-            &format!("failover = [\"us\"]\nfailback_after = \"1s\"\n{health}"),
+            // Three attempts: a request in flight on eu-1 when it dies is
+            // retried on eu-2, which may die under that retry too (both
+            // are killed within a millisecond); its third goes to us. With
+            // the default two, that request is a 502, as in Envoy with one
+            // retry.
+            &format!(
+                "failover = [\"us\"]\nfailback_after = \"1s\"\nretry = {{ attempts = 3 }}\n{health}"
+            ),
             &format!(
                 "[[pool]]\nname = \"us\"\nregion = \"us\"\nendpoints = [{}]\n{health}\n",
                 endpoints(&[&us])
