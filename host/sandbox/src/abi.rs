@@ -1,4 +1,5 @@
-//! The plugin ABIs the host speaks: the current one (`sdk/wit`, 0.2.0) and,
+//! The plugin ABIs the host speaks: the current one (`sdk/wit`, 0.2.1, which
+//! also serves components built against 0.2.0: it only adds an interface) and,
 //! through an adapter, 0.1.0 (`sdk/wit-0.1.0`), so a plugin built before
 //! 0.2.0 keeps loading. The rest of the sandbox sees only the current ABI's
 //! types: a 0.1.0 plugin implements both phases and keeps no context.
@@ -12,7 +13,9 @@ use crate::host::HostState;
 
 /// The ABI versions a plugin may target, newest first: the order loads try
 /// them in.
-pub(crate) const VERSIONS: [&str; 2] = ["0.2.0", "0.1.0"];
+/// A component built against 0.2.0 links against 0.2.1 (the linker
+/// matches semver-compatible imports) and reports 0.2.1.
+pub(crate) const VERSIONS: [&str; 2] = ["0.2.1", "0.1.0"];
 
 /// A plugin's component, linked and type-checked against one ABI.
 pub(crate) enum PluginPre {
@@ -50,6 +53,8 @@ pub(crate) fn add_capability(
         }
         Capability::Counters => {
             now::counters::add_to_linker::<_, Data>(linker, |s| s)?;
+            // Token budgets are counter buckets counted in LLM tokens.
+            now::tokens::add_to_linker::<_, Data>(linker, |s| s)?;
             old::counters::add_to_linker::<_, Data>(linker, |s| s)
         }
         Capability::Metrics => {

@@ -18,7 +18,8 @@ pub enum Capability {
     Clock,
     /// `kv`: the per-plugin key-value store.
     Kv,
-    /// `counters`: token buckets shared on the node.
+    /// `counters`: token buckets shared on the node, and the `tokens`
+    /// interface's LLM token budgets, which are such buckets.
     Counters,
     /// `metrics`: plugin-defined counters and histograms.
     Metrics,
@@ -42,6 +43,15 @@ impl Capability {
             Capability::Kv => "kv",
             Capability::Counters => "counters",
             Capability::Metrics => "metrics",
+        }
+    }
+
+    /// The capability that grants the WIT interface `name`: its own, but
+    /// `tokens`, whose budgets are counter buckets, comes with `counters`.
+    fn of_interface(name: &str) -> Option<Capability> {
+        match name {
+            "tokens" => Some(Capability::Counters),
+            other => Capability::from_name(other),
         }
     }
 
@@ -88,7 +98,7 @@ pub(crate) fn check_imports(
     for (import, _) in component.component_type().imports(engine) {
         if let Some(interface) = import.strip_prefix(PACKAGE) {
             let name = interface.split('@').next().unwrap_or(interface);
-            match Capability::from_name(name) {
+            match Capability::of_interface(name) {
                 Some(capability) if grants.contains(&capability) => {}
                 Some(capability) => {
                     return Err(LoadError::NotGranted {

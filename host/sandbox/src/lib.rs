@@ -58,6 +58,7 @@ use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 pub use artifact::sha256_hex;
 pub use capability::Capability;
 pub use error::{CallError, FailureKind, LoadError, OnFailure, SandboxError};
+pub use host::tokens::{TokenGrants, TokenUsage};
 pub use time::{Clock, ManualClock};
 
 use host::HostState;
@@ -564,10 +565,25 @@ impl LoadedPlugin {
     }
 
     /// Runs the request phase: the decision, and the context the plugin
-    /// leaves for its own response phase.
+    /// leaves for its own response phase. Token reservations the plugin
+    /// makes are given back at once; a node that settles them calls
+    /// [`LoadedPlugin::on_request_granting`].
     pub fn on_request(&self, req: &Request) -> Result<RequestOutcome, CallError> {
-        let outcome = self.call(self.limits.cpu_deadline, |plugin, store| {
-            plugin.on_request(store, req)
+        self.on_request_granting(req).map(|(outcome, _)| outcome)
+    }
+
+    /// [`LoadedPlugin::on_request`], and the token reservations the plugin
+    /// made (`tokens.reserve`), for the node to settle when the answer has
+    /// ended. A call that fails keeps none.
+    pub fn on_request_granting(
+        &self,
+        req: &Request,
+    ) -> Result<(RequestOutcome, TokenGrants), CallError> {
+        let (outcome, grants) = self.call(self.limits.cpu_deadline, |plugin, store| {
+            store.data_mut().token_grants = Some(TokenGrants::default());
+            let outcome = plugin.on_request(store, req);
+            let grants = store.data_mut().token_grants.take().unwrap_or_default();
+            outcome.map(|outcome| (outcome, grants))
         })?;
         match &outcome.decision {
             RequestDecision::Respond(response) => self.check_response(response)?,
@@ -582,7 +598,7 @@ impl LoadedPlugin {
                 ),
             ));
         }
-        Ok(outcome)
+        Ok((outcome, grants))
     }
 
     /// Runs the response phase with the context this plugin's request

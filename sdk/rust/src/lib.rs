@@ -49,9 +49,11 @@
 //! in a `static` or a `Cell`: it may be reset, or seen by the next request.
 //!
 //! Each host capability module ([`log`], [`clock`], [`kv`], [`counters`],
-//! [`metrics`]) becomes an import of the plugin only when the plugin calls
-//! it, and the node refuses to load a plugin importing a capability its
-//! configuration does not grant.
+//! [`tokens`], [`metrics`]) becomes an import of the plugin only when the
+//! plugin calls it, and the node refuses to load a plugin importing a
+//! capability its configuration does not grant. [`tokens`] needs no grant of
+//! its own: it draws from the same buckets as [`counters`], whose grant
+//! covers both.
 
 // The generated bindings name the runtime through this crate so that plugin
 // crates need no direct dependency on wit-bindgen.
@@ -66,6 +68,7 @@ pub mod counters;
 pub mod kv;
 pub mod log;
 pub mod metrics;
+pub mod tokens;
 
 /// The bindings generated from `sdk/wit`, the plugin ABI. Plugins normally
 /// use the re-exports at the crate root instead.

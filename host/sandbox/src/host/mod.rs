@@ -6,6 +6,7 @@ pub(crate) mod counters;
 pub(crate) mod kv;
 pub(crate) mod log;
 pub(crate) mod metrics;
+pub(crate) mod tokens;
 
 use std::sync::Arc;
 
@@ -32,6 +33,9 @@ pub(crate) struct HostState {
     stderr: MemoryOutputPipe,
     memory_cap: usize,
     memory_used: usize,
+    /// The token reservations of the `on-request` call in progress; none
+    /// outside one, where `tokens.reserve` is refused.
+    pub(crate) token_grants: Option<tokens::TokenGrants>,
     /// Set when a memory grow was refused, so that the trap that usually
     /// follows (an allocation failure aborts) is reported as a memory failure.
     pub(crate) memory_refused: bool,
@@ -50,6 +54,7 @@ impl HostState {
             stderr,
             memory_cap,
             memory_used: 0,
+            token_grants: None,
             memory_refused: false,
         }
     }

@@ -1,6 +1,7 @@
 //! The plugin ABI's versions and phases: a component built against 0.1.0
-//! still loads and answers through the host's adapter; a 0.2.0 plugin's
-//! phases are what it implements; the context from `on-request` is bounded.
+//! still loads and answers through the host's adapter; one built against
+//! 0.2.0 links against 0.2.1's interfaces; a plugin's phases are what it
+//! implements; the context from `on-request` is bounded.
 
 use crate::common::{get, sandbox, spec};
 use breakwater_sandbox::{
@@ -84,7 +85,7 @@ fn a_plugin_has_the_phases_it_implements() {
         let mut spec = spec(name, component, "");
         spec.grants.extend(grants.iter().copied());
         let plugin = sandbox.load(spec).expect("load");
-        assert_eq!(plugin.abi_version(), "0.2.0", "{name}");
+        assert_eq!(plugin.abi_version(), "0.2.1", "{name}");
         plugin.phases()
     };
     // The bundled chain: only rate-limit looks at answers.
@@ -111,5 +112,26 @@ fn a_context_over_the_limit_fails_the_call_that_leaves_it() {
         let error = plugin.on_request(&get("/")).expect_err("context too big");
         assert_eq!(error.kind, FailureKind::InvalidDecision, "{error}");
         assert!(error.message.contains("context"), "{error}");
+    }
+}
+
+#[test]
+fn a_plugin_built_against_abi_0_2_0_links_against_0_2_1() {
+    let sandbox = sandbox();
+    let mut spec = spec("older", "fixture_abi_v0_2_0", "");
+    spec.grants.insert(Capability::Counters);
+    let plugin = sandbox.load(spec).expect("a 0.2.0 component loads");
+    assert_eq!(plugin.abi_version(), "0.2.1");
+    assert_eq!(plugin.phases(), Phases::REQUEST);
+    // Its `counters@0.2.0` import is the host's 0.2.1 bucket store: the
+    // burst of 1 is taken, then refused.
+    for allowed in [true, false] {
+        match plugin.on_request(&get("/")).expect("on-request").decision {
+            RequestDecision::ContinueWith(changes) => assert_eq!(
+                changes.set_headers,
+                [("x-abi".to_owned(), format!("0.2.0 allowed={allowed}"))]
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

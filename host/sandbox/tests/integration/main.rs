@@ -15,4 +15,5 @@ mod loading;
 mod metrics;
 mod rate_limit;
 mod router;
+mod token_budgets;
 mod waf;

@@ -18,6 +18,7 @@ const COMPONENTS: &[&str] = &[
     "fixture_misbehave",
     "fixture_host_calls",
     "fixture_abi_v0_1",
+    "fixture_abi_v0_2_0",
     "rate_limit",
     "router",
     "cache_policy",
