@@ -115,7 +115,31 @@ pub fn gen_test_model(dir: &Path, shape: &str, seed: u64) {
 /// (cache-policy, bodies shown to it). `top` holds extra top-level
 /// sections (`[limits]`, `[cache]`), `pool` extra lines of the pool.
 pub fn completion_caching_edge(upstream: &str, top: &str, pool: &str) -> EdgeProcess {
-    let (plugin, sha256) = plugin_artifact("cache_policy");
+    llm_edge(
+        upstream,
+        top,
+        "cache = true",
+        "cache-policy",
+        "cache_policy",
+        "{ default_ttl = 3600 }",
+        pool,
+    )
+}
+
+/// An edge whose `/v1/` route sends to the GPU host at `upstream` through
+/// the bundled plugin `component` (named `plugin`, granted `counters`,
+/// configured with the inline table `config`), bodies shown to it; `route`
+/// holds extra lines of the route.
+pub fn llm_edge(
+    upstream: &str,
+    top: &str,
+    route: &str,
+    plugin: &str,
+    component: &str,
+    config: &str,
+    pool: &str,
+) -> EdgeProcess {
+    let (path, sha256) = plugin_artifact(component);
     EdgeProcess::start(&format!(
         r#"
 [[listener]]
@@ -129,22 +153,23 @@ address = "{{admin}}"
 [[route]]
 prefix = "/v1/"
 pool = "gpu"
-cache = true
-plugins = ["cache-policy"]
+plugins = ["{plugin}"]
 plugin_body_bytes = true
+{route}
 
 [[plugin]]
-name = "cache-policy"
+name = "{plugin}"
 path = "{}"
 sha256 = "{sha256}"
-config = {{ default_ttl = 3600 }}
+grants = ["counters"]
+config = {config}
 
 [[pool]]
 name = "gpu"
 endpoints = ["{upstream}"]
 {pool}
 "#,
-        plugin.display()
+        path.display()
     ))
 }
 

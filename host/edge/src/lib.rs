@@ -34,6 +34,7 @@ mod proxy;
 mod server;
 pub mod static_files;
 mod tls;
+mod token_budget;
 mod upstream;
 mod usage;
 

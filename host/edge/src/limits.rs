@@ -251,6 +251,11 @@ pub(crate) enum ClientBody {
 }
 
 impl ClientBody {
+    /// A body the node holds whole: nothing of it can break any more.
+    pub(crate) fn whole(bytes: Bytes) -> Self {
+        ClientBody::Limited(ResponseBody::from(bytes), BodyLimitTrip::default())
+    }
+
     /// The body with the node's limits applied, and where a broken one is
     /// recorded.
     pub(crate) fn limited(
@@ -390,10 +395,9 @@ pub(crate) async fn buffer_for_plugins(
             all.freeze()
         }
     };
-    let forwarded = ResponseBody::from(whole.clone());
     Ok((
-        BufferedBody::Whole(whole),
-        ClientBody::Limited(forwarded, BodyLimitTrip::default()),
+        BufferedBody::Whole(whole.clone()),
+        ClientBody::whole(whole),
         held,
     ))
 }

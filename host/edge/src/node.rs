@@ -23,6 +23,7 @@ use crate::plugins::RequestOutcome;
 use crate::plugins::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadReport};
 use crate::proxy::{ClientConnection, normalize_request};
 use crate::static_files::StaticSite;
+use crate::token_budget::Budget;
 use crate::upstream::{RequestDeadline, UpstreamPool};
 use crate::usage::{Meter, UsageLedger};
 use std::collections::HashMap;
@@ -334,22 +335,39 @@ impl EdgeNode {
         } else {
             (BufferedBody::NotBuffered, ClientBody::Streaming(body), None)
         };
+        // What the plugins saw, for a token budget's rewrite of it.
+        let whole = match &shown {
+            BufferedBody::Whole(bytes) => Some(bytes.clone()),
+            _ => None,
+        };
         let gate = self.plugins.gate();
-        let (parts, outcome) = chain
+        let (mut parts, outcome) = chain
             .run_request_phase(gate, parts, shown, client.peer)
             .await;
         // The plugins are done with it; the forwarded copy is the pool's.
         drop(held);
         // After the plugins: the tier is the one they left.
         let meter = self.meter(route, &parts.headers);
-        let (pool, response_inputs, overrides) = match outcome {
+        let (pool, response_inputs, mut overrides, grants) = match outcome {
             RequestOutcome::Respond(response) => return (route.metrics.clone(), response),
             RequestOutcome::Continue {
                 pool,
                 response,
                 cache,
-            } => (pool, response, cache),
+                grants,
+            } => (pool, response, cache, grants),
         };
+        let mut body = body;
+        let budget =
+            Budget::admit(grants, &mut parts, whole.as_ref()).map(|(budget, rewritten)| {
+                if let Some(rewritten) = rewritten {
+                    body = ClientBody::whole(rewritten.body);
+                    if let Some(key) = &mut overrides.key {
+                        key.push_str(&rewritten.key_suffix);
+                    }
+                }
+                budget
+            });
         let chosen;
         let target = match pool {
             None => &route.target,
@@ -378,7 +396,14 @@ impl EdgeNode {
         let response = chain
             .run_response_phase(gate, response_inputs, response)
             .await;
-        (route.metrics.clone(), metered(meter, response))
+        // Metered first: the ledger reads the upstream's usage chunk, which
+        // the budget may then remove.
+        let response = metered(meter, response);
+        let response = match budget {
+            Some(budget) => budget.answer(response).await,
+            None => response,
+        };
+        (route.metrics.clone(), response)
     }
 
     async fn serve_target(

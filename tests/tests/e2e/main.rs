@@ -17,6 +17,7 @@ mod model_store;
 mod plugin_cli;
 mod plugin_url;
 mod reload;
+mod token_budgets;
 mod up;
 mod upstream_gpu_hosts;
 mod upstream_resilience;

@@ -17,7 +17,8 @@ use std::time::Duration;
 use axum::body::Body;
 use breakwater_sandbox::{
     CallError, Capability, Isolation, LoadError, LoadedPlugin, OnFailure, Phases, PluginSpec,
-    Request, RequestChanges, RequestDecision, ResponseDecision, ResponseHead, Sandbox, http_view,
+    Request, RequestChanges, RequestDecision, ResponseDecision, ResponseHead, Sandbox, TokenGrants,
+    http_view,
 };
 use edge_config::{FailurePolicy, LimitsConfig, PluginConfig, PluginIsolation};
 use http::request::Parts;
@@ -166,6 +167,8 @@ pub(crate) enum RequestOutcome {
         response: Option<Box<ResponseInputs>>,
         /// The plugins' cache key, TTL and bypass for the response cache.
         cache: crate::cache::Overrides,
+        /// The LLM tokens the plugins reserved, settled with the answer.
+        grants: TokenGrants,
     },
     /// A plugin (or a closed failure) answered.
     Respond(Response<Body>),
@@ -272,12 +275,18 @@ impl PluginChain {
         let mut pool = None;
         let mut cache = crate::cache::Overrides::default();
         let mut contexts = Vec::new();
+        // Dropped with a refusal below: a request answered here gives its
+        // reservations back.
+        let mut grants = TokenGrants::default();
         for (place, plugin) in self.plugins.iter().enumerate() {
             if !plugin.phases().contains(Phases::REQUEST) {
                 continue;
             }
-            let outcome = match plugin.on_request(&view) {
-                Ok(outcome) => outcome,
+            let outcome = match plugin.on_request_granting(&view) {
+                Ok((outcome, granted)) => {
+                    grants.extend(granted);
+                    outcome
+                }
                 Err(error) => match failure(plugin, &error) {
                     Some(response) => return RequestOutcome::Respond(response),
                     None => continue,
@@ -315,6 +324,7 @@ impl PluginChain {
             pool,
             response,
             cache,
+            grants,
         }
     }
 

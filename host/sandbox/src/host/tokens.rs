@@ -31,6 +31,7 @@ struct Reservation {
     counters: Arc<Counters>,
     buckets: Vec<BucketSpec>,
     taken: u32,
+    prompt_estimate: u32,
     asked_completion: u32,
     completion_cap: u32,
     cached_cost: u32,
@@ -84,6 +85,24 @@ impl TokenGrants {
         self.reservations
             .iter()
             .map(|r| u64::from(r.taken))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// What a cached answer costs (the largest `cached-cost`).
+    pub fn cached_cost(&self) -> u64 {
+        self.reservations
+            .iter()
+            .map(|r| u64::from(r.cached_cost))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The prompt tokens the reservations estimated (the largest).
+    pub fn prompt_estimate(&self) -> u32 {
+        self.reservations
+            .iter()
+            .map(|r| r.prompt_estimate)
             .max()
             .unwrap_or(0)
     }
@@ -157,6 +176,7 @@ impl Host for HostState {
                 counters,
                 buckets,
                 taken: ask.prompt_estimate.saturating_add(reserved.completion),
+                prompt_estimate: ask.prompt_estimate,
                 asked_completion: max_completion,
                 completion_cap: reserved.completion,
                 cached_cost: ask.cached_cost,
