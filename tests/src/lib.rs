@@ -119,27 +119,38 @@ pub fn completion_caching_edge(upstream: &str, top: &str, pool: &str) -> EdgePro
         upstream,
         top,
         "cache = true",
-        "cache-policy",
-        "cache_policy",
-        "{ default_ttl = 3600 }",
+        &[("cache-policy", "cache_policy", "{ default_ttl = 3600 }")],
         pool,
     )
 }
 
 /// An edge whose `/v1/` route sends to the GPU host at `upstream` through
-/// the bundled plugin `component` (named `plugin`, granted `counters`,
-/// configured with the inline table `config`), bodies shown to it; `route`
-/// holds extra lines of the route.
+/// a chain of bundled plugins, bodies shown to them: each `(name,
+/// component, config)` granted `counters` and configured with the inline
+/// table `config`. `route` holds extra lines of the route.
 pub fn llm_edge(
     upstream: &str,
     top: &str,
     route: &str,
-    plugin: &str,
-    component: &str,
-    config: &str,
+    plugins: &[(&str, &str, &str)],
     pool: &str,
 ) -> EdgeProcess {
-    let (path, sha256) = plugin_artifact(component);
+    let names: Vec<String> = plugins
+        .iter()
+        .map(|(name, _, _)| format!("\"{name}\""))
+        .collect();
+    let names = names.join(", ");
+    let sections: String = plugins
+        .iter()
+        .map(|(name, component, config)| {
+            let (path, sha256) = plugin_artifact(component);
+            format!(
+                "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nsha256 = \"{sha256}\"\n\
+                 grants = [\"counters\"]\nconfig = {config}\n\n",
+                path.display()
+            )
+        })
+        .collect();
     EdgeProcess::start(&format!(
         r#"
 [[listener]]
@@ -153,23 +164,16 @@ address = "{{admin}}"
 [[route]]
 prefix = "/v1/"
 pool = "gpu"
-plugins = ["{plugin}"]
+plugins = [{names}]
 plugin_body_bytes = true
 {route}
 
-[[plugin]]
-name = "{plugin}"
-path = "{}"
-sha256 = "{sha256}"
-grants = ["counters"]
-config = {config}
-
+{sections}
 [[pool]]
 name = "gpu"
 endpoints = ["{upstream}"]
 {pool}
-"#,
-        path.display()
+"#
     ))
 }
 

@@ -9,21 +9,32 @@
 //!   only adds tokens, so the bounds hold however slow the machine is.
 //! - A stream asking for more than its budget holds is capped there and
 //!   ends with an error event, its usage chunk saying exactly the cap.
+//! - An answer from the cache costs nothing: its reservation comes back.
 
 use std::time::Instant;
 
-use breakwater_e2e::{EdgeProcess, GpuHostProcess, PATIENCE, gen_test_model, llm_edge};
+use breakwater_e2e::{
+    EdgeProcess, GpuHostProcess, PATIENCE, gen_test_model, identity_and_rest, llm_edge,
+};
 
 /// The edge: `k-minute` has 1,000 tokens a minute, `k-s1` and `k-s2` 150;
 /// request rates are not what is tested.
-fn budgeted_edge(host: &GpuHostProcess) -> EdgeProcess {
+/// The rate-limit plugin's configuration: `k-minute` has 1,000 tokens a
+/// minute, `k-s1` and `k-s2` 150; request rates are not what is tested.
+const BUDGETS: &str = r#"{ tiers = { minute = { rate_per_second = 100, burst = 100, tokens = { per_minute = 1000 } }, short = { rate_per_second = 100, burst = 100, tokens = { per_minute = 150 } } }, keys = { k-minute = "minute", k-s1 = "short", k-s2 = "short" } }"#;
+
+/// An edge with the token budgets in front of `host`, caching
+/// deterministic completions too when `cached`.
+fn budgeted_edge(host: &GpuHostProcess, cached: bool) -> EdgeProcess {
+    let mut plugins = vec![("rate-limit", "rate_limit", BUDGETS)];
+    if cached {
+        plugins.push(("cache-policy", "cache_policy", "{ default_ttl = 3600 }"));
+    }
     llm_edge(
         &format!("http://{}", host.addr),
         "",
-        "",
-        "rate-limit",
-        "rate_limit",
-        r#"{ tiers = { minute = { rate_per_second = 100, burst = 100, tokens = { per_minute = 1000 } }, short = { rate_per_second = 100, burst = 100, tokens = { per_minute = 150 } } }, keys = { k-minute = "minute", k-s1 = "short", k-s2 = "short" } }"#,
+        if cached { "cache = true" } else { "" },
+        &plugins,
         "first_byte_timeout = \"60s\"",
     )
 }
@@ -75,7 +86,7 @@ async fn gpu_host() -> (tempfile::TempDir, GpuHostProcess) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_with_1000_tokens_a_minute_is_refused_once_its_budget_is_spent() {
     let (_model, host) = gpu_host().await;
-    let edge = budgeted_edge(&host);
+    let edge = budgeted_edge(&host, false);
     let client = reqwest::Client::new();
     let url = edge.url("/v1/completions");
     let body =
@@ -152,7 +163,7 @@ fn events(stream: &str) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_over_its_budget_is_cut_at_the_cap_with_an_error_event() {
     let (_model, host) = gpu_host().await;
-    let edge = budgeted_edge(&host);
+    let edge = budgeted_edge(&host, false);
     let client = reqwest::Client::new();
     let url = edge.url("/v1/completions");
     for (key, include_usage) in [("k-s1", true), ("k-s2", false)] {
@@ -203,4 +214,41 @@ async fn a_stream_over_its_budget_is_cut_at_the_cap_with_an_error_event() {
             .collect::<Vec<_>>();
         assert_eq!(finish, ["length"]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_from_the_cache_costs_no_tokens() {
+    let (_model, host) = gpu_host().await;
+    let edge = budgeted_edge(&host, true);
+    let client = reqwest::Client::new();
+    let url = edge.url("/v1/completions");
+    let body =
+        r#"{"model":"m","prompt":"again","max_tokens":100,"temperature":0,"ignore_eos":true}"#;
+    let first = post(&client, &url, "k-minute", body).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.headers["x-cache"], "MISS");
+    let charged = first.header("x-breakwater-tokens-used").expect("used");
+    let left = first.header("x-breakwater-tokens-remaining").expect("left");
+    assert!(
+        charged > 100,
+        "100 completion tokens and the prompt: {charged}"
+    );
+
+    let second = post(&client, &url, "k-minute", body).await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(second.headers["x-cache"], "HIT");
+    assert_eq!(
+        identity_and_rest(second.body.as_bytes()).1,
+        identity_and_rest(first.body.as_bytes()).1
+    );
+    assert_eq!(second.header("x-breakwater-tokens-used"), Some(0));
+    // Everything reserved came back: no less is left than before (refill
+    // only adds).
+    let after = second
+        .header("x-breakwater-tokens-remaining")
+        .expect("left");
+    assert!(
+        after >= left,
+        "{after} left after a free answer, {left} before"
+    );
 }
