@@ -39,6 +39,7 @@ use std::time::Duration;
 use axum::body::Body;
 use breakwater_sandbox::{TokenGrants, TokenUsage};
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, request::Parts};
 use http_body::Frame;
@@ -184,28 +185,45 @@ impl Budget {
                 })
             });
         }
-        let (mut parts, body) = response.into_parts();
-        let collected = tokio::time::timeout(
-            WHOLE_ANSWER_WAIT,
-            http_body_util::Limited::new(body, MAX_WHOLE_ANSWER).collect(),
-        )
-        .await;
-        let whole = match collected {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            _ => {
-                // The answer broke or is too large to hold: what it cost is
-                // unknown, so the reservation stands (settled to itself).
-                let reserved = self.grants.reserved();
-                self.grants.settle(TokenUsage::Generated {
-                    prompt: reserved,
-                    completion: 0,
-                });
-                return crate::error_response(
-                    http::StatusCode::BAD_GATEWAY,
-                    "upstream_answer_unreadable",
-                    "the upstream's answer could not be read whole",
-                );
+        let (mut parts, mut body) = response.into_parts();
+        let deadline = tokio::time::Instant::now() + WHOLE_ANSWER_WAIT;
+        let mut kept: Vec<Bytes> = Vec::new();
+        let mut size = 0;
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    size += data.len();
+                    kept.push(data);
+                    if size > MAX_WHOLE_ANSWER {
+                        // Too large to hold: it goes on as it came, and
+                        // what it cost is unknown, so the reservation
+                        // stands (settled to itself).
+                        self.keep_reservation();
+                        let held = futures_util::stream::iter(kept.into_iter().map(Ok));
+                        let rest = body.into_data_stream();
+                        let body = Body::from_stream(held.chain(rest));
+                        return Response::from_parts(parts, body);
+                    }
+                }
+                Ok(Some(Err(_))) | Err(_) => {
+                    // Broken or stalled before its head left: the
+                    // upstream's failure, answered as such.
+                    self.keep_reservation();
+                    return crate::error_response(
+                        http::StatusCode::BAD_GATEWAY,
+                        "upstream_answer_unreadable",
+                        "the upstream's answer could not be read whole",
+                    );
+                }
             }
+        }
+        let whole = match kept.len() {
+            1 => kept.pop().unwrap_or_default(),
+            _ => Bytes::from(kept.concat()),
         };
         let usage = if cached {
             TokenUsage::Cached
@@ -225,6 +243,15 @@ impl Budget {
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
         Response::from_parts(parts, Body::from(whole))
+    }
+
+    /// Settles to what was reserved: for an answer whose cost is unknown.
+    fn keep_reservation(self) {
+        let reserved = self.grants.reserved();
+        self.grants.settle(TokenUsage::Generated {
+            prompt: reserved,
+            completion: 0,
+        });
     }
 
     /// What `usage` charges this request.
@@ -477,6 +504,32 @@ mod tests {
         assert!(!out.contains("usage"), "{out}");
         assert!(events[2].contains(r#""code":"token_budget_exhausted""#));
         assert_eq!(events[3], "data: [DONE]");
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_too_large_to_hold_goes_on_unchanged() {
+        let budget = Budget {
+            grants: TokenGrants::default(),
+            cap: 2,
+            reduced: false,
+            client_wants_usage: false,
+        };
+        let big: Vec<Result<Bytes, std::io::Error>> = (0..40)
+            .map(|i| Ok(Bytes::from(vec![b'a' + (i % 26) as u8; 64 * 1024])))
+            .collect();
+        let expected: Vec<u8> = big
+            .iter()
+            .flat_map(|chunk| chunk.as_ref().map(|b| b.to_vec()).unwrap_or_default())
+            .collect();
+        let response = Response::new(Body::from_stream(futures_util::stream::iter(big)));
+        let answered = budget.answer(response).await;
+        assert_eq!(answered.status(), 200);
+        assert!(
+            answered.headers().get(USED).is_none(),
+            "not settled by usage"
+        );
+        let body = answered.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes(), expected);
     }
 
     #[tokio::test]
