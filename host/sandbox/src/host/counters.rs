@@ -164,6 +164,8 @@ pub(crate) struct BucketSpec {
 /// What [`Counters::reserve`] granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Reserved {
+    /// Whether the tokens were taken; when false nothing was.
+    pub(crate) allowed: bool,
     /// Completion tokens granted; 0 when refused.
     pub(crate) completion: u32,
     /// Tokens left in the emptiest bucket afterwards.
@@ -257,6 +259,7 @@ impl Counters {
                 })
                 .fold(0.0_f64, f64::max);
             return Ok(Reserved {
+                allowed: false,
                 completion: 0,
                 remaining: available,
                 // Less a nanosecond of rounding, as in `Shape::tokens`.
@@ -286,6 +289,7 @@ impl Counters {
             remaining = remaining.min(shape.tokens(now_f, new_tat));
         }
         Ok(Reserved {
+            allowed: true,
             completion: u32::try_from(completion).unwrap_or(u32::MAX),
             remaining,
             retry_after_ms: 0,
@@ -419,6 +423,7 @@ mod tests {
         let day = spec("d", 1500.0 / 86400.0, 1500);
         let both = [minute.clone(), day.clone()];
         let first = counters.reserve_at(0, &both, 100, 600, 1).expect("valid");
+        assert!(first.allowed);
         assert_eq!((first.completion, first.remaining), (600, 300));
         // The minute bucket holds 300: 100 prompt and 200 of the 600 asked.
         let second = counters.reserve_at(0, &both, 100, 600, 1).expect("valid");
@@ -426,6 +431,7 @@ mod tests {
         // Empty: refused, nothing taken, and the wait is for 101 tokens
         // of the minute bucket (6.06 s).
         let refused = counters.reserve_at(0, &both, 100, 600, 1).expect("valid");
+        assert!(!refused.allowed);
         assert_eq!(refused.completion, 0);
         assert_eq!(refused.retry_after_ms, 6060);
         // Settled to 150 used of the 700 taken by the first: 550 back.

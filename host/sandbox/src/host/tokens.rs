@@ -170,7 +170,7 @@ impl Host for HostState {
             max_completion,
             min_completion,
         )?;
-        let allowed = reserved.retry_after_ms == 0;
+        let allowed = reserved.allowed;
         if allowed {
             grants.reservations.push(Reservation {
                 counters,
