@@ -541,16 +541,21 @@ pub struct Answered {
     pub body: Vec<u8>,
 }
 
-/// `POST url` with the JSON text `body`; panics when it cannot be sent.
-pub async fn post_json(client: &reqwest::Client, url: &str, body: &str) -> Answered {
-    let response = client
-        .post(url)
+/// `request` sent with the JSON text `body`, within [`PATIENCE`]; panics
+/// when it cannot be sent (the error names the URL).
+pub async fn send_json(request: reqwest::RequestBuilder, body: &str) -> reqwest::Response {
+    request
         .header("content-type", "application/json")
         .body(body.to_owned())
         .timeout(PATIENCE)
         .send()
         .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `POST url` with the JSON text `body`; panics when it cannot be sent.
+pub async fn post_json(client: &reqwest::Client, url: &str, body: &str) -> Answered {
+    let response = send_json(client.post(url), body).await;
     let header = |name: &str| {
         response
             .headers()

@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use breakwater_e2e::{
-    EdgeProcess, GpuHostProcess, PATIENCE, gen_test_model, identity_and_rest, llm_edge,
+    EdgeProcess, GpuHostProcess, PATIENCE, gen_test_model, identity_and_rest, llm_edge, send_json,
 };
 
 /// The edge: `k-minute` has 1,000 tokens a minute, `k-s1` and `k-s2` 150;
@@ -55,15 +55,7 @@ impl Answer {
 }
 
 async fn post(client: &reqwest::Client, url: &str, key: &str, body: &str) -> Answer {
-    let response = client
-        .post(url)
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .timeout(PATIENCE)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let response = send_json(client.post(url).bearer_auth(key), body).await;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = response.text().await.expect("the answer");

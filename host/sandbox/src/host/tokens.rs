@@ -30,7 +30,6 @@ pub enum TokenUsage {
 struct Reservation {
     counters: Arc<Counters>,
     buckets: Vec<BucketSpec>,
-    taken: u32,
     prompt_estimate: u32,
     asked_completion: u32,
     completion_cap: u32,
@@ -38,12 +37,17 @@ struct Reservation {
 }
 
 impl Reservation {
+    /// The tokens taken from each bucket.
+    fn taken(&self) -> u32 {
+        self.prompt_estimate.saturating_add(self.completion_cap)
+    }
+
     /// Gives back or takes the difference to `used` on every bucket;
     /// the tokens left in the emptiest one.
     fn settle(&self, used: u64) -> u64 {
         let delta = i64::try_from(used)
             .unwrap_or(i64::MAX)
-            .saturating_sub(i64::from(self.taken));
+            .saturating_sub(i64::from(self.taken()));
         self.buckets
             .iter()
             .map(|bucket| self.counters.adjust(bucket, delta))
@@ -84,7 +88,7 @@ impl TokenGrants {
     pub fn reserved(&self) -> u64 {
         self.reservations
             .iter()
-            .map(|r| u64::from(r.taken))
+            .map(|r| u64::from(r.taken()))
             .max()
             .unwrap_or(0)
     }
@@ -175,7 +179,6 @@ impl Host for HostState {
             grants.reservations.push(Reservation {
                 counters,
                 buckets,
-                taken: ask.prompt_estimate.saturating_add(reserved.completion),
                 prompt_estimate: ask.prompt_estimate,
                 asked_completion: max_completion,
                 completion_cap: reserved.completion,
