@@ -147,11 +147,13 @@ secs() { # 10s | 1m | 500ms -> whole seconds for timeouts
 }
 
 # wrk pinned to CLIENT_CPU with THREADS/CONNECTIONS; fails on any non-2xx/3xx.
+# Extra wrk arguments (`-s script.lua`), set by scripts that need them.
+wrk_extra=()
 run_wrk() { # url duration outfile
     local limit=$(($(secs "$2") + 30))
     # In the background so that a signal to this script is handled at once.
     timeout "$limit" nice -n "$PRIORITY" taskset -c "$CLIENT_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2" \
-        --latency "$1" >"$3" 2>&1 &
+        --latency "${wrk_extra[@]}" "$1" >"$3" 2>&1 &
     wrk_pid=$!
     wait "$wrk_pid" || { cat "$3" >&2; die "wrk failed against $1"; }
     wrk_pid=""

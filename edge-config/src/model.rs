@@ -46,6 +46,10 @@ pub struct EdgeConfig {
     /// Where plugins given by `url` are fetched from and cached.
     #[serde(default)]
     pub plugin_store: PluginStoreConfig,
+    /// Nodes acting as one through Redis: shared limits and token budgets,
+    /// and a shared cache tier. None: everything is per node.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Identity of this node.
@@ -623,4 +627,222 @@ fn default_plugin_fetch_timeout() -> Duration {
 }
 fn default_plugin_max_bytes() -> u64 {
     64 * 1024 * 1024
+}
+
+/// `[cluster]`: several nodes sharing one Redis.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS, or
+    /// `unix:///path/to/redis.sock`.
+    pub redis_url: String,
+    /// Put before every key this cluster writes.
+    #[serde(default = "default_cluster_key_prefix")]
+    pub key_prefix: String,
+    /// The longest a request waits for Redis, per call.
+    #[serde(default = "default_cluster_budget", with = "humantime_serde")]
+    pub budget: Duration,
+    /// The deadline of calls off the request path: cache writes, lease
+    /// returns.
+    #[serde(
+        default = "default_cluster_background_timeout",
+        with = "humantime_serde"
+    )]
+    pub background_timeout: Duration,
+    /// How often an unreachable Redis is tried again.
+    #[serde(default = "default_cluster_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Whether the plugins' `counters` buckets and `tokens` budgets are
+    /// shared by the cluster.
+    #[serde(default = "default_true")]
+    pub shared_counters: bool,
+    /// A node's lease on a shared bucket holds what the bucket refills in
+    /// this long.
+    #[serde(default = "default_cluster_lease_window", with = "humantime_serde")]
+    pub lease_window: Duration,
+    /// A lease unused this long goes back to the cluster.
+    #[serde(
+        default = "default_cluster_lease_idle_return",
+        with = "humantime_serde"
+    )]
+    pub lease_idle_return: Duration,
+    /// What limits do while Redis cannot answer: `"local"` (each node
+    /// counts alone), `"open"` (admit) or `"closed"` (refuse); one for
+    /// both features or a table `{ counters = …, tokens = … }`.
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+    /// The shared cache tier (L3): `"off"`, `"evicted"` (entries leaving
+    /// the memory tier) or `"all"` (every entry stored).
+    #[serde(default)]
+    pub cache: SharedCacheMode,
+    /// Largest body the shared cache tier keeps.
+    #[serde(default = "default_cluster_l3_max_object_bytes")]
+    pub l3_max_object_bytes: u64,
+    /// Longest time the shared cache tier keeps an entry.
+    #[serde(default = "default_cluster_l3_ttl_max", with = "humantime_serde")]
+    pub l3_ttl_max: Duration,
+}
+
+/// What a limit does while Redis cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnavailableMode {
+    #[default]
+    Local,
+    Open,
+    Closed,
+}
+
+/// `on_unavailable`, per feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OnUnavailable {
+    /// The plugins' `counters` (request rate limits).
+    pub counters: UnavailableMode,
+    /// The plugins' `tokens` (LLM token budgets).
+    pub tokens: UnavailableMode,
+}
+
+impl<'de> Deserialize<'de> for OnUnavailable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Both(UnavailableMode),
+            Each(PerFeature),
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct PerFeature {
+            #[serde(default)]
+            counters: UnavailableMode,
+            #[serde(default)]
+            tokens: UnavailableMode,
+        }
+        match Written::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom(
+                "expected \"local\", \"open\", \"closed\", or a table such as \
+                 { counters = \"local\", tokens = \"closed\" }",
+            )
+        })? {
+            Written::Both(mode) => Ok(OnUnavailable {
+                counters: mode,
+                tokens: mode,
+            }),
+            Written::Each(each) => Ok(OnUnavailable {
+                counters: each.counters,
+                tokens: each.tokens,
+            }),
+        }
+    }
+}
+
+/// Which entries the shared cache tier stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedCacheMode {
+    Off,
+    /// Entries as they leave the memory tier (evicted for room, or past
+    /// the memory tier's ceiling while still worth keeping).
+    Evicted,
+    /// Every entry, when stored.
+    #[default]
+    All,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_cluster_key_prefix() -> String {
+    "bw:".to_owned()
+}
+
+fn default_cluster_budget() -> Duration {
+    Duration::from_millis(5)
+}
+
+fn default_cluster_background_timeout() -> Duration {
+    Duration::from_millis(250)
+}
+
+fn default_cluster_health_interval() -> Duration {
+    Duration::from_millis(250)
+}
+
+fn default_cluster_lease_window() -> Duration {
+    Duration::from_millis(50)
+}
+
+fn default_cluster_lease_idle_return() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_cluster_l3_max_object_bytes() -> u64 {
+    1024 * 1024
+}
+
+fn default_cluster_l3_ttl_max() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(cluster: &str) -> Result<EdgeConfig, crate::ConfigError> {
+        let text = format!("[[listener]]\naddress = \"127.0.0.1:8080\"\n\n[cluster]\n{cluster}\n");
+        crate::parse(&text, Path::new("edge.toml"), Path::new("/etc/bw"))
+    }
+
+    #[test]
+    fn a_url_alone_takes_the_defaults() {
+        let config =
+            parse("redis_url = \"redis://10.0.0.9:6379\"").unwrap_or_else(|e| panic!("{e}"));
+        let cluster = config.cluster.expect("a cluster");
+        assert_eq!(cluster.budget, Duration::from_millis(5));
+        assert_eq!(cluster.cache, SharedCacheMode::All);
+        assert!(cluster.shared_counters);
+        assert_eq!(
+            cluster.on_unavailable,
+            OnUnavailable {
+                counters: UnavailableMode::Local,
+                tokens: UnavailableMode::Local
+            }
+        );
+    }
+
+    #[test]
+    fn on_unavailable_is_one_mode_or_one_per_feature() {
+        let both = parse("redis_url = \"redis://r:6379\"\non_unavailable = \"closed\"")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            both.cluster.expect("a cluster").on_unavailable.tokens,
+            UnavailableMode::Closed
+        );
+        let each = parse("redis_url = \"redis://r:6379\"\non_unavailable = { tokens = \"open\" }")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let each = each.cluster.expect("a cluster").on_unavailable;
+        assert_eq!(
+            (each.counters, each.tokens),
+            (UnavailableMode::Local, UnavailableMode::Open)
+        );
+        let wrong = parse("redis_url = \"redis://r:6379\"\non_unavailable = \"ajar\"")
+            .expect_err("not a mode");
+        assert!(wrong.to_string().contains("\"closed\""), "{wrong}");
+    }
+
+    #[test]
+    fn mistakes_are_located_with_their_fix() {
+        let error =
+            parse("redis_url = \"http://r:6379\"\nbudget = \"0s\"").expect_err("two mistakes");
+        let problems = error.diagnostics();
+        assert_eq!(problems.len(), 2, "{error}");
+        assert_eq!(problems[0].line, 5);
+        assert!(problems[0].fix.contains("redis://"), "{error}");
+        assert_eq!(problems[1].line, 6);
+        let unknown = parse("redis_url = \"redis://r\"\nbugdet = \"5ms\"").expect_err("a typo");
+        assert!(unknown.to_string().contains("budget"), "{unknown}");
+    }
 }

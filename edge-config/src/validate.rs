@@ -65,6 +65,7 @@ pub(crate) fn validate(config: &EdgeConfig, text: &str, map: &SourceMap<'_>) -> 
     check_routes(config, &mut checker);
     check_plugins(config, &mut checker);
     check_cache(config, &mut checker);
+    check_cluster(config, &mut checker);
     checker.problems
 }
 
@@ -888,5 +889,66 @@ fn check_cache(config: &EdgeConfig, checker: &mut Checker<'_>) {
                 );
             }
         }
+    }
+}
+
+/// Redis refuses strings above 512 MiB; an answer that large is no
+/// shared-cache material anyway.
+const REDIS_MAX_STRING: u64 = 512 * 1024 * 1024;
+
+fn check_cluster(config: &EdgeConfig, checker: &mut Checker<'_>) {
+    let Some(cluster) = &config.cluster else {
+        return;
+    };
+    let at = |key| [Key("cluster"), Key(key)];
+    let scheme = cluster
+        .redis_url
+        .split_once("://")
+        .map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
+        checker.report(
+            &at("redis_url"),
+            format!("redis_url {:?} is not a Redis URL", cluster.redis_url),
+            "write redis://host:6379, rediss://host:6380 (TLS) or unix:///run/redis.sock",
+        );
+    }
+    if cluster.budget.is_zero() || cluster.budget > std::time::Duration::from_secs(1) {
+        checker.report(
+            &at("budget"),
+            format!("budget = {:?} must be above 0 and at most 1s", cluster.budget),
+            "it is how long a request may wait for Redis: a few milliseconds, e.g. \"5ms\" (the default)",
+        );
+    }
+    for (key, value) in [
+        ("background_timeout", cluster.background_timeout),
+        ("health_interval", cluster.health_interval),
+        ("lease_window", cluster.lease_window),
+        ("lease_idle_return", cluster.lease_idle_return),
+        ("l3_ttl_max", cluster.l3_ttl_max),
+    ] {
+        if value.is_zero() {
+            checker.report(
+                &at(key),
+                format!("{key} = 0 is not a usable duration"),
+                format!("write a duration such as \"250ms\", or leave `{key}` out for the default"),
+            );
+        }
+    }
+    if cluster.l3_max_object_bytes == 0 || cluster.l3_max_object_bytes > REDIS_MAX_STRING {
+        checker.report(
+            &at("l3_max_object_bytes"),
+            format!(
+                "l3_max_object_bytes = {} must be at least 1 and at most {REDIS_MAX_STRING} (Redis's largest string)",
+                cluster.l3_max_object_bytes
+            ),
+            "keep the shared tier for small answers, e.g. 1048576 (1 MiB, the default)",
+        );
+    }
+    if cluster.key_prefix.len() > 64 {
+        checker.report(
+            &at("key_prefix"),
+            "key_prefix is longer than 64 bytes",
+            "use a short prefix such as \"bw:\" (the default) or \"bw:eu-1:\"",
+        );
     }
 }

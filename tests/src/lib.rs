@@ -783,3 +783,27 @@ pub async fn wait_until_marked_down(edge: &EdgeProcess, endpoint: &str) -> (f64,
     .await;
     (failed_attempts, took)
 }
+
+/// Waits (up to [`PATIENCE`]) until `node` reports its link to the
+/// cluster's Redis `up` (or down); returns how long that took.
+pub async fn wait_for_redis_link(node: &EdgeProcess, up: bool) -> Duration {
+    let want = if up { 1.0 } else { 0.0 };
+    wait_for(
+        if up {
+            "the node reaches Redis"
+        } else {
+            "the node sees Redis gone"
+        },
+        PATIENCE,
+        async || metric(&node.metrics().await, "breakwater_cluster_redis_up", &[]) == want,
+    )
+    .await
+}
+
+/// The 99th percentile of `latencies`.
+pub fn p99(latencies: &[Duration]) -> Duration {
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    let at = (sorted.len() * 99).div_ceil(100).saturating_sub(1);
+    sorted.get(at).copied().unwrap_or_default()
+}

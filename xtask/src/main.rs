@@ -68,6 +68,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ensure_openai_venv()?;
     fetch_test_server()?;
     fetch_nvrtc()?;
+    ensure_debian_package("redis-server", "redis-server")?;
     build_plugins()?;
     let mut nextest = cargo();
     nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
@@ -192,6 +193,52 @@ fn ensure_rust_target(target: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     run(Command::new("rustup").args(["target", "add", target]))
+}
+
+/// Installs the Debian package `package` when `binary` is on neither the
+/// PATH nor in /usr/sbin or /usr/bin, without starting its system service:
+/// the tests start their own servers on free ports.
+fn ensure_debian_package(binary: &str, package: &str) -> anyhow::Result<()> {
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()));
+    if on_path
+        || ["/usr/sbin", "/usr/bin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(binary).is_file())
+    {
+        return Ok(());
+    }
+    let root = output_of(Command::new("id").arg("-u")).is_some_and(|id| id.trim() == "0");
+    let privileged = |program: &str| {
+        if root {
+            Command::new(program)
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.args(["-n", program]);
+            sudo
+        }
+    };
+    // A policy-rc.d that refuses keeps the package's scripts from starting
+    // the system service; one already in place is left alone.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let added_policy = !policy.exists();
+    if added_policy {
+        run(privileged("sh").args([
+            "-c",
+            "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d",
+        ]))?;
+    }
+    let installed = run(privileged("apt-get").args(["update", "-qq"])).and_then(|()| {
+        run(privileged("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", package]))
+    });
+    if added_policy {
+        run(privileged("rm").args(["-f", "/usr/sbin/policy-rc.d"]))?;
+    }
+    installed.with_context(|| {
+        format!("installing the Debian package {package} (the tests need {binary})")
+    })
 }
 
 fn ensure_cargo_tool(binary: &str, package: &str) -> anyhow::Result<()> {

@@ -57,4 +57,6 @@ pub enum EdgeError {
     Plugin(#[from] breakwater_sandbox::LoadError),
     #[error("response cache: {0}")]
     Cache(#[from] crate::cache::CacheError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] breakwater_cluster::ClusterError),
 }

@@ -23,6 +23,7 @@
 
 mod admin;
 mod cache;
+mod cluster;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::body::Body;
+use breakwater_sandbox::SandboxConfig;
 use edge_config::{EdgeConfig, LimitsConfig};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::cache::{Origin, Overrides, ResponseCache, RoutePolicy};
+use crate::cluster::Cluster;
 use crate::error::EdgeError;
 use crate::error::error_response;
 use crate::limits::{
@@ -121,14 +123,29 @@ impl EdgeNode {
             route.slot = slot;
         }
         let slots = routes.iter().map(|route| route.prefix.clone()).collect();
-        let plugins = PluginRuntime::new(config, slots, source)?;
+        let cluster = match &config.cluster {
+            Some(cluster) => Some(Cluster::start(
+                cluster,
+                SandboxConfig::default().max_counter_keys,
+            )?),
+            None => None,
+        };
+        let plugins = PluginRuntime::new(
+            config,
+            slots,
+            source,
+            cluster.as_ref().and_then(Cluster::counters),
+        )?;
         let admin_token = config
             .admin
             .as_ref()
             .and_then(|admin| admin.resolved_token())
             .filter(|token| !token.is_empty());
         let cache = if config.routes.iter().any(|route| route.cache) {
-            Some(Arc::new(ResponseCache::open(&config.cache)?))
+            Some(Arc::new(ResponseCache::open(
+                &config.cache,
+                cluster.as_ref().and_then(Cluster::cache),
+            )?))
         } else {
             None
         };

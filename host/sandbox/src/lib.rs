@@ -178,6 +178,31 @@ pub struct SandboxConfig {
     /// system's, or a [`Clock::manual`] a test moves. CPU deadlines always
     /// count real time.
     pub clock: Clock,
+    /// The cluster's buckets for `counters` and `tokens`; none counts on
+    /// this node alone. Shared buckets keep Redis's time, not `clock`.
+    pub shared_counters: Option<SharedCounters>,
+}
+
+/// `counters` and `tokens` buckets shared by a cluster of nodes.
+#[derive(Debug, Clone)]
+pub struct SharedCounters {
+    /// This node's leases on the cluster's buckets.
+    pub leases: Arc<breakwater_cluster::leases::LeasedBuckets>,
+    /// What `counters` does while Redis cannot answer.
+    pub counters: breakwater_cluster::Fallback,
+    /// What `tokens` does while Redis cannot answer.
+    pub tokens: breakwater_cluster::Fallback,
+    /// The wait a `closed` fallback tells the client: about when Redis is
+    /// tried again.
+    pub closed_retry_after: Duration,
+}
+
+impl SharedCounters {
+    pub(crate) fn closed_retry_after_ms(&self) -> u64 {
+        u64::try_from(self.closed_retry_after.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
 }
 
 impl Default for SandboxConfig {
@@ -194,6 +219,7 @@ impl Default for SandboxConfig {
             max_counter_keys: 1 << 20,
             max_metric_series: 256,
             clock: Clock::system(),
+            shared_counters: None,
         }
     }
 }
@@ -271,7 +297,11 @@ impl Sandbox {
         engine::start_ticker(&engine, config.epoch_tick)?;
         Ok(Sandbox {
             engine,
-            counters: Arc::new(Counters::new(config.max_counter_keys, config.clock.clone())),
+            counters: Arc::new(Counters::new(
+                config.max_counter_keys,
+                config.clock.clone(),
+                config.shared_counters.clone(),
+            )),
             config,
             kv: OnceLock::new(),
         })

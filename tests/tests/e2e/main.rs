@@ -9,6 +9,8 @@ mod access_log;
 mod ai_cache;
 mod cache_kill;
 mod client_faults;
+mod cluster_cache;
+mod cluster_limits;
 mod config_check;
 mod drain;
 mod gpu_host_device;

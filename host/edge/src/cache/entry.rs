@@ -1,6 +1,7 @@
-//! What the cache stores, and its byte form on disk: a magic, a CRC-32 of
-//! everything after it, then length-prefixed fields. A record whose
-//! checksum or structure does not hold is corrupt and never served.
+//! What the cache stores, and its byte form on disk and in the shared tier:
+//! a magic, a CRC-32 of everything after it, then length-prefixed fields.
+//! A record whose checksum or structure does not hold is corrupt and never
+//! served. [`seal`] and [`unseal`] are that framing, for every tier.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -103,7 +104,13 @@ impl Stored {
         key.len() + inner + 64
     }
 
+    /// The sealed record, as the disk tier keeps it.
     pub(crate) fn encode(&self) -> Vec<u8> {
+        seal(MAGIC, &self.encode_body())
+    }
+
+    /// The fields alone, for a tier that seals them with more of its own.
+    pub(crate) fn encode_body(&self) -> BytesMut {
         let mut body = BytesMut::new();
         match self {
             Stored::Variants(names) => {
@@ -136,22 +143,15 @@ impl Stored {
                 put_list(&mut body, e.chunks.iter().map(|c| c.as_ref()));
             }
         }
-        let mut out = Vec::with_capacity(body.len() + 8);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-        out.extend_from_slice(&body);
-        out
+        body
     }
 
     pub(crate) fn decode(record: &[u8]) -> Result<Self, DecodeError> {
-        if record.len() < 8 || &record[..4] != MAGIC {
-            return Err(DecodeError::Magic);
-        }
-        let crc = u32::from_be_bytes([record[4], record[5], record[6], record[7]]);
-        let body = &record[8..];
-        if crc32fast::hash(body) != crc {
-            return Err(DecodeError::Checksum);
-        }
+        Self::decode_body(unseal(MAGIC, record)?)
+    }
+
+    /// The fields [`Stored::encode_body`] wrote, already unsealed.
+    pub(crate) fn decode_body(body: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader(body);
         match r.u8()? {
             0 => Ok(Stored::Variants(r.strings()?)),
@@ -208,7 +208,29 @@ impl Stored {
     }
 }
 
-fn put_bytes(out: &mut BytesMut, bytes: &[u8]) {
+/// `magic`, the CRC-32 of `body`, then `body`.
+pub(crate) fn seal(magic: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&crc32fast::hash(body).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The body of a record [`seal`] made with `magic`, if it is intact.
+pub(crate) fn unseal<'a>(magic: &[u8; 4], record: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    if record.len() < 8 || &record[..4] != magic {
+        return Err(DecodeError::Magic);
+    }
+    let crc = u32::from_be_bytes([record[4], record[5], record[6], record[7]]);
+    let body = &record[8..];
+    if crc32fast::hash(body) != crc {
+        return Err(DecodeError::Checksum);
+    }
+    Ok(body)
+}
+
+pub(crate) fn put_bytes(out: &mut BytesMut, bytes: &[u8]) {
     out.put_u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
     out.put_slice(bytes);
 }
@@ -220,7 +242,9 @@ fn put_list<'a>(out: &mut BytesMut, items: impl ExactSizeIterator<Item = &'a [u8
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+/// Reads the fields [`put_bytes`] and [`put_list`] wrote, refusing to run
+/// past the end.
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl Reader<'_> {
     fn need(&self, n: usize) -> Result<(), DecodeError> {
@@ -242,7 +266,7 @@ impl Reader<'_> {
         self.need(4)?;
         Ok(self.0.get_u32())
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         self.need(8)?;
         Ok(self.0.get_u64())
     }
@@ -253,7 +277,7 @@ impl Reader<'_> {
         self.0.advance(len);
         Ok(out)
     }
-    fn string(&mut self) -> Result<String, DecodeError> {
+    pub(crate) fn string(&mut self) -> Result<String, DecodeError> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| DecodeError::Malformed)
     }
     fn list(&mut self) -> Result<Vec<Bytes>, DecodeError> {

@@ -1,7 +1,8 @@
 //! The response cache in front of upstream pools, on routes with
-//! `cache = true`: an RFC 9111 shared cache with a memory and a disk tier,
-//! coalesced misses, stale-while-revalidate, stale-if-error, streamed
-//! (SSE) answers recorded for replay, and purges.
+//! `cache = true`: an RFC 9111 shared cache with a memory and a disk tier
+//! (and a tier shared by the cluster, in Redis), coalesced misses,
+//! stale-while-revalidate, stale-if-error, streamed (SSE) answers recorded
+//! for replay, and purges.
 //!
 //! Plugins steer it per request (key, TTL, bypass); the node only
 //! implements the mechanism.
@@ -10,6 +11,7 @@ pub(crate) mod entry;
 mod flight;
 mod identity;
 pub(crate) mod policy;
+mod shared;
 mod store;
 
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 
+use crate::cluster::SharedCacheSettings;
 use crate::error::error_response;
 use crate::limits::BodyLimitTrip;
 use crate::proxy::{ClientConnection, UpstreamUnreachable};
@@ -34,9 +37,11 @@ use entry::Entry;
 use flight::{Flights, LeaderGuard, Recording, Role, SharedHead, Tee, Waited};
 use policy::{Directives, StoreContext, now_ms};
 pub use store::CacheError;
-use store::{Selector, Tier, Tiers};
+use store::{Purged, Selector, Tier, Tiers};
 
 const X_CACHE: &str = "x-cache";
+/// On every answer from a stored entry: `memory`, `disk` or `shared`.
+const X_CACHE_TIER: &str = "x-cache-tier";
 const SURROGATE_KEY: &str = "surrogate-key";
 
 /// What a route adds to the upstream's own directives.
@@ -108,7 +113,13 @@ enum Outcome {
 }
 
 /// The admin purge: a JSON object with one or more of `key`, `prefix`,
-/// `tag`; answers `{"purged":{"memory":N,"disk":M}}` (responses removed).
+/// `tag`; answers `{"purged":{"memory":N,"disk":M}}` (responses removed),
+/// with `"shared":K` when the cluster shares a cache tier. There a prefix
+/// purge retires its entries by generation and is not counted in `K`.
+/// When Redis cannot be reached, the node's own tiers are purged all the
+/// same but the answer is a 503 with `"shared":null`: the shared tier
+/// still holds what was asked, and the purge (which may be repeated) must
+/// be sent again.
 pub(crate) async fn purge_endpoint(cache: Option<&ResponseCache>, body: &[u8]) -> Response<Body> {
     let Some(cache) = cache else {
         return error_response(
@@ -134,9 +145,33 @@ pub(crate) async fn purge_endpoint(cache: Option<&ResponseCache>, body: &[u8]) -
             );
         }
     };
-    let (memory, disk) = cache.purge(&request).await;
-    let body = serde_json::json!({ "purged": { "memory": memory, "disk": disk } });
-    let mut response = Response::new(Body::from(body.to_string()));
+    let purged = cache.purge(&request).await;
+    let mut counts = serde_json::json!({ "memory": purged.memory, "disk": purged.disk });
+    let mut answer = serde_json::json!({});
+    let mut status = StatusCode::OK;
+    match purged.shared {
+        None => {}
+        Some(Ok(shared)) => counts["shared"] = shared.into(),
+        Some(Err(unavailable)) => {
+            counts["shared"] = serde_json::Value::Null;
+            status = StatusCode::SERVICE_UNAVAILABLE;
+            answer["error"] = serde_json::json!({
+                "status": status.as_u16(),
+                "code": "shared_cache_unavailable",
+                "message": format!(
+                    "this node's tiers are purged, the shared tier is not ({unavailable}): send the purge again"
+                ),
+            });
+        }
+    }
+    answer["purged"] = counts;
+    let mut response = Response::new(Body::from(answer.to_string()));
+    *response.status_mut() = status;
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -181,9 +216,13 @@ pub(crate) struct ResponseCache {
 }
 
 impl ResponseCache {
-    pub(crate) fn open(config: &CacheConfig) -> Result<Self, CacheError> {
+    /// Opens the tiers; `shared` adds L3 (needs the Tokio runtime).
+    pub(crate) fn open(
+        config: &CacheConfig,
+        shared: Option<SharedCacheSettings>,
+    ) -> Result<Self, CacheError> {
         Ok(Self {
-            tiers: Tiers::open(config)?,
+            tiers: Tiers::open(config, shared)?,
             flights: Arc::default(),
             coalesce_wait: config.coalesce_wait,
             max_object_bytes: usize::try_from(config.max_object_bytes).unwrap_or(usize::MAX),
@@ -267,7 +306,9 @@ impl ResponseCache {
             if ask.cc.only_if_cached {
                 return not_cached(&ask);
             }
-            return self.fetch(ask, body, origin, trip, Some(entry)).await;
+            return self
+                .fetch(ask, body, origin, trip, Some((entry, tier)))
+                .await;
         }
         let age = entry.current_age_ms(now_ms());
         if fresh_hit(&ask, &entry, age) {
@@ -289,10 +330,11 @@ impl ResponseCache {
             return not_cached(&ask);
         }
         if may_be_stale && client_ok && staleness <= entry.swr_ms && ask.method != Method::POST {
-            self.refresh_behind(&ask, &origin, entry.clone());
+            self.refresh_behind(&ask, &origin, (entry.clone(), tier));
             return answer(&ask, &entry, Outcome::Stale, Some(tier));
         }
-        self.fetch(ask, body, origin, trip, Some(entry)).await
+        self.fetch(ask, body, origin, trip, Some((entry, tier)))
+            .await
     }
 
     /// A miss, or a stored answer that needs validating: one upstream
@@ -303,7 +345,7 @@ impl ResponseCache {
         body: Body,
         origin: Arc<Origin>,
         trip: BodyLimitTrip,
-        stale: Option<Arc<Entry>>,
+        stale: Option<(Arc<Entry>, Tier)>,
     ) -> Response<Body> {
         if ask.method == Method::HEAD {
             let request = upstream_request(&ask, &ask.headers, body);
@@ -359,7 +401,7 @@ impl ResponseCache {
         body: Body,
         origin: &Origin,
         trip: &BodyLimitTrip,
-        stale: Option<Arc<Entry>>,
+        stale: Option<(Arc<Entry>, Tier)>,
         guard: Option<LeaderGuard>,
     ) -> Response<Body> {
         let mut headers = ask.headers.clone();
@@ -367,7 +409,7 @@ impl ResponseCache {
         // own conditionals itself against it.
         headers.remove(header::IF_NONE_MATCH);
         headers.remove(header::IF_MODIFIED_SINCE);
-        if let Some(stale) = &stale {
+        if let Some((stale, _)) = &stale {
             if let Some(etag) = stale.headers.get(header::ETAG) {
                 headers.insert(header::IF_NONE_MATCH, etag.clone());
             }
@@ -382,7 +424,7 @@ impl ResponseCache {
         let response_time = now_ms();
         let status = response.status();
 
-        if let Some(stale) = &stale {
+        if let Some((stale, tier)) = &stale {
             if status == StatusCode::NOT_MODIFIED {
                 let refreshed =
                     freshen(stale, response.headers(), request_time, response_time, &ask);
@@ -392,7 +434,7 @@ impl ResponseCache {
                 self.tiers
                     .insert(&ask.primary, names, &vary, (*refreshed).clone())
                     .await;
-                let mut answered = answer(&ask, &refreshed, Outcome::Hit, None);
+                let mut answered = with_tier(answer(&ask, &refreshed, Outcome::Hit, None), *tier);
                 // The cookie was set for this client only: not stored.
                 for cookie in response.headers().get_all(header::SET_COOKIE) {
                     answered
@@ -413,7 +455,7 @@ impl ResponseCache {
                 && !stale_cc.forbids_stale()
                 && (disconnected || staleness <= stale.sie_ms)
             {
-                return answer(&ask, stale, Outcome::Stale, None);
+                return with_tier(answer(&ask, stale, Outcome::Stale, None), *tier);
             }
         }
 
@@ -555,7 +597,12 @@ impl ResponseCache {
     }
 
     /// Serves stale now; one request refreshes the entry behind it.
-    fn refresh_behind(self: &Arc<Self>, ask: &Ask, origin: &Arc<Origin>, entry: Arc<Entry>) {
+    fn refresh_behind(
+        self: &Arc<Self>,
+        ask: &Ask,
+        origin: &Arc<Origin>,
+        stale: (Arc<Entry>, Tier),
+    ) {
         let Some(guard) = self.flights.try_lead(&ask.primary, self.max_object_bytes) else {
             return;
         };
@@ -567,7 +614,7 @@ impl ResponseCache {
         tokio::spawn(async move {
             let trip = BodyLimitTrip::default();
             let response = cache
-                .lead(ask, Body::empty(), &origin, &trip, Some(entry), Some(guard))
+                .lead(ask, Body::empty(), &origin, &trip, Some(stale), Some(guard))
                 .await;
             // Reading the body to its end is what stores it.
             let mut body = response.into_body();
@@ -578,7 +625,7 @@ impl ResponseCache {
     /// Unsafe methods that succeed make the stored answers for the URL
     /// (and a same-host `Location`/`Content-Location`) stale: removed.
     async fn invalidate(&self, parts: &Parts, url: &str, response: &HeaderMap) {
-        self.tiers.purge(Selector::Key(url)).await;
+        self.tiers.invalidate(url).await;
         let host = host_of(parts);
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(target) = response
@@ -593,36 +640,29 @@ impl ResponseCache {
                 .is_none_or(|a| a.as_str().eq_ignore_ascii_case(&host));
             let path = target.path_and_query().map_or("/", |pq| pq.as_str());
             if same_host && path.starts_with('/') {
-                self.tiers
-                    .purge(Selector::Key(&format!("{host}{path}")))
-                    .await;
+                self.tiers.invalidate(&format!("{host}{path}")).await;
             }
         }
     }
 
-    /// Removes what `what` selects from both tiers: responses removed
-    /// from memory and from disk.
-    pub(crate) async fn purge(&self, what: &PurgeRequest) -> (usize, usize) {
-        let mut total = (0, 0);
+    /// Removes what `what` selects from every tier: the responses removed
+    /// from each.
+    pub(crate) async fn purge(&self, what: &PurgeRequest) -> Purged {
         let selectors = [
             what.key.as_deref().map(Selector::Key),
             what.prefix.as_deref().map(Selector::UrlPrefix),
             what.tag.as_deref().map(Selector::Tag),
         ];
+        let mut total = Purged::default();
         for selector in selectors.into_iter().flatten() {
-            let (memory, disk) = self.tiers.purge(selector).await;
-            total.0 += memory;
-            total.1 += disk;
+            total = total.and(self.tiers.purge(selector).await);
         }
         total
     }
 }
 
 fn window(from_response: Option<u64>, route_default: Duration) -> u64 {
-    from_response.map_or_else(
-        || u64::try_from(route_default.as_millis()).unwrap_or(u64::MAX),
-        |s| s * 1000,
-    )
+    from_response.map_or_else(|| policy::millis(route_default), |s| s * 1000)
 }
 
 fn is_error(status: StatusCode) -> bool {
@@ -785,6 +825,14 @@ fn marked(mut response: Response<Body>, outcome: Outcome) -> Response<Body> {
     response
 }
 
+/// Says which tier a stored answer came from.
+fn with_tier(mut response: Response<Body>, tier: Tier) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(X_CACHE_TIER, HeaderValue::from_static(tier.label()));
+    response
+}
+
 /// The last touches every cached answer gets: tags stay inside, HEAD has
 /// no body, and the client's own validators may turn it into a 304.
 fn client_view(ask: &Ask, mut response: Response<Body>) -> Response<Body> {
@@ -795,10 +843,11 @@ fn client_view(ask: &Ask, mut response: Response<Body>) -> Response<Body> {
     {
         let mut not_modified = Response::new(Body::empty());
         *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
-        for name in policy::NOT_MODIFIED_HEADERS
-            .iter()
-            .chain([&header::AGE, &HeaderName::from_static(X_CACHE)])
-        {
+        for name in policy::NOT_MODIFIED_HEADERS.iter().chain([
+            &header::AGE,
+            &HeaderName::from_static(X_CACHE),
+            &HeaderName::from_static(X_CACHE_TIER),
+        ]) {
             for value in response.headers().get_all(name) {
                 not_modified
                     .headers_mut()
@@ -832,7 +881,11 @@ fn answer(ask: &Ask, entry: &Entry, outcome: Outcome, tier: Option<Tier>) -> Res
         ),
         None => body_of(&entry.chunks),
     };
-    client_view(ask, marked(stored_response(entry, body), outcome))
+    let mut response = marked(stored_response(entry, body), outcome);
+    if let Some(tier) = tier {
+        response = with_tier(response, tier);
+    }
+    client_view(ask, response)
 }
 
 /// For a shared completion (a plugin-keyed `POST`), the rewriting that
@@ -923,7 +976,7 @@ fn ranged_answer(ask: &Ask, entry: &Entry, tier: Tier) -> Response<Body> {
                 header::CONTENT_RANGE,
                 &format!("bytes */{total}"),
             );
-            return marked(response, Outcome::Hit);
+            return with_tier(marked(response, Outcome::Hit), tier);
         }
         _ => return answer(ask, entry, Outcome::Hit, Some(tier)),
     };
@@ -933,7 +986,7 @@ fn ranged_answer(ask: &Ask, entry: &Entry, tier: Tier) -> Response<Body> {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(single.len()));
     insert(headers, header::CONTENT_RANGE, &single.content_range(total));
-    client_view(ask, marked(response, Outcome::Hit))
+    client_view(ask, with_tier(marked(response, Outcome::Hit), tier))
 }
 
 /// The bytes of `range` (clamped to the body already) across the stored
@@ -966,7 +1019,8 @@ fn follow(ask: &Ask, head: &SharedHead, rec: &Arc<Recording>) -> Response<Body> 
         None => rec.reader(),
     };
     let response = stored_response(&head.stored, body);
-    client_view(ask, marked(response, Outcome::Hit))
+    // Shared live from the leader's recording, which is in memory.
+    client_view(ask, with_tier(marked(response, Outcome::Hit), Tier::Memory))
 }
 
 /// Whether `entry`, `age_ms` old, answers `ask` as it is (RFC 9111 §4):

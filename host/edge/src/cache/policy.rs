@@ -281,6 +281,11 @@ pub(crate) fn vary_key(names: &[String], request_headers: &HeaderMap) -> String 
     key
 }
 
+/// `duration` in whole milliseconds, saturating.
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -304,7 +309,7 @@ pub(crate) fn freshness_ms(
     response_time_ms: u64,
 ) -> u64 {
     if let Some(ttl) = plugin_ttl {
-        return u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        return millis(ttl);
     }
     if let Some(s) = cc.s_maxage.or(cc.max_age) {
         return s * 1000;

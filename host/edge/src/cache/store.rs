@@ -1,6 +1,9 @@
-//! The two tiers: L1 in memory (moka: W-TinyLFU admission, weighed in
-//! bytes, a TTL per entry) and L2 on disk (sled, checksummed records, a
-//! byte budget enforced by evicting the entries that expire soonest).
+//! The tiers: L1 in memory (moka: W-TinyLFU admission, weighed in bytes,
+//! a TTL per entry), L2 on disk (sled, checksummed records, a byte budget
+//! enforced by evicting the entries that expire soonest), and L3 shared by
+//! the cluster in Redis (see [`super::shared`]), when `[cluster]` has one.
+//! A lookup tries them in that order; a hit in a lower tier is copied into
+//! the ones above it.
 //!
 //! Keys: a response lives under `primary \0 vary-values`; the primary key
 //! alone holds the `Vary` field names of the response last stored for it,
@@ -12,20 +15,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
-use edge_config::CacheConfig;
+use edge_config::{CacheConfig, SharedCacheMode};
 use http::HeaderMap;
 use moka::notification::RemovalCause;
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
 use super::entry::{Entry, Stored};
-use super::policy::{now_ms, vary_key};
+use super::policy::{millis, now_ms, vary_key, vary_names};
+use super::shared::{Found, SharedTier, WriteQueue};
+use crate::cluster::SharedCacheSettings;
 
-/// Where a lookup found its entry; the `tier` metrics label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a lookup found its entry: the `tier` metrics label and the
+/// `X-Cache-Tier` header. Ordered from the fastest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Tier {
     Memory,
     Disk,
+    Shared,
 }
 
 impl Tier {
@@ -33,6 +40,31 @@ impl Tier {
         match self {
             Tier::Memory => "memory",
             Tier::Disk => "disk",
+            Tier::Shared => "shared",
+        }
+    }
+}
+
+/// What a purge removed: responses per tier. `shared` is `None` without a
+/// shared tier, `Some(Err(_))` when Redis could not be reached.
+#[derive(Debug, Default)]
+pub(crate) struct Purged {
+    pub(crate) memory: usize,
+    pub(crate) disk: usize,
+    pub(crate) shared: Option<Result<usize, breakwater_cluster::Unavailable>>,
+}
+
+impl Purged {
+    /// Both purges' removals; a shared tier that missed either missed.
+    pub(crate) fn and(self, other: Purged) -> Purged {
+        Purged {
+            memory: self.memory + other.memory,
+            disk: self.disk + other.disk,
+            shared: match (self.shared, other.shared) {
+                (Some(Ok(a)), Some(Ok(b))) => Some(Ok(a + b)),
+                (Some(Err(error)), _) | (_, Some(Err(error))) => Some(Err(error)),
+                (one, other) => one.or(other),
+            },
         }
     }
 }
@@ -52,6 +84,11 @@ struct L1Value {
     stored: Arc<Stored>,
     ttl: Duration,
     weight: u32,
+    /// Until when (ms) the entry is worth keeping, which may be past `ttl`:
+    /// what `evicted` hands L3 when memory lets it go.
+    keep_until_ms: u64,
+    /// Read from L3: it need not be written there again.
+    from_shared: bool,
 }
 
 struct L1Expiry;
@@ -74,6 +111,7 @@ impl moka::Expiry<String, L1Value> for L1Expiry {
 pub(crate) struct Tiers {
     memory: moka::future::Cache<String, L1Value>,
     disk: Option<Arc<DiskTier>>,
+    shared: Option<SharedTier>,
     memory_ttl_max: Duration,
     disk_ttl_max: Duration,
     keep_stale: Duration,
@@ -104,7 +142,7 @@ impl Selector<'_> {
     }
 }
 
-fn primary_of(storage_key: &str) -> &str {
+pub(crate) fn primary_of(storage_key: &str) -> &str {
     storage_key.split('\0').next().unwrap_or(storage_key)
 }
 
@@ -112,17 +150,51 @@ pub(crate) fn storage_key(primary: &str, vary: &str) -> String {
     format!("{primary}\0{vary}")
 }
 
+/// An entry whose memory TTL ends with less than this left to keep is
+/// not worth a write to L3.
+const WORTH_SHARING: u64 = 1000;
+
+/// Under `evicted`, a response leaving memory goes to L3 when it was
+/// pushed out for room, or reached the memory tier's ceiling with at
+/// least [`WORTH_SHARING`] of its keep time left; not when it was replaced
+/// or purged, its time was spent, or it came from L3 in the first place.
+fn share_evicted(queue: &WriteQueue, key: &str, value: L1Value, cause: RemovalCause) {
+    let Stored::Response(entry) = &*value.stored else {
+        return;
+    };
+    let leaving = match cause {
+        RemovalCause::Size => true,
+        RemovalCause::Expired => value.keep_until_ms > now_ms().saturating_add(WORTH_SHARING),
+        RemovalCause::Explicit | RemovalCause::Replaced => false,
+    };
+    if leaving && !value.from_shared {
+        let names = vary_names(&entry.headers).unwrap_or_default();
+        queue.offer(key, names, entry.clone(), value.keep_until_ms);
+    }
+}
+
 impl Tiers {
-    pub(crate) fn open(config: &CacheConfig) -> Result<Self, CacheError> {
+    pub(crate) fn open(
+        config: &CacheConfig,
+        shared: Option<SharedCacheSettings>,
+    ) -> Result<Self, CacheError> {
+        let shared = shared.map(SharedTier::start);
+        let share_on_eviction = shared
+            .as_ref()
+            .filter(|shared| shared.mode() == SharedCacheMode::Evicted)
+            .map(|shared| shared.queue().clone());
         let memory = moka::future::Cache::builder()
             .max_capacity(config.memory_bytes)
             .weigher(|_: &String, value: &L1Value| value.weight)
             .expire_after(L1Expiry)
             .support_invalidation_closures()
-            .eviction_listener(|_, _, cause| {
+            .eviction_listener(move |key, value, cause| {
                 if cause == RemovalCause::Size {
                     metrics::counter!("breakwater_cache_evictions_total", "tier" => "memory")
                         .increment(1);
+                }
+                if let Some(queue) = &share_on_eviction {
+                    share_evicted(queue, &key, value, cause);
                 }
             })
             .build();
@@ -133,13 +205,15 @@ impl Tiers {
         Ok(Self {
             memory,
             disk,
+            shared,
             memory_ttl_max: config.memory_ttl_max,
             disk_ttl_max: config.disk_ttl_max,
             keep_stale: config.keep_stale,
         })
     }
 
-    async fn get(&self, key: &str) -> Option<(Arc<Stored>, Tier)> {
+    /// From L1, else L2 (copied into L1).
+    async fn get_local(&self, key: &str) -> Option<(Arc<Stored>, Tier)> {
         if let Some(value) = self.memory.get(key).await {
             return Some((value.stored, Tier::Memory));
         }
@@ -152,12 +226,33 @@ impl Tiers {
         let (stored, expires_ms) = found;
         let stored = Arc::new(stored);
         let left = Duration::from_millis(expires_ms.saturating_sub(now_ms()));
-        self.put_memory(key, stored.clone(), left).await;
+        self.put_memory(key, stored.clone(), left, false).await;
         Some((stored, Tier::Disk))
     }
 
-    async fn put_memory(&self, key: &str, stored: Arc<Stored>, ttl: Duration) {
-        let ttl = ttl.min(self.memory_ttl_max);
+    /// An L3 hit, copied into L1 and (behind the answer) into L2.
+    async fn promote(&self, key: &str, found: Found) -> Arc<Stored> {
+        let stored = Arc::new(found.stored);
+        self.put_memory(key, stored.clone(), found.left, true).await;
+        let keep = found.left.min(self.disk_ttl_max);
+        if let Some(disk) = self.disk.clone()
+            && !keep.is_zero()
+        {
+            let expires_ms = now_ms().saturating_add(millis(keep));
+            let key = key.to_owned();
+            let stored = stored.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(error) = disk.insert(&key, &stored, expires_ms) {
+                    tracing::warn!(%error, "copying a shared cache entry to disk failed");
+                }
+            });
+        }
+        stored
+    }
+
+    /// Keeps `stored` in memory for `keep` (within the memory ceiling).
+    async fn put_memory(&self, key: &str, stored: Arc<Stored>, keep: Duration, from_shared: bool) {
+        let ttl = keep.min(self.memory_ttl_max);
         if ttl.is_zero() {
             return;
         }
@@ -169,6 +264,8 @@ impl Tiers {
                     stored,
                     ttl,
                     weight,
+                    keep_until_ms: now_ms().saturating_add(millis(keep)),
+                    from_shared,
                 },
             )
             .await;
@@ -176,33 +273,53 @@ impl Tiers {
 
     /// The stored response for `primary` that matches the request's
     /// `Vary` values, and the tier it came from (the slower of the two
-    /// reads).
+    /// reads). L3's reads share one request budget; when L1 and L2 know
+    /// nothing of `primary`, the first L3 read also fetches the response a
+    /// `Vary`-less answer would have, so that the common case is one trip.
     pub(crate) async fn lookup(
         &self,
         primary: &str,
         request_headers: &HeaderMap,
     ) -> Option<(Arc<Entry>, Tier)> {
-        let (variants, first) = self.get(primary).await?;
+        let deadline = self
+            .shared
+            .as_ref()
+            .map(|shared| tokio::time::Instant::now() + shared.budget());
+        let mut prefetched = None;
+        let (variants, first) = match self.get_local(primary).await {
+            Some(found) => found,
+            None => {
+                let (shared, deadline) = self.shared.as_ref().zip(deadline)?;
+                let plain = storage_key(primary, "");
+                let [variants, response] =
+                    <[_; 2]>::try_from(shared.get(&[primary, &plain], deadline).await).ok()?;
+                prefetched = Some((plain, response));
+                (self.promote(primary, variants?).await, Tier::Shared)
+            }
+        };
         let Stored::Variants(names) = &*variants else {
             return None;
         };
         let secondary = storage_key(primary, &vary_key(names, request_headers));
-        let (stored, second) = self.get(&secondary).await?;
-        match &*stored {
-            Stored::Response(entry) => {
-                let tier = if first == Tier::Disk || second == Tier::Disk {
-                    Tier::Disk
-                } else {
-                    Tier::Memory
+        let (stored, second) = match self.get_local(&secondary).await {
+            Some(found) => found,
+            None => {
+                let (shared, deadline) = self.shared.as_ref().zip(deadline)?;
+                let found = match prefetched {
+                    Some((plain, found)) if plain == secondary => found,
+                    _ => shared.get(&[&secondary], deadline).await.pop().flatten(),
                 };
-                Some((entry.clone(), tier))
+                (self.promote(&secondary, found?).await, Tier::Shared)
             }
+        };
+        match &*stored {
+            Stored::Response(entry) => Some((entry.clone(), first.max(second))),
             Stored::Variants(_) => None,
         }
     }
 
-    /// Stores `entry` in both tiers, each for as long as it is of use and
-    /// its ceiling allows.
+    /// Stores `entry` in every tier (in L3 under `all`; behind the answer),
+    /// each for as long as it is of use and its ceiling allows.
     pub(crate) async fn insert(
         &self,
         primary: &str,
@@ -213,10 +330,21 @@ impl Tiers {
         let useful =
             Duration::from_millis(entry.useful_for_ms(now_ms())).saturating_add(self.keep_stale);
         let secondary = storage_key(primary, vary);
-        let response = Arc::new(Stored::Response(Arc::new(entry)));
+        let entry = Arc::new(entry);
+        if let Some(shared) = &self.shared
+            && shared.mode() == SharedCacheMode::All
+        {
+            let keep_until_ms = now_ms().saturating_add(millis(useful));
+            shared
+                .queue()
+                .offer(&secondary, vary_names.clone(), entry.clone(), keep_until_ms);
+        }
+        let response = Arc::new(Stored::Response(entry));
         let variants = Arc::new(Stored::Variants(vary_names));
-        self.put_memory(primary, variants.clone(), useful).await;
-        self.put_memory(&secondary, response.clone(), useful).await;
+        self.put_memory(primary, variants.clone(), useful, false)
+            .await;
+        self.put_memory(&secondary, response.clone(), useful, false)
+            .await;
         metrics::gauge!("breakwater_cache_bytes", "tier" => "memory")
             .set(self.memory.weighted_size() as f64);
         let Some(disk) = self.disk.clone() else {
@@ -226,8 +354,7 @@ impl Tiers {
         if keep.is_zero() {
             return;
         }
-        let expires_ms =
-            now_ms().saturating_add(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
+        let expires_ms = now_ms().saturating_add(millis(keep));
         let primary = primary.to_owned();
         let written = tokio::task::spawn_blocking(move || {
             disk.insert(&primary, &variants, expires_ms)?;
@@ -250,9 +377,50 @@ impl Tiers {
         metrics::counter!("breakwater_cache_disk_writes_total", "result" => result).increment(1);
     }
 
-    /// Removes what `selector` matches from both tiers; the count of
-    /// responses removed per tier.
-    pub(crate) async fn purge(&self, selector: Selector<'_>) -> (usize, usize) {
+    /// Removes what `selector` matches from every tier: L3 first, so that
+    /// a lookup meanwhile cannot copy back into L1 what L1 just lost.
+    pub(crate) async fn purge(&self, selector: Selector<'_>) -> Purged {
+        let shared = match &self.shared {
+            Some(shared) => {
+                let result = shared.purge(&selector, shared.background_timeout()).await;
+                if let Err(error) = &result {
+                    tracing::warn!(%error, "a purge did not reach the shared cache tier; send it again");
+                }
+                Some(result)
+            }
+            None => None,
+        };
+        let (memory, disk) = self.purge_local(selector).await;
+        Purged {
+            memory,
+            disk,
+            shared,
+        }
+    }
+
+    /// Removes the answers stored under `primary` from every tier, for a
+    /// request that is waiting: L3 gets the request budget.
+    pub(crate) async fn invalidate(&self, primary: &str) {
+        if let Some(shared) = &self.shared {
+            let _ = shared.purge(&Selector::Key(primary), shared.budget()).await;
+        }
+        self.purge_local(Selector::Key(primary)).await;
+    }
+
+    /// Runs moka's pending work now: evictions, and their listener.
+    #[cfg(test)]
+    pub(crate) async fn settle_memory(&self) {
+        self.memory.run_pending_tasks().await;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn in_memory(&self, key: &str) -> bool {
+        self.memory.contains_key(key)
+    }
+
+    /// Removes what `selector` matches from L1 and L2; the responses
+    /// removed from each.
+    async fn purge_local(&self, selector: Selector<'_>) -> (usize, usize) {
         let mut memory = 0;
         let doomed: Vec<(Arc<String>, bool)> = self
             .memory
@@ -558,6 +726,104 @@ impl Drop for DiskTier {
         // sled flushes on a timer; what a clean stop wrote must be on disk.
         if let Err(error) = self.db.flush() {
             tracing::warn!(%error, "flushing the disk cache failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::StatusCode;
+
+    use super::*;
+
+    fn leaving(stored: Stored, keep_left_ms: i64, from_shared: bool) -> L1Value {
+        L1Value {
+            stored: Arc::new(stored),
+            ttl: Duration::from_secs(1),
+            weight: 1,
+            keep_until_ms: now_ms().saturating_add_signed(keep_left_ms),
+            from_shared,
+        }
+    }
+
+    fn response() -> Stored {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::VARY, http::HeaderValue::from_static("Accept"));
+        Stored::Response(Arc::new(Entry {
+            status: StatusCode::OK,
+            headers,
+            chunks: vec![Bytes::from_static(b"body")],
+            request_time_ms: 0,
+            response_time_ms: 0,
+            initial_age_ms: 0,
+            freshness_ms: 0,
+            swr_ms: 0,
+            sie_ms: 0,
+            url: "shop.test/a".into(),
+            tags: Vec::new(),
+            ttl_by_plugin: false,
+            tokens: (0, 0),
+        }))
+    }
+
+    #[test]
+    fn evicted_mode_shares_only_responses_memory_lets_go_while_worth_keeping() {
+        let (queue, mut written) = WriteQueue::unattended(1024);
+        let hour = 3_600_000;
+        let cases = [
+            (
+                "pushed out for room",
+                leaving(response(), hour, false),
+                RemovalCause::Size,
+                true,
+            ),
+            (
+                "past the memory ceiling",
+                leaving(response(), hour, false),
+                RemovalCause::Expired,
+                true,
+            ),
+            (
+                "spent",
+                leaving(response(), 0, false),
+                RemovalCause::Expired,
+                false,
+            ),
+            (
+                "purged",
+                leaving(response(), hour, false),
+                RemovalCause::Explicit,
+                false,
+            ),
+            (
+                "replaced",
+                leaving(response(), hour, false),
+                RemovalCause::Replaced,
+                false,
+            ),
+            (
+                "read from L3",
+                leaving(response(), hour, true),
+                RemovalCause::Size,
+                false,
+            ),
+            (
+                "a Vary record",
+                leaving(Stored::Variants(Vec::new()), hour, false),
+                RemovalCause::Size,
+                false,
+            ),
+        ];
+        for (case, value, cause, shared) in cases {
+            share_evicted(&queue, "shop.test/a\0accept", value, cause);
+            match written.try_recv() {
+                Ok(write) => {
+                    assert!(shared, "{case}: shared, should not be");
+                    assert_eq!(write.key(), "shop.test/a\0accept", "{case}");
+                }
+                Err(_) => assert!(!shared, "{case}: not shared, should be"),
+            }
         }
     }
 }

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use breakwater_sandbox::{LoadError, LoadedPlugin, Sandbox, SandboxConfig, SandboxError};
+use breakwater_sandbox::{
+    LoadError, LoadedPlugin, Sandbox, SandboxConfig, SandboxError, SharedCounters,
+};
 use edge_config::EdgeConfig;
 use serde::Serialize;
 
@@ -138,6 +140,15 @@ struct ReloadState {
     /// reload does not apply.
     running: EdgeConfig,
     source: Option<ConfigSource>,
+    /// The cluster's buckets, for a sandbox made by a reload.
+    shared_counters: Option<SharedCounters>,
+}
+
+fn sandbox_config(shared_counters: Option<SharedCounters>) -> SandboxConfig {
+    SandboxConfig {
+        shared_counters,
+        ..SandboxConfig::default()
+    }
 }
 
 impl PluginRuntime {
@@ -147,11 +158,14 @@ impl PluginRuntime {
         config: &EdgeConfig,
         slots: Vec<String>,
         source: Option<ConfigSource>,
+        shared_counters: Option<SharedCounters>,
     ) -> Result<Self, EdgeError> {
         let sandbox = if config.plugins.is_empty() {
             None
         } else {
-            Some(Arc::new(Sandbox::new(SandboxConfig::default())?))
+            Some(Arc::new(Sandbox::new(sandbox_config(
+                shared_counters.clone(),
+            ))?))
         };
         let loaded = match &sandbox {
             Some(sandbox) => {
@@ -179,6 +193,7 @@ impl PluginRuntime {
                 sandbox,
                 running: config.clone(),
                 source,
+                shared_counters,
             }),
         })
     }
@@ -236,6 +251,7 @@ impl PluginRuntime {
         let mut state = self.reload.lock().await;
         let source = state.source.clone().ok_or(ReloadError::NoSource)?;
         let sandbox = state.sandbox.clone();
+        let shared_counters = state.shared_counters.clone();
         // Reading files, hashing and compiling components all block.
         let (config, sandbox, loaded) = tokio::task::spawn_blocking(move || {
             let mut config = source
@@ -246,7 +262,7 @@ impl PluginRuntime {
             let sandbox = match sandbox {
                 Some(sandbox) => Some(sandbox),
                 None if config.plugins.is_empty() => None,
-                None => Some(Arc::new(Sandbox::new(SandboxConfig::default())?)),
+                None => Some(Arc::new(Sandbox::new(sandbox_config(shared_counters))?)),
             };
             let loaded = match &sandbox {
                 Some(sandbox) => plugins::load_all(sandbox, &config.plugins)

@@ -930,6 +930,12 @@ async fn the_disk_tier_survives_a_restart_and_drops_corrupt_entries() {
     let node = node_for(up.addr, "", "disk_path = \"l2\"", dir.path()).await;
     let kept = get_with(&node, "/keep", &host).await;
     assert_eq!((kept.x_cache.as_str(), kept.body.as_str()), ("HIT", "kept"));
+    assert_eq!(
+        kept.headers
+            .get("x-cache-tier")
+            .and_then(|v| v.to_str().ok()),
+        Some("disk")
+    );
     let rot = get_with(&node, "/rot", &host).await;
     assert_eq!(
         (rot.x_cache.as_str(), rot.body.as_str()),

@@ -15,4 +15,5 @@ mod plugins;
 mod proxy;
 mod reload;
 mod request_hygiene;
+mod shared_cache;
 mod static_assets;

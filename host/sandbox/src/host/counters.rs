@@ -12,6 +12,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, PoisonError};
 
+use breakwater_cluster::leases::{Acquired, Bucket};
+use breakwater_cluster::{Fallback, Redis};
+
+use crate::SharedCounters;
 use crate::bindings::breakwater::plugin::counters::{Host, TakeResult};
 use crate::host::HostState;
 use crate::time::Clock;
@@ -31,15 +35,31 @@ pub(crate) struct Counters {
     hasher: RandomState,
     max_keys_per_shard: usize,
     shards: Box<[Mutex<Buckets>]>,
+    /// The cluster's buckets, when `[cluster]` shares them; the buckets
+    /// above are then only the `local` fallback.
+    shared: Option<SharedCounters>,
+}
+
+/// Where a reservation's tokens were taken, so that its settlement goes
+/// back there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ledger {
+    /// This node's buckets.
+    Local,
+    /// The cluster's, through this node's leases.
+    Shared,
+    /// Nowhere: admitted by an `open` fallback while Redis was away.
+    Unmetered,
 }
 
 impl Counters {
-    pub(crate) fn new(max_keys: usize, clock: Clock) -> Self {
+    pub(crate) fn new(max_keys: usize, clock: Clock, shared: Option<SharedCounters>) -> Self {
         Counters {
             clock,
             hasher: RandomState::new(),
             max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shared,
         }
     }
 
@@ -56,6 +76,43 @@ impl Counters {
         rate_per_second: f64,
         burst: u32,
     ) -> Result<TakeResult, String> {
+        if let Some(shared) = &self.shared {
+            check_take(cost, rate_per_second, burst)?;
+            let bucket = Bucket {
+                key,
+                rate_per_second,
+                burst,
+            };
+            match shared.leases.take(bucket, cost) {
+                Ok(taken) => {
+                    return Ok(TakeResult {
+                        allowed: taken.allowed,
+                        remaining: taken.remaining,
+                        retry_after_ms: taken.retry_after_ms,
+                    });
+                }
+                Err(_) => {
+                    Redis::count_fallback("counters");
+                    match shared.counters {
+                        Fallback::Local => {}
+                        Fallback::Open => {
+                            return Ok(TakeResult {
+                                allowed: true,
+                                remaining: u64::from(burst - cost),
+                                retry_after_ms: 0,
+                            });
+                        }
+                        Fallback::Closed => {
+                            return Ok(TakeResult {
+                                allowed: false,
+                                remaining: 0,
+                                retry_after_ms: shared.closed_retry_after_ms(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
         self.take_at(self.now_ns(), key, cost, rate_per_second, burst)
     }
 
@@ -67,19 +124,7 @@ impl Counters {
         rate_per_second: f64,
         burst: u32,
     ) -> Result<TakeResult, String> {
-        if !(rate_per_second.is_finite() && rate_per_second > 0.0) {
-            return Err(format!(
-                "rate must be a positive number, got {rate_per_second}"
-            ));
-        }
-        if burst == 0 {
-            return Err("burst must be at least 1".to_owned());
-        }
-        if cost > burst {
-            return Err(format!(
-                "cost {cost} exceeds burst {burst}: it could never be taken"
-            ));
-        }
+        check_take(cost, rate_per_second, burst)?;
         // One token every `interval` ns; a full bucket is `burst` intervals
         // ahead of now.
         let interval = 1e9 / rate_per_second;
@@ -115,6 +160,39 @@ impl Counters {
             retry_after_ms: 0,
         })
     }
+}
+
+/// A `take` that could be served, or why not.
+fn check_take(cost: u32, rate_per_second: f64, burst: u32) -> Result<(), String> {
+    Shape::new(rate_per_second, burst)?;
+    if cost > burst {
+        return Err(format!(
+            "cost {cost} exceeds burst {burst}: it could never be taken"
+        ));
+    }
+    Ok(())
+}
+
+/// The shapes of a reservation's buckets, or why it could never be served.
+fn check_reserve(
+    buckets: &[BucketSpec],
+    prompt: u32,
+    min_completion: u32,
+) -> Result<Vec<Shape>, String> {
+    let smallest = u64::from(prompt) + u64::from(min_completion.max(1));
+    let mut shapes = Vec::with_capacity(buckets.len());
+    for bucket in buckets {
+        if smallest > u64::from(bucket.burst) {
+            return Err(format!(
+                "the smallest reservation ({prompt} prompt + {} completion tokens) exceeds \
+                 the burst of {} tokens: it could never be taken",
+                min_completion.max(1),
+                bucket.burst
+            ));
+        }
+        shapes.push(Shape::new(bucket.rate_per_second, bucket.burst)?);
+    }
+    Ok(shapes)
 }
 
 /// A bucket's shape in the clock's nanoseconds: one token every
@@ -172,6 +250,8 @@ pub(crate) struct Reserved {
     pub(crate) remaining: u64,
     /// When refused, the wait until the smallest reservation fits.
     pub(crate) retry_after_ms: u64,
+    /// Where a settlement goes.
+    pub(crate) ledger: Ledger,
 }
 
 impl Counters {
@@ -187,6 +267,60 @@ impl Counters {
         max_completion: u32,
         min_completion: u32,
     ) -> Result<Reserved, String> {
+        if let Some(shared) = &self.shared {
+            check_reserve(buckets, prompt, min_completion)?;
+            let specs: Vec<Bucket<'_>> = buckets
+                .iter()
+                .map(|b| Bucket {
+                    key: &b.key,
+                    rate_per_second: b.rate_per_second,
+                    burst: b.burst,
+                })
+                .collect();
+            match shared
+                .leases
+                .reserve(&specs, prompt, max_completion, min_completion)
+            {
+                Ok(Acquired {
+                    allowed,
+                    extra,
+                    remaining,
+                    retry_after_ms,
+                }) => {
+                    return Ok(Reserved {
+                        allowed,
+                        completion: u32::try_from(extra).unwrap_or(u32::MAX),
+                        remaining,
+                        retry_after_ms,
+                        ledger: Ledger::Shared,
+                    });
+                }
+                Err(_) => {
+                    Redis::count_fallback("tokens");
+                    match shared.tokens {
+                        Fallback::Local => {}
+                        Fallback::Open => {
+                            return Ok(Reserved {
+                                allowed: true,
+                                completion: max_completion,
+                                remaining: 0,
+                                retry_after_ms: 0,
+                                ledger: Ledger::Unmetered,
+                            });
+                        }
+                        Fallback::Closed => {
+                            return Ok(Reserved {
+                                allowed: false,
+                                completion: 0,
+                                remaining: 0,
+                                retry_after_ms: shared.closed_retry_after_ms(),
+                                ledger: Ledger::Unmetered,
+                            });
+                        }
+                    }
+                }
+            }
+        }
         self.reserve_at(
             self.now_ns(),
             buckets,
@@ -205,18 +339,7 @@ impl Counters {
         min_completion: u32,
     ) -> Result<Reserved, String> {
         let smallest = u64::from(prompt) + u64::from(min_completion.max(1));
-        let mut shapes = Vec::with_capacity(buckets.len());
-        for bucket in buckets {
-            if smallest > u64::from(bucket.burst) {
-                return Err(format!(
-                    "the smallest reservation ({prompt} prompt + {} completion tokens) exceeds \
-                     the burst of {} tokens: it could never be taken",
-                    min_completion.max(1),
-                    bucket.burst
-                ));
-            }
-            shapes.push(Shape::new(bucket.rate_per_second, bucket.burst)?);
-        }
+        let shapes = check_reserve(buckets, prompt, min_completion)?;
         let mut shard_of: Vec<usize> = buckets
             .iter()
             .map(|b| self.hasher.hash_one(&*b.key) as usize % SHARDS)
@@ -264,6 +387,7 @@ impl Counters {
                 remaining: available,
                 // Less a nanosecond of rounding, as in `Shape::tokens`.
                 retry_after_ms: ((wait_ns - 1.0) / 1e6).ceil().max(1.0) as u64,
+                ledger: Ledger::Local,
             });
         }
         let completion = (available - u64::from(prompt)).min(u64::from(max_completion));
@@ -293,14 +417,26 @@ impl Counters {
             completion: u32::try_from(completion).unwrap_or(u32::MAX),
             remaining,
             retry_after_ms: 0,
+            ledger: Ledger::Local,
         })
     }
 
     /// Settles a reservation on one bucket: gives back `-delta` tokens
     /// (never past a full bucket) or takes `delta` more, at most one burst
     /// into debt. Returns the tokens left.
-    pub(crate) fn adjust(&self, bucket: &BucketSpec, delta: i64) -> u64 {
-        self.adjust_at(self.now_ns(), bucket, delta)
+    pub(crate) fn adjust(&self, ledger: Ledger, bucket: &BucketSpec, delta: i64) -> u64 {
+        match (ledger, &self.shared) {
+            (Ledger::Shared, Some(shared)) => shared.leases.adjust(
+                Bucket {
+                    key: &bucket.key,
+                    rate_per_second: bucket.rate_per_second,
+                    burst: bucket.burst,
+                },
+                delta,
+            ),
+            (Ledger::Unmetered, _) => u64::from(bucket.burst),
+            _ => self.adjust_at(self.now_ns(), bucket, delta),
+        }
     }
 
     fn adjust_at(&self, now: u64, bucket: &BucketSpec, delta: i64) -> u64 {
@@ -356,7 +492,7 @@ mod tests {
 
     #[test]
     fn burst_then_rate() {
-        let counters = Counters::new(1000, Clock::system());
+        let counters = Counters::new(1000, Clock::system(), None);
         // 10/s, burst 3: three at once, the fourth waits 100 ms.
         for remaining in [2, 1, 0] {
             let taken = counters.take_at(0, "k", 1, 10.0, 3).expect("valid");
@@ -389,7 +525,7 @@ mod tests {
 
     #[test]
     fn cost_takes_several_tokens() {
-        let counters = Counters::new(1000, Clock::system());
+        let counters = Counters::new(1000, Clock::system(), None);
         let taken = counters.take_at(0, "k", 4, 1.0, 5).expect("valid");
         assert!(taken.allowed);
         assert_eq!(taken.remaining, 1);
@@ -400,7 +536,7 @@ mod tests {
 
     #[test]
     fn invalid_arguments_are_errors() {
-        let counters = Counters::new(1000, Clock::system());
+        let counters = Counters::new(1000, Clock::system(), None);
         assert!(counters.take_at(0, "k", 1, 0.0, 1).is_err());
         assert!(counters.take_at(0, "k", 1, f64::NAN, 1).is_err());
         assert!(counters.take_at(0, "k", 1, 1.0, 0).is_err());
@@ -417,7 +553,7 @@ mod tests {
 
     #[test]
     fn a_reservation_takes_what_the_emptiest_bucket_holds_from_all_or_nothing() {
-        let counters = Counters::new(1000, Clock::system());
+        let counters = Counters::new(1000, Clock::system(), None);
         // 1000 a minute and 1500 a day.
         let minute = spec("m", 1000.0 / 60.0, 1000);
         let day = spec("d", 1500.0 / 86400.0, 1500);
@@ -448,7 +584,7 @@ mod tests {
 
     #[test]
     fn a_reservation_that_could_never_fit_is_an_error() {
-        let counters = Counters::new(1000, Clock::system());
+        let counters = Counters::new(1000, Clock::system(), None);
         let small = [spec("s", 1.0, 100)];
         assert!(counters.reserve_at(0, &small, 100, 10, 1).is_err());
         assert!(counters.reserve_at(0, &small, 99, 10, 1).is_ok());
@@ -461,7 +597,7 @@ mod tests {
 
     #[test]
     fn full_buckets_are_evicted_when_the_table_is_full() {
-        let counters = Counters::new(SHARDS, Clock::system());
+        let counters = Counters::new(SHARDS, Clock::system(), None);
         for i in 0..100 {
             counters.take_at(0, &format!("k{i}"), 1, 1000.0, 1).ok();
         }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::bindings::breakwater::plugin::tokens::{Ask, Budget, Grant, Host};
 use crate::host::HostState;
-use crate::host::counters::{BucketSpec, Counters, MAX_KEY};
+use crate::host::counters::{BucketSpec, Counters, Ledger, MAX_KEY};
 
 /// What a request's answer cost, for [`TokenGrants::settle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +29,7 @@ pub enum TokenUsage {
 #[derive(Debug)]
 struct Reservation {
     counters: Arc<Counters>,
+    ledger: Ledger,
     buckets: Vec<BucketSpec>,
     prompt_estimate: u32,
     asked_completion: u32,
@@ -50,7 +51,7 @@ impl Reservation {
             .saturating_sub(i64::from(self.taken()));
         self.buckets
             .iter()
-            .map(|bucket| self.counters.adjust(bucket, delta))
+            .map(|bucket| self.counters.adjust(self.ledger, bucket, delta))
             .min()
             .unwrap_or(u64::MAX)
     }
@@ -178,6 +179,7 @@ impl Host for HostState {
         if allowed {
             grants.reservations.push(Reservation {
                 counters,
+                ledger: reserved.ledger,
                 buckets,
                 prompt_estimate: ask.prompt_estimate,
                 asked_completion: max_completion,
