@@ -32,7 +32,8 @@
 #   KEYS [200]  KEY_RATE [1000]  SERVER_CPU [0]  CLIENT_CPU [1]
 #   OUT_DIR [bench/out/cluster-<timestamp>]  SKIP_BUILD=1 (use the existing
 #   release binary and plugin artifacts)  CARGO_TARGET_DIR (respected)
-#   PRIORITY [0]: nice value for everything
+#   PRIORITY [0]: nice value for everything  ISOLATION [reused]: the
+#   plugin's isolation (the demo's), per-request or reused
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
@@ -45,6 +46,7 @@ KEY_RATE=${KEY_RATE:-1000}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PRIORITY=${PRIORITY:-0}
+ISOLATION=${ISOLATION:-reused}
 VARIANTS=(local shared shared-l3)
 
 script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -188,6 +190,7 @@ name = "rate-limit"
 path = "$rate_limit"
 sha256 = "$rate_limit_sha"
 grants = ["counters"]
+isolation = "$ISOLATION"
 config = { tiers = { t = { rate_per_second = $KEY_RATE, burst = $KEY_RATE }, crowd = { rate_per_second = 100, burst = 20 } }, keys = { $keys_table k-crowd = "crowd" } }
 TOML
     "$bw_bin" config check "$dir/edge.toml" >/dev/null || die "the generated config of $1 is invalid"
@@ -215,6 +218,9 @@ for name in "${VARIANTS[@]}" node-a node-b node-c; do
     start_node "$name"
 done
 sleep 1 # the links' first ping
+# The nodes' start-up (compiling the plugin) must be over before the
+# machine is said to be quiet.
+sleep 4
 
 cat >"$work/keys.lua" <<LUA
 -- Written by bench/cluster.sh: each request carries the next of $KEYS keys.
@@ -285,7 +291,7 @@ wrk_extra=()
 # --- report -------------------------------------------------------------------
 {
     report_head "the nodes on cpu $SERVER_CPU (one measured at a time), wrk, nginx and redis-server on cpu $CLIENT_CPU"
-    echo "redis-server: $("$redis_bin" --version | awk '{ print $3 }'); wrk rotates $KEYS keys of $KEY_RATE req/s each"
+    echo "redis-server: $("$redis_bin" --version | awk '{ print $3 }'); wrk rotates $KEYS keys of $KEY_RATE req/s each; rate-limit isolation $ISOLATION"
     echo
     echo "| node | req/s | p99 ms | ratio to local |"
     echo "|---|---:|---:|---:|"
