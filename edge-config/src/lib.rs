@@ -83,6 +83,9 @@ impl EdgeConfig {
         if let Some(disk) = &mut self.cache.disk_path {
             *disk = base_dir.join(&*disk);
         }
+        if let Some(ca) = self.cluster.as_mut().and_then(|c| c.tls_ca_file.as_mut()) {
+            *ca = base_dir.join(&*ca);
+        }
     }
 
     /// The pool named `name`.

@@ -634,8 +634,22 @@ fn default_plugin_max_bytes() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS, or
-    /// `unix:///path/to/redis.sock`.
-    pub redis_url: String,
+    /// `unix:///path/to/redis.sock`. Exactly one of `redis_url` and
+    /// `sentinels` is set.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// Sentinels (`redis://host:26379`) that know where the primary is;
+    /// the node follows it through failovers.
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The primary's name at the sentinels (`sentinel monitor <name> …`).
+    #[serde(default)]
+    pub sentinel_master: Option<String>,
+    /// PEM certificates a `rediss://` server's chain must lead to, instead
+    /// of the system's roots. Relative paths start at the config file's
+    /// directory.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// Put before every key this cluster writes.
     #[serde(default = "default_cluster_key_prefix")]
     pub key_prefix: String,
@@ -844,5 +858,27 @@ mod cluster_tests {
         assert_eq!(problems[1].line, 6);
         let unknown = parse("redis_url = \"redis://r\"\nbugdet = \"5ms\"").expect_err("a typo");
         assert!(unknown.to_string().contains("budget"), "{unknown}");
+    }
+
+    #[test]
+    fn sentinels_replace_the_url_and_need_the_primary_s_name() {
+        let config = parse(
+            "sentinels = [\"redis://10.0.0.1:26379\", \"redis://10.0.0.2:26379\"]\n\
+             sentinel_master = \"bw\"\ntls_ca_file = \"ca.pem\"",
+        );
+        // The CA file does not exist under /etc/bw: the one mistake.
+        let error = config.expect_err("a missing CA file");
+        assert_eq!(error.diagnostics().len(), 1, "{error}");
+        assert!(error.to_string().contains("/etc/bw/ca.pem"), "{error}");
+        let nameless = parse("sentinels = [\"redis://10.0.0.1:26379\"]").expect_err("no name");
+        assert!(
+            nameless.to_string().contains("sentinel_master"),
+            "{nameless}"
+        );
+        let both = parse("redis_url = \"redis://r\"\nsentinels = [\"redis://s:26379\"]\nsentinel_master = \"bw\"")
+            .expect_err("both");
+        assert!(both.to_string().contains("both"), "{both}");
+        let neither = parse("budget = \"5ms\"").expect_err("no Redis");
+        assert!(neither.to_string().contains("names no Redis"), "{neither}");
     }
 }

@@ -901,15 +901,52 @@ fn check_cluster(config: &EdgeConfig, checker: &mut Checker<'_>) {
         return;
     };
     let at = |key| [Key("cluster"), Key(key)];
-    let scheme = cluster
-        .redis_url
-        .split_once("://")
-        .map(|(scheme, _)| scheme);
-    if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
-        checker.report(
+    let is_redis_url = |url: &str| {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix"))
+    };
+    match (&cluster.redis_url, cluster.sentinels.is_empty()) {
+        (Some(_), false) => checker.report(
+            &at("sentinels"),
+            "both `redis_url` and `sentinels` are set",
+            "keep `redis_url` for one Redis, or `sentinels` and `sentinel_master` to follow a primary through failovers",
+        ),
+        (None, true) => checker.report(
+            &[Key("cluster")],
+            "`[cluster]` names no Redis",
+            "add redis_url = \"redis://host:6379\", or sentinels = [\"redis://host:26379\"] with sentinel_master",
+        ),
+        (Some(url), true) if !is_redis_url(url) => checker.report(
             &at("redis_url"),
-            format!("redis_url {:?} is not a Redis URL", cluster.redis_url),
+            format!("redis_url {url:?} is not a Redis URL"),
             "write redis://host:6379, rediss://host:6380 (TLS) or unix:///run/redis.sock",
+        ),
+        _ => {}
+    }
+    for (i, sentinel) in cluster.sentinels.iter().enumerate() {
+        if !sentinel.starts_with("redis://") && !sentinel.starts_with("rediss://") {
+            checker.report(
+                &[Key("cluster"), Key("sentinels"), Index(i)],
+                format!("{sentinel:?} is not a sentinel's URL"),
+                "write redis://host:26379 (or rediss:// for TLS)",
+            );
+        }
+    }
+    if !cluster.sentinels.is_empty() && cluster.sentinel_master.as_deref().unwrap_or("").is_empty()
+    {
+        checker.report(
+            &at("sentinels"),
+            "`sentinels` without `sentinel_master`",
+            "add sentinel_master = \"<name>\", the name in the sentinels' `sentinel monitor <name> …`",
+        );
+    }
+    if let Some(ca) = &cluster.tls_ca_file
+        && !ca.is_file()
+    {
+        checker.report(
+            &at("tls_ca_file"),
+            format!("tls_ca_file {} is not a readable file", ca.display()),
+            "point it at the PEM file of the CA that signed Redis's certificate, or remove it to trust the system's roots",
         );
     }
     if cluster.budget.is_zero() || cluster.budget > std::time::Duration::from_secs(1) {

@@ -10,8 +10,13 @@
 //! The client is the `redis` crate's tokio [`ConnectionManager`]: one
 //! multiplexed connection that reconnects by itself, with scripts sent by
 //! EVALSHA (loaded again after a Redis restart). `fred` does as much, with
-//! pools and Sentinel built in; `redis` is the smaller dependency and the
-//! one most of the ecosystem (deadpool, bb8, axum examples) is written for.
+//! pools built in; `redis` is the smaller dependency and the one most of
+//! the ecosystem (deadpool, bb8, axum examples) is written for.
+//!
+//! Health is `ROLE`, not `PING`: a Redis that answers but is a replica (an
+//! old primary back after a failover) takes no writes, so the link is down
+//! until it reaches the primary again. With Sentinel, a link that is down
+//! asks the sentinels where the primary is now and connects there.
 //!
 //! [`leases`] is the shared half of cluster-wide token buckets: a GCRA
 //! bucket per key held in Redis, from which each node takes a lease of
@@ -21,8 +26,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, FromRedisValue};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{Client, FromRedisValue, IntoConnectionInfo, TlsCertificates};
 
 pub mod leases;
 #[cfg(feature = "test-server")]
@@ -55,8 +62,13 @@ impl Fallback {
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     /// `redis://[user:password@]host:port[/db]`, `rediss://…` (TLS), or
-    /// `unix:///path`.
+    /// `unix:///path`. With `sentinel`, unused.
     pub url: String,
+    /// Find the primary through Sentinel rather than at `url`.
+    pub sentinel: Option<SentinelSettings>,
+    /// PEM certificates a `rediss://` server's chain must lead to, instead
+    /// of the system's roots.
+    pub tls_ca_pem: Option<Vec<u8>>,
     /// Put before every key, so that several clusters (or a cluster and
     /// other users) can share one Redis.
     pub key_prefix: String,
@@ -73,6 +85,8 @@ impl Default for RedisSettings {
     fn default() -> Self {
         RedisSettings {
             url: "redis://127.0.0.1:6379".to_owned(),
+            sentinel: None,
+            tls_ca_pem: None,
             key_prefix: "bw:".to_owned(),
             budget: Duration::from_millis(5),
             background_timeout: Duration::from_millis(250),
@@ -81,12 +95,26 @@ impl Default for RedisSettings {
     }
 }
 
+/// Sentinels watching the cluster's primary.
+#[derive(Debug, Clone)]
+pub struct SentinelSettings {
+    /// The sentinels, `redis://host:26379` (or `rediss://`).
+    pub sentinels: Vec<String>,
+    /// The name they know the primary by (`sentinel monitor <name> …`).
+    pub master: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("the Redis URL {url:?} is not valid: {message}")]
     Url { url: String, message: String },
     #[error("starting the Redis link needs a Tokio runtime")]
     NoRuntime,
+    #[error("reading tls_ca_file {path}: {message}")]
+    TlsCa {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 /// Why a Redis call gave no answer.
@@ -109,8 +137,17 @@ pub struct Redis {
     inner: Arc<Inner>,
 }
 
+/// Where the link finds its Redis.
+enum Source {
+    Direct,
+    /// Asked again whenever the link is down.
+    Sentinel(Box<tokio::sync::Mutex<SentinelClient>>),
+}
+
 struct Inner {
-    connection: ConnectionManager,
+    /// None until the primary is known (Sentinel) .
+    connection: ArcSwapOption<ConnectionManager>,
+    source: Source,
     settings: RedisSettings,
     up: AtomicBool,
     runtime: tokio::runtime::Handle,
@@ -131,23 +168,60 @@ impl Redis {
     /// down and comes up when the first ping is answered.
     pub fn start(settings: RedisSettings) -> Result<Redis, ClusterError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ClusterError::NoRuntime)?;
-        let url_error = |e: redis::RedisError| ClusterError::Url {
-            url: redact(&settings.url),
-            message: e.to_string(),
+        // rustls needs a process-wide provider for the client's config;
+        // the one this build has. Installed already is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certificates = || TlsCertificates {
+            client_tls: None,
+            root_cert: settings.tls_ca_pem.clone(),
         };
-        let client = Client::open(settings.url.as_str()).map_err(url_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.background_timeout))
-            .set_response_timeout(Some(settings.background_timeout))
-            // Reconnection is the health task's job, paced by its interval;
-            // the manager's own retries would hold calls in the meantime.
-            .set_number_of_retries(1)
-            .set_max_delay(settings.health_interval);
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(url_error)?;
+        let (source, connection) = match &settings.sentinel {
+            None => {
+                let url_error = |e: redis::RedisError| ClusterError::Url {
+                    url: redact(&settings.url),
+                    message: e.to_string(),
+                };
+                let client = match &settings.tls_ca_pem {
+                    None => Client::open(settings.url.as_str()),
+                    Some(_) => Client::build_with_tls(settings.url.as_str(), certificates()),
+                }
+                .map_err(url_error)?;
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client, manager_config(&settings))
+                        .map_err(url_error)?;
+                (Source::Direct, Some(Arc::new(manager)))
+            }
+            Some(sentinel) => {
+                let url_error = |e: redis::RedisError| ClusterError::Url {
+                    url: sentinel
+                        .sentinels
+                        .iter()
+                        .map(|s| redact(s))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    message: e.to_string(),
+                };
+                let mut addresses = Vec::with_capacity(sentinel.sentinels.len());
+                for url in &sentinel.sentinels {
+                    addresses.push(url.as_str().into_connection_info().map_err(url_error)?);
+                }
+                let client = SentinelClient::build(
+                    addresses,
+                    sentinel.master.clone(),
+                    Some(SentinelNodeConnectionInfo::default()),
+                    SentinelServerType::Master,
+                )
+                .map_err(url_error)?;
+                (
+                    Source::Sentinel(Box::new(tokio::sync::Mutex::new(client))),
+                    None,
+                )
+            }
+        };
         let redis = Redis {
             inner: Arc::new(Inner {
-                connection,
+                connection: ArcSwapOption::new(connection),
+                source,
                 settings,
                 up: AtomicBool::new(false),
                 runtime,
@@ -225,11 +299,15 @@ impl Redis {
     }
 
     fn connection(&self) -> Result<ConnectionManager, Unavailable> {
-        if self.is_up() {
-            Ok(self.inner.connection.clone())
-        } else {
-            Err(Unavailable::Down)
+        if !self.is_up() {
+            return Err(Unavailable::Down);
         }
+        self.inner
+            .connection
+            .load()
+            .as_deref()
+            .cloned()
+            .ok_or(Unavailable::Down)
     }
 
     fn settle<T>(
@@ -277,13 +355,25 @@ impl Inner {
     }
 }
 
-/// A ping slower than this (or than the budget, if longer) leaves the link
-/// down: a Redis that slow would make every lease wait out the budget. It
-/// is well above the budget so that a busy machine does not flap the link.
+/// A health check slower than this (or than the budget, if longer) leaves
+/// the link down: a Redis that slow would make every lease wait out the
+/// budget. It is well above the budget so that a busy machine does not
+/// flap the link.
 const HEALTHY_PING: Duration = Duration::from_millis(50);
 
-/// Pings Redis every `health_interval`; an answer within [`HEALTHY_PING`]
-/// marks the link up, anything else down. Ends with the link.
+fn manager_config(settings: &RedisSettings) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.background_timeout))
+        .set_response_timeout(Some(settings.background_timeout))
+        // Reconnection is the health task's job, paced by its interval;
+        // the manager's own retries would hold calls in the meantime.
+        .set_number_of_retries(1)
+        .set_max_delay(settings.health_interval)
+}
+
+/// Checks the link every `health_interval`: up when Redis answers `ROLE`
+/// as a primary within [`HEALTHY_PING`], down otherwise; while down with
+/// Sentinel, the primary is looked up again. Ends with the link.
 async fn health(inner: std::sync::Weak<Inner>) {
     let mut ticks = {
         let Some(inner) = inner.upgrade() else { return };
@@ -293,19 +383,74 @@ async fn health(inner: std::sync::Weak<Inner>) {
     loop {
         ticks.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let mut connection = inner.connection.clone();
         let deadline = HEALTHY_PING.max(inner.settings.budget);
-        let ping = tokio::time::timeout(
-            deadline,
-            redis::cmd("PING").query_async::<String>(&mut connection),
-        )
-        .await;
-        let answered = matches!(ping, Ok(Ok(_)));
+        let mut answered = match inner.connection.load_full() {
+            Some(connection) => is_primary(&connection, deadline).await,
+            None => false,
+        };
+        if !answered && let Source::Sentinel(sentinel) = &inner.source {
+            answered = find_primary(&inner, sentinel, deadline).await;
+        }
         if !answered && inner.up.load(Ordering::Relaxed) {
             metrics::counter!("breakwater_cluster_redis_errors_total", "op" => "ping").increment(1);
         }
         inner.mark(answered, "ping");
     }
+}
+
+/// Whether the Redis behind `connection` answers, as a primary, in time.
+async fn is_primary(connection: &ConnectionManager, deadline: Duration) -> bool {
+    let mut connection = connection.clone();
+    let role = tokio::time::timeout(
+        deadline,
+        redis::cmd("ROLE").query_async::<Vec<redis::Value>>(&mut connection),
+    )
+    .await;
+    match role {
+        Ok(Ok(role)) => {
+            matches!(
+                role.first(),
+                Some(redis::Value::BulkString(kind)) if kind == b"master"
+            ) || matches!(
+                role.first(),
+                Some(redis::Value::SimpleString(kind)) if kind == "master"
+            )
+        }
+        _ => false,
+    }
+}
+
+/// Asks the sentinels where the primary is; connects there when it moved.
+/// Whether the primary answers.
+async fn find_primary(
+    inner: &Inner,
+    sentinel: &tokio::sync::Mutex<SentinelClient>,
+    deadline: Duration,
+) -> bool {
+    let lookup = async {
+        let mut sentinel = sentinel.lock().await;
+        sentinel.async_get_client().await
+    };
+    let client = match tokio::time::timeout(inner.settings.background_timeout, lookup).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "no primary from the sentinels");
+            return false;
+        }
+        Err(_) => return false,
+    };
+    let address = client.get_connection_info().addr().to_string();
+    let Ok(manager) =
+        ConnectionManager::new_lazy_with_config(client, manager_config(&inner.settings))
+    else {
+        return false;
+    };
+    if !is_primary(&manager, deadline).await {
+        return false;
+    }
+    tracing::info!(primary = %address, "the sentinels name a primary; connected");
+    inner.connection.store(Some(Arc::new(manager)));
+    true
 }
 
 /// The URL without its password, for logs and errors.

@@ -34,11 +34,63 @@ pub struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Arguments after the harness's own (a replica's `--replicaof`, TLS).
+    extra: Vec<String>,
+    /// Served over TLS only: readiness is an accepted connection.
+    tls: bool,
+    /// A configuration file, first on the command line (a sentinel's);
+    /// none runs a data server without persistence.
+    config_file: Option<PathBuf>,
+}
+
+/// PEM files of a TLS server: its certificate, key, and the CA that signed
+/// it (which a client must trust).
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// A replica of `primary`, once it answers.
+    pub fn replica_of(primary: &RedisServer) -> RedisServer {
+        Self::start_with(&[
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            primary.port.to_string(),
+        ])
+    }
+
+    /// A server that speaks only TLS (`rediss://`), with `files`; it does
+    /// not ask clients for certificates.
+    pub fn start_tls(files: &TlsFiles) -> RedisServer {
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        Self::start_inner(
+            &[
+                "--tls-cert-file".to_owned(),
+                path(&files.cert),
+                "--tls-key-file".to_owned(),
+                path(&files.key),
+                "--tls-ca-cert-file".to_owned(),
+                path(&files.ca),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ],
+            true,
+        )
+    }
+
+    /// Starts a server with `extra` arguments.
+    pub fn start_with(extra: &[String]) -> RedisServer {
+        Self::start_inner(extra, false)
+    }
+
+    fn start_inner(extra: &[String], tls: bool) -> RedisServer {
         let binary = redis_server_path();
         assert!(
             binary.is_file(),
@@ -50,6 +102,9 @@ impl RedisServer {
                 port: free_port(),
                 child: None,
                 dir: tempfile::tempdir().expect("a temporary directory for redis-server"),
+                extra: extra.to_vec(),
+                tls,
+                config_file: None,
             };
             if server.spawn() {
                 return server;
@@ -60,21 +115,35 @@ impl RedisServer {
 
     /// Starts the process on this server's port; whether it answered.
     fn spawn(&mut self) -> bool {
-        let child = Command::new(redis_server_path())
-            .args(["--port", &self.port.to_string()])
+        let port = self.port.to_string();
+        let ports: [&str; 4] = if self.tls {
+            ["--port", "0", "--tls-port", &port]
+        } else {
+            ["--port", &port, "--tls-port", "0"]
+        };
+        let mut command = Command::new(redis_server_path());
+        match &self.config_file {
+            Some(config) => command.arg(config),
+            None => command.args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]),
+        };
+        let child = command
+            .args(ports)
             .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .args(["--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--logfile", "redis.log"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting redis-server");
         self.child = Some(child);
+        self.wait_answering()
+    }
+
+    /// Whether the started process answered before it exited.
+    fn wait_answering(&mut self) -> bool {
         let started = Instant::now();
         while started.elapsed() < START_DEADLINE {
             if self.answers_ping() {
@@ -99,6 +168,10 @@ impl RedisServer {
         ) else {
             return false;
         };
+        if self.tls {
+            // Listening is as far as plain TCP can tell.
+            return true;
+        }
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
         let mut reply = [0u8; 7];
         stream.write_all(b"PING\r\n").is_ok()
@@ -115,7 +188,13 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's directory (its log is `redis.log` there).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients).
@@ -140,6 +219,50 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Sentinel on loopback watching `primary` as `master`, which it
+/// declares down after 200 ms without an answer and fails over alone
+/// (quorum 1). Killed when dropped.
+pub struct SentinelServer {
+    server: RedisServer,
+}
+
+impl SentinelServer {
+    pub fn start(master: &str, primary: &RedisServer) -> SentinelServer {
+        let dir = tempfile::tempdir().expect("a temporary directory for the sentinel");
+        // Sentinel rewrites its configuration file: it must be writable.
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "sentinel monitor {master} 127.0.0.1 {port} 1\n\
+                 sentinel down-after-milliseconds {master} 200\n\
+                 sentinel failover-timeout {master} 2000\n",
+                port = primary.port
+            ),
+        )
+        .expect("writing the sentinel's configuration");
+        let mut server = RedisServer {
+            port: 0,
+            child: None,
+            dir,
+            extra: vec!["--sentinel".to_owned()],
+            tls: false,
+            config_file: Some(config),
+        };
+        for _ in 0..3 {
+            server.port = free_port();
+            if server.spawn() {
+                return SentinelServer { server };
+            }
+        }
+        panic!("redis-server --sentinel did not start on a free port in three tries");
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
     }
 }
 

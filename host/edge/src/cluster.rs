@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use breakwater_cluster::leases::{LeaseSettings, LeasedBuckets};
-use breakwater_cluster::{Fallback, Redis, RedisSettings};
+use breakwater_cluster::{Fallback, Redis, RedisSettings, SentinelSettings};
 use breakwater_sandbox::SharedCounters;
 use edge_config::{ClusterConfig, SharedCacheMode, UnavailableMode};
 
@@ -34,8 +34,22 @@ impl Cluster {
         config: &ClusterConfig,
         max_counter_keys: usize,
     ) -> Result<Self, breakwater_cluster::ClusterError> {
+        let tls_ca_pem = match &config.tls_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|error| {
+                breakwater_cluster::ClusterError::TlsCa {
+                    path: path.clone(),
+                    message: error.to_string(),
+                }
+            })?),
+            None => None,
+        };
         let redis = Redis::start(RedisSettings {
-            url: config.redis_url.clone(),
+            url: config.redis_url.clone().unwrap_or_default(),
+            sentinel: (!config.sentinels.is_empty()).then(|| SentinelSettings {
+                sentinels: config.sentinels.clone(),
+                master: config.sentinel_master.clone().unwrap_or_default(),
+            }),
+            tls_ca_pem,
             key_prefix: config.key_prefix.clone(),
             budget: config.budget,
             background_timeout: config.background_timeout,

@@ -59,6 +59,7 @@ async fn node_at(url: String, settings: NodeSettings) -> Node {
         budget: settings.budget,
         background_timeout: Duration::from_secs(2),
         health_interval: Duration::from_millis(50),
+        ..RedisSettings::default()
     })
     .expect("the Redis link");
     eventually("the link comes up", async || redis.is_up().then_some(())).await;
