@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use http::{HeaderMap, HeaderValue};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub(crate) const REQUEST_ID: &str = "x-request-id";
+pub(crate) use breakwater_wire::REQUEST_ID_HEADER as REQUEST_ID;
 
 /// The request id a client or an upstream hop sent, if it is sane, else a
 /// fresh one. Ids are echoed on responses and passed upstream.

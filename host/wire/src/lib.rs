@@ -13,3 +13,12 @@ pub const DEADLINE_HEADER: &str = "x-request-deadline";
 /// cached answer made by a version no endpoint serves any more is never
 /// fresh.
 pub const MODEL_VERSION_HEADER: &str = "x-model-version";
+
+/// A request's id, from the client (when sane) or made by the edge; sent
+/// upstream and echoed on the answer, so that an edge's log line and a GPU
+/// host's name the same request.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Sent upstream by the edge on every attempt after the first (`2`, `3`,
+/// …): the GPU host can tell a retry from a first try.
+pub const ATTEMPT_HEADER: &str = "x-breakwater-attempt";

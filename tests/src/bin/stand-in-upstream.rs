@@ -179,13 +179,15 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body>
     }
 
     state.requests.fetch_add(1, Ordering::SeqCst);
-    let retry = request.headers().contains_key("x-breakwater-attempt");
+    let retry = request
+        .headers()
+        .contains_key(breakwater_wire::ATTEMPT_HEADER);
     if retry {
         state.retries.fetch_add(1, Ordering::SeqCst);
     }
     if let Some(deadline) = request
         .headers()
-        .get("x-request-deadline")
+        .get(breakwater_wire::DEADLINE_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
     {

@@ -72,10 +72,10 @@ use endpoint::{Endpoint, Failure, Outstanding, now_ms};
 use limit::{ConcurrencyLimit, Permit};
 use pool::PoolCore;
 
+/// Sent upstream on every attempt after the first: `2`, `3`, …
+pub(crate) use breakwater_wire::ATTEMPT_HEADER;
 /// The deadline header, in Unix milliseconds.
 pub(crate) use breakwater_wire::DEADLINE_HEADER;
-/// Sent upstream on every attempt after the first: `2`, `3`, …
-pub(crate) const ATTEMPT_HEADER: &str = "x-breakwater-attempt";
 
 /// The route's deadline for one request, set by the node when it arrives.
 #[derive(Debug, Clone, Copy)]

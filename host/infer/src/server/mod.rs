@@ -52,7 +52,7 @@ use crate::tokenizer::Tokenizer;
 
 pub use breakwater_listen::ConnectionLimits;
 
-pub use breakwater_wire::{DEADLINE_HEADER, MODEL_VERSION_HEADER};
+pub use breakwater_wire::{DEADLINE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER};
 
 /// Token texts that end a turn in common chat formats. llama.cpp stops on
 /// these too (its "end of generation" set), whatever the metadata's EOS:
@@ -402,7 +402,40 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|uri: Uri| async move { ApiError::no_route(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(continue_request_id))
         .with_state(state)
+}
+
+/// The longest request id continued; a longer one is neither echoed nor
+/// logged (the edge never sends one).
+const MAX_REQUEST_ID: usize = 128;
+
+/// Continues the edge's request id here: the field `request_id` of every
+/// log line the request makes, and echoed on the answer, so that the edge's
+/// access log and the GPU host's logs name the same request.
+async fn continue_request_id(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use tracing::Instrument;
+
+    let id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .filter(|id| id.len() <= MAX_REQUEST_ID)
+        .cloned();
+    let span = tracing::info_span!(
+        "request",
+        request_id = id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or_default()
+    );
+    let mut response = next.run(request).instrument(span).await;
+    if let Some(id) = id {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    response
 }
 
 /// Serves the API on `listener` within the default [`ConnectionLimits`]

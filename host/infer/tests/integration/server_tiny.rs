@@ -538,6 +538,34 @@ async fn health_models_and_metrics() {
     );
 }
 
+/// The edge's request id comes back on the answer, whole or streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edges_request_id_is_continued() {
+    let s = server(EngineConfig::default()).await;
+    for stream in [false, true] {
+        let answer = s
+            .client
+            .post(format!("{}/v1/chat/completions", s.base))
+            .header(breakwater_infer::server::REQUEST_ID_HEADER, "edge-7f3a")
+            .header("content-type", "application/json")
+            .body(chat("hi", 3, stream).to_string())
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), 200);
+        assert_eq!(
+            answer.headers()[breakwater_infer::server::REQUEST_ID_HEADER],
+            "edge-7f3a"
+        );
+    }
+    let unlabelled = s.get("/v1/models").await;
+    assert!(
+        !unlabelled
+            .headers
+            .contains_key(breakwater_infer::server::REQUEST_ID_HEADER)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_a_model_is_set() {
     use breakwater_infer::server::{AppState, serve};
