@@ -345,10 +345,21 @@ pub async fn start_slow_upstream(delay: Duration) -> SocketAddr {
 pub async fn start_counting_upstream(
     cache_control: &'static str,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
+    start_counting_upstream_of(cache_control, "/").await
+}
+
+/// [`start_counting_upstream`] counting only the requests whose path starts
+/// with `counted`.
+pub async fn start_counting_upstream_of(
+    cache_control: &'static str,
+    counted: &'static str,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let count = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&count);
+    let counter = Arc::clone(&count);
     let addr = start_raw_upstream(move |path| {
-        counted.fetch_add(1, Ordering::SeqCst);
+        if path.starts_with(counted) {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: {cache_control}\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{path}",
