@@ -449,7 +449,17 @@ impl LeasedBuckets {
                 return;
             };
             let answer = this
-                .call(&key, rate, burst, want, least, debt, "lease")
+                .call(
+                    Bucket {
+                        key: &key,
+                        rate_per_second: rate,
+                        burst,
+                    },
+                    want,
+                    least,
+                    debt,
+                    "lease",
+                )
                 .await;
             let now = Instant::now();
             {
@@ -475,23 +485,20 @@ impl LeasedBuckets {
     /// One run of the lease script within the background deadline: a
     /// request waits for it at most the budget, but a late answer still
     /// lands in the lease rather than being lost.
-    #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
-        key: &str,
-        rate_per_second: f64,
-        burst: u32,
+        bucket: Bucket<'_>,
         want: u64,
         least: u64,
         settle: i64,
         op: &'static str,
     ) -> Result<LeaseAnswer, Unavailable> {
-        let redis_key = self.redis.key(&[b"ctr:", key.as_bytes()]);
-        let micros_per_token = 1e6 / rate_per_second;
+        let redis_key = self.redis.key(&[b"ctr:", bucket.key.as_bytes()]);
+        let micros_per_token = 1e6 / bucket.rate_per_second;
         let mut invocation = LEASE.key(redis_key);
         invocation
             .arg(micros_per_token)
-            .arg(burst)
+            .arg(bucket.burst)
             .arg(want)
             .arg(least)
             .arg(settle);
@@ -538,7 +545,17 @@ impl LeasedBuckets {
         for (key, rate, burst, tokens) in settle {
             // Lost if Redis fails now: the bucket refills by itself.
             let _ = self
-                .call(&key, rate, burst, 0, 0, tokens, "lease_return")
+                .call(
+                    Bucket {
+                        key: &key,
+                        rate_per_second: rate,
+                        burst,
+                    },
+                    0,
+                    0,
+                    tokens,
+                    "lease_return",
+                )
                 .await;
         }
         returned
