@@ -2,10 +2,10 @@
 //! on a CUDA GPU when one is usable (`--device auto`, the default) and on
 //! the CPU otherwise.
 //!
-//! The listener opens before the model loads, so liveness and metrics
-//! answer at once and `/health/ready` turns 200 when the model is loaded and
-//! warm. SIGTERM (or Ctrl-C) stops taking connections, gives in-flight
-//! requests `--drain-seconds` to finish, then stops the engine.
+//! This module maps flags onto `breakwater_infer::server::lifecycle` (listen
+//! before load, serve, drain) and signals onto its calls: SIGTERM (or
+//! Ctrl-C) stops taking connections, gives in-flight requests
+//! `--drain-seconds` to finish, then stops the engine.
 //!
 //! The model is a file (`--model`) or a version in model stores
 //! (`--model-ref NAME@VERSION|NAME:CHANNEL --store URL… --model-cache DIR`):
@@ -23,11 +23,10 @@ use std::time::Duration;
 use anyhow::Context;
 use breakwater_infer::backend::Device;
 use breakwater_infer::demo_model;
-use breakwater_infer::loader;
 use breakwater_infer::scheduler::EngineConfig;
-use breakwater_infer::server::swap::{self, ModelSource, ReloadAuth, SwapOptions, Swapper};
-use breakwater_infer::server::{self, AppState, BackendOptions, Served, ServerConfig};
-use breakwater_infer::telemetry::Telemetry;
+use breakwater_infer::server::lifecycle::{GpuHostOptions, ModelChoice, RunningGpuHost};
+use breakwater_infer::server::swap::{ModelSource, ReloadAuth, SwapOptions, Swapper};
+use breakwater_infer::server::{self, BackendOptions, ServerConfig};
 use breakwater_store::model::{ModelRef, PullOptions};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -125,10 +124,40 @@ pub fn run(args: GpuHostArgs) -> anyhow::Result<()> {
 async fn serve(args: GpuHostArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the Ctrl-C handler")?;
+    let options = options(&args)?;
+    let threads = options.backend.threads;
+    let mut host = RunningGpuHost::start(options).await?;
+    tokio::select! {
+        ready = host.loaded() => {
+            let ready = ready?;
+            tracing::info!(
+                backend = ready.backend,
+                threads,
+                kv_blocks = ready.kv_blocks,
+                max_sequence_tokens = ready.max_sequence_tokens,
+                "ready"
+            );
+        }
+        _ = term.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    if host.app().model().is_some() {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+            closed = host.closed() => return Ok(closed?),
+        }
+    }
+    host.shutdown().await;
+    Ok(())
+}
+
+/// The flags, as the GPU host's options.
+fn options(args: &GpuHostArgs) -> anyhow::Result<GpuHostOptions> {
     let name = args
         .model_name
         .clone()
-        .unwrap_or_else(|| default_name(&args));
+        .unwrap_or_else(|| default_name(args));
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
@@ -139,108 +168,28 @@ async fn serve(args: GpuHostArgs) -> anyhow::Result<()> {
         kv_budget_bytes: args.kv_budget_mb.map_or(0, |mb| mb.saturating_mul(1 << 20)),
         ..EngineConfig::default()
     };
-
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let addr = listener.local_addr().context("reading the bound address")?;
-    let app = AppState::new(ServerConfig::new(&name), Telemetry::new());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(server::serve(listener, Arc::clone(&app), async {
-        let _ = stopped.await;
-    }));
-    tracing::info!(%addr, model = %name, "gpu-host listening on http://{addr}; loading the model");
-
     let backend = BackendOptions {
         device: args.device,
         threads,
         gpu_memory_fraction: args.gpu_memory_fraction,
     };
-    let mut follower = None;
-    let load = async {
-        match (&args.model, &args.model_ref) {
-            (Some(path), _) => load_file(&app, path.clone(), backend, engine).await,
-            (None, Some(reference)) => {
-                let swapper = swapper(&args, reference.clone(), backend, engine)?;
-                swap::record_store_metrics(&app);
-                if app.set_swapper(Arc::clone(&swapper)).is_err() {
-                    anyhow::bail!("a model swapper was already set");
-                }
-                swapper
-                    .start(&app)
-                    .await
-                    .with_context(|| format!("serving {reference}"))?;
-                follower = swapper.follow(Arc::clone(&app), args.poll_interval);
-                Ok(())
-            }
-            // clap requires one of them.
-            (None, None) => anyhow::bail!("give --model or --model-ref"),
-        }
+    let model = match (&args.model, &args.model_ref) {
+        (Some(path), _) => ModelChoice::File(path.clone()),
+        (None, Some(reference)) => ModelChoice::Stored {
+            swapper: swapper(args, reference.clone(), backend, engine.clone())?,
+            poll_interval: args.poll_interval,
+        },
+        // clap requires one of them.
+        (None, None) => anyhow::bail!("give --model or --model-ref"),
     };
-    tokio::select! {
-        loaded = load => {
-            loaded?;
-            let served = app.model().context("no model after loading")?;
-            let backend = served.backend();
-            let blocks = served.engine().kv_blocks_total();
-            let context = served.engine().max_sequence_tokens();
-            tracing::info!(backend, threads, kv_blocks = blocks, max_sequence_tokens = context, "ready");
-        }
-        _ = term.recv() => return Ok(()),
-        _ = interrupt.recv() => return Ok(()),
-        result = &mut server => {
-            result.context("the server task")?.context("serving")?;
-            return Ok(());
-        }
-    }
-
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = interrupt.recv() => {}
-        result = &mut server => {
-            result.context("the server task")?.context("serving")?;
-            return Ok(());
-        }
-    }
-    tracing::info!("shutting down: draining in-flight requests");
-    // No swap starts while draining.
-    if let Some(follower) = follower {
-        follower.abort();
-    }
-    let _ = stop.send(());
-    let drain = Duration::from_secs(args.drain_seconds);
-    let drained = tokio::time::timeout(drain, &mut server).await.is_ok();
-    if !drained {
-        tracing::warn!("drain period over; ending the requests still running");
-    }
-    // Ends whatever still runs; their streams close with an error event.
-    app.shutdown();
-    if !drained {
-        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    }
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Loads the model file at `path` and makes it the model.
-async fn load_file(
-    app: &AppState,
-    path: PathBuf,
-    backend: BackendOptions,
-    engine: EngineConfig,
-) -> anyhow::Result<()> {
-    let telemetry = app.telemetry().clone();
-    let served = tokio::task::spawn_blocking(move || -> anyhow::Result<Served> {
-        let loaded = loader::load(&path).with_context(|| format!("opening {}", path.display()))?;
-        Served::from_loaded(loaded, backend, engine, telemetry)
-            .with_context(|| format!("loading {}", path.display()))
+    Ok(GpuHostOptions {
+        listen: args.listen,
+        server: ServerConfig::new(name),
+        model,
+        backend,
+        engine,
+        drain: Duration::from_secs(args.drain_seconds),
     })
-    .await
-    .context("the model loading task")??;
-    if app.set_model(served).is_err() {
-        anyhow::bail!("a model was already set");
-    }
-    Ok(())
 }
 
 /// The swapper for `--model-ref`: its stores, cache and limits.

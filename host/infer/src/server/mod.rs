@@ -14,6 +14,7 @@
 //! version lives until its last request is done.
 
 pub mod error;
+pub mod lifecycle;
 pub mod openai;
 pub mod swap;
 

@@ -9,6 +9,7 @@ mod support;
 
 mod chat_control_tokens;
 mod cuda_parity;
+mod gpu_host_lifecycle;
 mod hf_layout;
 mod llama_cpp_reference;
 mod openai_python;
