@@ -194,6 +194,39 @@ address = "127.0.0.1:8080"
     }
 
     #[test]
+    fn tracing_takes_its_keys_and_names_bad_values() {
+        let base = "[[listener]]\naddress = \"127.0.0.1:8080\"\n";
+        let off =
+            parse(base, Path::new("t.toml"), Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(off.tracing, TracingConfig::default());
+        let on = format!(
+            "{base}[tracing]\nendpoint = \"http://collector:4317\"\nprotocol = \"grpc\"\nservice_name = \"edge-eu\"\nsample_ratio = 0.05\ntrust_incoming = true\n"
+        );
+        let config =
+            parse(&on, Path::new("t.toml"), Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.tracing,
+            TracingConfig {
+                endpoint: Some("http://collector:4317".to_owned()),
+                protocol: Some(TraceProtocol::Grpc),
+                service_name: Some("edge-eu".to_owned()),
+                sample_ratio: Some(0.05),
+                trust_incoming: true,
+            }
+        );
+        let bad = format!(
+            "{base}[tracing]\nendpoint = \"https://collector:4318\"\nsample_ratio = 1.5\nservice_name = \"\"\n"
+        );
+        let err = parse(&bad, Path::new("t.toml"), Path::new(".")).expect_err("three problems");
+        let lines: Vec<usize> = err.diagnostics().iter().map(|d| d.line).collect();
+        assert_eq!(lines, [4, 5, 6], "{err}");
+        let grpc_json = format!("{base}[tracing]\nprotocol = \"http/json\"\n");
+        let err =
+            parse(&grpc_json, Path::new("t.toml"), Path::new(".")).expect_err("unknown protocol");
+        assert_eq!(err.diagnostics()[0].line, 4, "{err}");
+    }
+
+    #[test]
     fn an_unknown_endpoint_key_is_located_and_fixed() {
         let text = "[[listener]]\naddress = \"127.0.0.1:8080\"\n[[pool]]\nname = \"a\"\nendpoints = [{ adress = \"http://127.0.0.1:1\" }]\n";
         let err = parse(text, Path::new("t.toml"), Path::new(".")).expect_err("unknown key");

@@ -50,6 +50,10 @@ pub struct EdgeConfig {
     /// and a shared cache tier. None: everything is per node.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// OpenTelemetry traces. Off unless an endpoint is given here or in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
+    #[serde(default)]
+    pub tracing: TracingConfig,
 }
 
 /// Identity of this node.
@@ -627,6 +631,48 @@ fn default_plugin_fetch_timeout() -> Duration {
 }
 fn default_plugin_max_bytes() -> u64 {
     64 * 1024 * 1024
+}
+
+/// `[tracing]`: spans exported over OTLP. Each key left out falls back to
+/// the standard `OTEL_*` environment variable, then to its default.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector, e.g. `http://otel-collector:4318` (HTTP) or
+    /// `http://otel-collector:4317` (gRPC). Over HTTP, `/v1/traces` is
+    /// appended. Falls back to `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used
+    /// as is), then `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `http/protobuf` or `grpc`. Falls back to `OTEL_EXPORTER_OTLP_PROTOCOL`,
+    /// then `http/protobuf`.
+    #[serde(default)]
+    pub protocol: Option<TraceProtocol>,
+    /// `service.name` of the spans. Falls back to `OTEL_SERVICE_NAME`, then
+    /// `breakwater-edge`.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Share of new traces kept, 0.0 to 1.0; a continued trace follows its
+    /// caller's decision. Falls back to `OTEL_TRACES_SAMPLER` /
+    /// `OTEL_TRACES_SAMPLER_ARG`, then 1.0.
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
+    /// Continue a client's `traceparent` (an edge behind a load balancer
+    /// that starts traces). Off by default: an internet client's trace is
+    /// only linked, so it can neither pick trace ids nor force sampling.
+    #[serde(default)]
+    pub trust_incoming: bool,
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TraceProtocol {
+    /// Protobuf over HTTP POST (port 4318 by convention).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// gRPC (port 4317 by convention).
+    #[serde(rename = "grpc")]
+    Grpc,
 }
 
 /// `[cluster]`: several nodes sharing one Redis.

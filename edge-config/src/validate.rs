@@ -66,6 +66,7 @@ pub(crate) fn validate(config: &EdgeConfig, text: &str, map: &SourceMap<'_>) -> 
     check_plugins(config, &mut checker);
     check_cache(config, &mut checker);
     check_cluster(config, &mut checker);
+    check_tracing(config, &mut checker);
     checker.problems
 }
 
@@ -895,6 +896,35 @@ fn check_cache(config: &EdgeConfig, checker: &mut Checker<'_>) {
 /// Redis refuses strings above 512 MiB; an answer that large is no
 /// shared-cache material anyway.
 const REDIS_MAX_STRING: u64 = 512 * 1024 * 1024;
+
+fn check_tracing(config: &EdgeConfig, checker: &mut Checker<'_>) {
+    let tracing = &config.tracing;
+    if let Some(endpoint) = &tracing.endpoint
+        && !endpoint.starts_with("http://")
+    {
+        checker.report(
+            &[Key("tracing"), Key("endpoint")],
+            format!("endpoint {endpoint:?} is not an http:// URL (TLS to the collector is not built in)"),
+            "write http://collector:4318 (http/protobuf) or http://collector:4317 (grpc), with a collector beside the node forwarding over TLS",
+        );
+    }
+    if let Some(ratio) = tracing.sample_ratio
+        && !(0.0..=1.0).contains(&ratio)
+    {
+        checker.report(
+            &[Key("tracing"), Key("sample_ratio")],
+            format!("sample_ratio = {ratio} is outside 0.0 to 1.0"),
+            "write the share of new traces to keep, e.g. 0.05 for one in twenty",
+        );
+    }
+    if tracing.service_name.as_deref() == Some("") {
+        checker.report(
+            &[Key("tracing"), Key("service_name")],
+            "service_name is empty",
+            "name the service, e.g. \"breakwater-edge\", or leave the key out",
+        );
+    }
+}
 
 fn check_cluster(config: &EdgeConfig, checker: &mut Checker<'_>) {
     let Some(cluster) = &config.cluster else {

@@ -3,7 +3,10 @@
 //!
 //! - `cargo xtask up`: prepare what the demo needs, then run `breakwater up`.
 //! - `cargo xtask test`: prepare what the tests need (rustup target, cargo
-//!   tools, Debian packages, test servers), then run the whole suite.
+//!   tools, Debian packages, test servers), check `deploy/`, then run the
+//!   whole suite.
+//! - `cargo xtask deploy-check`: only the checks of `deploy/` (see
+//!   [`deploy`]); `cargo xtask deploy-sync` rewrites its generated file.
 //!
 //! Each step checks first and does nothing when already done, so a second run
 //! is fast.
@@ -13,7 +16,9 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <up|test> [-- extra arguments for breakwater up / nextest]";
+mod deploy;
+
+const USAGE: &str = "usage: cargo xtask <up|test|deploy-check|deploy-sync> [-- extra arguments for breakwater up / nextest]";
 
 /// The WebAssembly target plugins are built for.
 const PLUGIN_TARGET: &str = "wasm32-wasip2";
@@ -28,6 +33,8 @@ fn main() -> anyhow::Result<()> {
     match task.as_str() {
         "up" => up(&rest),
         "test" => test(&rest),
+        "deploy-check" => deploy::checks(),
+        "deploy-sync" => deploy::sync(),
         _ => bail!("{USAGE}"),
     }
 }
@@ -68,8 +75,11 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ensure_openai_venv()?;
     fetch_test_server()?;
     fetch_nvrtc()?;
-    ensure_debian_package("redis-server", "redis-server")?;
+    ensure_debian_package_with("redis-server", "redis-server", &[])?;
     build_plugins()?;
+    // Seconds, and a broken manifest or rule is found before the suite's
+    // minutes.
+    deploy::checks()?;
     let mut nextest = cargo();
     nextest.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     nextest.args(extra);
@@ -143,11 +153,19 @@ fn run_example(package: &str, features: &[&str], example: &str) -> anyhow::Resul
 const OPENAI_VERSION: &str = "3.51.0";
 
 fn ensure_openai_venv() -> anyhow::Result<()> {
-    let venv = Path::new(".cache/venv-openai");
+    ensure_venv(Path::new(".cache/venv-openai"), "openai", OPENAI_VERSION)
+}
+
+/// A Python venv at `venv` holding `package` at exactly `version`; a no-op
+/// when it does.
+fn ensure_venv(venv: &Path, package: &str, version: &str) -> anyhow::Result<()> {
     let python = venv.join("bin/python");
-    let installed =
-        output_of(Command::new(&python).args(["-c", "import openai; print(openai.__version__)"]));
-    if installed.is_some_and(|v| v.trim() == OPENAI_VERSION) {
+    let installed = output_of(Command::new(&python).args([
+        "-c",
+        "import importlib.metadata, sys; print(importlib.metadata.version(sys.argv[1]))",
+        package,
+    ]));
+    if installed.is_some_and(|v| v.trim() == version) {
         return Ok(());
     }
     if !python.is_file() {
@@ -158,7 +176,7 @@ fn ensure_openai_venv() -> anyhow::Result<()> {
         "pip",
         "install",
         "--quiet",
-        &format!("openai=={OPENAI_VERSION}"),
+        &format!("{package}=={version}"),
     ]))
 }
 
@@ -195,10 +213,11 @@ fn ensure_rust_target(target: &str) -> anyhow::Result<()> {
     run(Command::new("rustup").args(["target", "add", target]))
 }
 
-/// Installs the Debian package `package` when `binary` is on neither the
-/// PATH nor in /usr/sbin or /usr/bin, without starting its system service:
-/// the tests start their own servers on free ports.
-fn ensure_debian_package(binary: &str, package: &str) -> anyhow::Result<()> {
+/// Installs the Debian package `package` (with `apt-get install` options
+/// `options`) when `binary` is on neither the PATH nor in /usr/sbin or
+/// /usr/bin, without starting its system service: the tests start their
+/// own servers on free ports.
+fn ensure_debian_package_with(binary: &str, package: &str, options: &[&str]) -> anyhow::Result<()> {
     let on_path = std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()));
     if on_path
@@ -231,7 +250,9 @@ fn ensure_debian_package(binary: &str, package: &str) -> anyhow::Result<()> {
     let installed = run(privileged("apt-get").args(["update", "-qq"])).and_then(|()| {
         run(privileged("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq", package]))
+            .args(["install", "-y", "-qq"])
+            .args(options)
+            .arg(package))
     });
     if added_policy {
         run(privileged("rm").args(["-f", "/usr/sbin/policy-rc.d"]))?;

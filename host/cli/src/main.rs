@@ -84,32 +84,59 @@ enum ConfigCommand {
     Check { file: PathBuf },
 }
 
+/// Service names of the spans, when the configuration gives none.
+const EDGE_SERVICE: &str = "breakwater-edge";
+const GPU_HOST_SERVICE: &str = "breakwater-gpu-host";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_json = matches!(cli.log_format, LogFormatArg::Json);
+    // An edge's configuration is read before logging starts: its
+    // `[tracing]` section sets up the trace exporter. Reading it logs
+    // nothing; its errors are printed below.
+    let edge = match &cli.command {
+        Command::Edge { config } => Some(load(config)),
+        Command::Up { config, .. } => Some(up_config(config.as_deref())),
+        _ => None,
+    };
+    let no_config = edge_config::TracingConfig::default();
+    let traces = match (&cli.command, &edge) {
+        (_, Some(Ok(config))) => Some((&config.tracing, EDGE_SERVICE)),
+        (Command::GpuHost(_), _) => Some((&no_config, GPU_HOST_SERVICE)),
+        _ => None,
+    };
     // Held to the end of main: dropping it writes out what is still queued.
-    let _log_guard = breakwater_edge::init_logging(match cli.log_format {
-        LogFormatArg::Text => LogFormat::Text,
-        LogFormatArg::Json => LogFormat::Json,
-    });
-    let result = match cli.command {
-        Command::Config {
-            command: ConfigCommand::Check { file },
-        } => return check_config(&file),
-        Command::Plugin { command } => return plugin::run(command),
-        Command::Model { command } => return model::run(command),
-        Command::GpuHost(args) => gpu_host::run(args),
-        Command::Edge { config } => load(&config).and_then(|initial| {
+    let _log_guard = breakwater_edge::init_logging(
+        match cli.log_format {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        },
+        traces,
+    );
+    let result = match (cli.command, edge) {
+        (
+            Command::Config {
+                command: ConfigCommand::Check { file },
+            },
+            _,
+        ) => return check_config(&file),
+        (Command::Plugin { command }, _) => return plugin::run(command),
+        (Command::Model { command }, _) => return model::run(command),
+        (Command::GpuHost(args), _) => gpu_host::run(args),
+        (Command::Edge { config }, Some(initial)) => initial.and_then(|initial| {
             run_edge(initial, breakwater_edge::ConfigSource::file(config), None)
         }),
         // A reload (SIGHUP) reads the configuration the way `up` first did,
         // pinning rebuilt local plugins again.
-        Command::Up {
-            config,
-            gpu_host_listen,
-            model,
-            no_gpu_host,
-        } => up_config(config.as_deref()).and_then(|initial| {
+        (
+            Command::Up {
+                config,
+                gpu_host_listen,
+                model,
+                no_gpu_host,
+            },
+            Some(initial),
+        ) => initial.and_then(|initial| {
             let source = breakwater_edge::ConfigSource::new(move || up_config(config.as_deref()));
             let gpu_host = (!no_gpu_host).then_some(up::GpuHostPlan {
                 listen: gpu_host_listen,
@@ -118,6 +145,9 @@ fn main() -> ExitCode {
             });
             run_edge(initial, source, gpu_host)
         }),
+        (Command::Edge { .. } | Command::Up { .. }, None) => {
+            Err(anyhow::anyhow!("the edge's configuration was not read"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

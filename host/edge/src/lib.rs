@@ -36,6 +36,7 @@ mod server;
 pub mod static_files;
 mod tls;
 mod token_budget;
+mod traces;
 mod upstream;
 mod usage;
 
@@ -44,3 +45,4 @@ pub use observe::{LogFormat, LogGuard, init_logging};
 pub use plugins::reload::{ConfigSource, PluginInfo, ReloadError, ReloadReport};
 pub use server::{RunningNode, start, start_with_source};
 pub use tls::{ReloadedCertificate, TlsFilesError, TlsReloadError};
+pub use traces::{TraceExporter, TraceSetupError};

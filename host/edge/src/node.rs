@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use breakwater_wire::trace;
+use tracing::Instrument;
+
 use axum::body::Body;
 use breakwater_sandbox::SandboxConfig;
 use edge_config::{EdgeConfig, LimitsConfig};
@@ -76,6 +79,8 @@ pub(crate) struct EdgeNode {
     plugin_body_budget: BodyBudget,
     /// Token totals per key, when some route counts tokens.
     usage: Option<Arc<UsageLedger>>,
+    /// Continue a client's `traceparent` rather than only link it.
+    trust_traceparent: bool,
 }
 
 impl EdgeNode {
@@ -166,6 +171,7 @@ impl EdgeNode {
                 .iter()
                 .any(|route| route.count_tokens)
                 .then(|| Arc::new(UsageLedger::new(&config.usage))),
+            trust_traceparent: config.tracing.trust_incoming,
         })
     }
 
@@ -232,6 +238,23 @@ impl EdgeNode {
         parts.headers.insert(REQUEST_ID, id.clone());
         let method = parts.method.clone();
         let path = parts.uri.path().to_owned();
+        let span = tracing::info_span!(
+            target: trace::TARGET,
+            "edge.request",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            url.path = %path,
+            breakwater.route = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            client.address = %client.peer.ip(),
+            breakwater.request_id = id.to_str().unwrap_or(""),
+        );
+        if self.trust_traceparent {
+            trace::continue_trace(&span, &parts.headers);
+        } else {
+            trace::link_trace(&span, &parts.headers);
+        }
 
         let (route_metrics, mut response) = match refusal {
             Some(refusal) => {
@@ -239,13 +262,33 @@ impl EdgeNode {
                     .increment(1);
                 (self.unrouted.clone(), refusal.response())
             }
-            None => self.dispatch(parts, body, &client).await,
+            None => {
+                self.dispatch(parts, body, &client)
+                    .instrument(span.clone())
+                    .await
+            }
         };
 
         response.headers_mut().insert(REQUEST_ID, id.clone());
         let status = response.status();
         let elapsed = started.elapsed();
         route_metrics.record(status, elapsed);
+        if !span.is_disabled() {
+            // Started by now: its name is changed on the OpenTelemetry span.
+            {
+                use opentelemetry::trace::TraceContextExt;
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                span.context()
+                    .span()
+                    .update_name(format!("{method} {}", route_metrics.name));
+            }
+            span.record("breakwater.route", route_metrics.name.as_str());
+            // As i64: the exporter writes unsigned fields as text.
+            span.record("http.response.status_code", i64::from(status.as_u16()));
+            if status.is_server_error() {
+                span.record("otel.status_code", "error");
+            }
+        }
         tracing::info!(
             target: "access",
             request_id = id.to_str().unwrap_or(""),
@@ -257,7 +300,7 @@ impl EdgeNode {
             elapsed_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
-        response.map(|body| Body::new(CountedBody::new(body, route_metrics, in_flight)))
+        response.map(|body| Body::new(CountedBody::new(body, route_metrics, in_flight, span)))
     }
 
     async fn dispatch(

@@ -81,10 +81,12 @@ const LOG_WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 static LOG_DROPS: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
 
-/// Keeps the log thread writing; dropping it flushes what is queued. Hold
-/// it until the process is done.
+/// Keeps the log thread writing and the trace exporter sending; dropping
+/// it flushes what is queued in both. Hold it until the process is done.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
+    // Dropped first: its last spans' export may log.
+    _traces: Option<crate::traces::TraceExporter>,
     _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
@@ -92,8 +94,22 @@ pub struct LogGuard {
 /// `info`; `RUST_LOG=info,access=off` turns the access log off). Lines are
 /// formatted on the thread that logs and written to stdout by a log thread
 /// of their own, in batches, so a request never waits on a `write`.
-pub fn init_logging(format: LogFormat) -> LogGuard {
-    use tracing_subscriber::EnvFilter;
+///
+/// `traces`, for a process that serves (`[tracing]` and the service name
+/// used when none is configured): with an OTLP endpoint there or in the
+/// `OTEL_*` variables, spans of [`breakwater_wire::trace::TARGET`] are
+/// exported too. A broken trace setup is logged and leaves logging as it
+/// is.
+pub fn init_logging(
+    format: LogFormat,
+    traces: Option<(&edge_config::TracingConfig, &str)>,
+) -> LogGuard {
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, Registry};
+    type Boxed = Box<dyn Layer<Registry> + Send + Sync>;
+
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour codes only for a person at a terminal: in a file or a log
     // pipeline they are bytes to write and noise to read.
@@ -107,23 +123,55 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
             std::io::stdout(),
         ));
     let drops = writer.error_counter();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(writer);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt: Boxed = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     };
+    // Trace spans are the exporter's: in the log they would be noise, and
+    // formatting their fields costs every request.
+    let not_trace_spans = tracing_subscriber::filter::filter_fn(|metadata| {
+        metadata.target() != breakwater_wire::trace::TARGET
+    });
+    let mut layers: Vec<Boxed> = vec![fmt.with_filter(filter.and(not_trace_spans)).boxed()];
+    let installed = traces.map_or(Ok(None), |(config, service)| {
+        crate::traces::install(config, service)
+    });
+    let (traces, trace_error) = match installed {
+        Ok(Some((exporter, tracer))) => {
+            let only_trace_spans = tracing_subscriber::filter::Targets::new()
+                .with_target(breakwater_wire::trace::TARGET, tracing::Level::TRACE);
+            layers.push(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_tracked_inactivity(false)
+                    .with_filter(only_trace_spans)
+                    .boxed(),
+            );
+            (Some(exporter), None)
+        }
+        Ok(None) => (None, None),
+        Err(error) => (None, Some(error)),
+    };
+    let result = tracing_subscriber::registry().with(layers).try_init();
+    if let Some(error) = trace_error {
+        tracing::error!(%error, "traces are not exported");
+    }
     match result {
         Ok(()) => {
             let _ = LOG_DROPS.set(drops);
             LogGuard {
+                _traces: traces,
                 _worker: Some(guard),
             }
         }
         // Already installed (e.g. by a test harness): keep that one.
-        Err(_) => LogGuard { _worker: None },
+        Err(_) => LogGuard {
+            _traces: traces,
+            _worker: None,
+        },
     }
 }
 
@@ -193,6 +241,9 @@ pub(crate) struct CountedBody {
     route: std::sync::Arc<RouteMetrics>,
     sent: u64,
     _in_flight: InFlight,
+    /// The request's trace span: it ends with the response's last byte
+    /// (or the client's leaving), not when the head is sent.
+    _span: breakwater_wire::trace::EndsOnDrop,
 }
 
 /// Holds `breakwater_edge_requests_in_flight` up from the moment a request
@@ -224,12 +275,14 @@ impl CountedBody {
         inner: axum::body::Body,
         route: std::sync::Arc<RouteMetrics>,
         in_flight: InFlight,
+        span: tracing::Span,
     ) -> Self {
         Self {
             inner,
             route,
             sent: 0,
             _in_flight: in_flight,
+            _span: breakwater_wire::trace::EndsOnDrop(span),
         }
     }
 }
@@ -264,4 +317,24 @@ impl http_body::Body for CountedBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// `response`, whose body keeps `span` open until its last byte is sent
+/// or the client leaves: a streamed answer's span covers the stream.
+pub(crate) fn held_to_the_end(
+    response: http::Response<axum::body::Body>,
+    span: tracing::Span,
+) -> http::Response<axum::body::Body> {
+    use http_body_util::BodyExt;
+    if span.is_disabled() {
+        return response;
+    }
+    let held = breakwater_wire::trace::EndsOnDrop(span);
+    response.map(|body| {
+        axum::body::Body::new(body.map_frame(move |frame| {
+            // Owned by the closure, so dropped with the body.
+            let _held = &held;
+            frame
+        }))
+    })
 }

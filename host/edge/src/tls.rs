@@ -79,10 +79,12 @@ impl Certificates {
         listener: &str,
         files: &TlsConfig,
     ) -> Result<TlsAcceptor, TlsFilesError> {
+        let key = load(files)?;
+        record_expiry(listener, &key);
         let slot = Arc::new(CertificateSlot {
             listener: listener.to_owned(),
             files: files.clone(),
-            current: ArcSwap::from_pointee(load(files)?),
+            current: ArcSwap::from_pointee(key),
         });
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -126,6 +128,7 @@ impl Certificates {
                         .map(|leaf| breakwater_sandbox::sha256_hex(leaf.as_ref()))
                         .unwrap_or_default(),
                 });
+                record_expiry(&slot.listener, &key);
                 slot.current.store(Arc::new(key));
             }
             Ok(reloaded)
@@ -156,6 +159,27 @@ impl Certificates {
             }
         }
         outcome
+    }
+}
+
+/// `breakwater_tls_certificate_expiry_timestamp_seconds{listener}`: when
+/// the certificate `listener` serves stops being valid (its `notAfter`),
+/// for an alert weeks ahead. A leaf that does not parse leaves the series
+/// as it was: rustls accepted it, and an alert on a stale value is safer
+/// than none.
+fn record_expiry(listener: &str, key: &CertifiedKey) {
+    let Some(leaf) = key.cert.first() else {
+        return;
+    };
+    match x509_parser::parse_x509_certificate(leaf.as_ref()) {
+        Ok((_, certificate)) => {
+            let not_after = certificate.validity().not_after.timestamp();
+            metrics::gauge!("breakwater_tls_certificate_expiry_timestamp_seconds", "listener" => listener.to_owned())
+                .set(not_after as f64);
+        }
+        Err(error) => {
+            tracing::warn!(listener, %error, "the certificate's expiry could not be read");
+        }
     }
 }
 

@@ -108,6 +108,7 @@ struct Inner {
     batch_size: Histogram,
     step_tokens: Histogram,
     ttft: Histogram,
+    queue_wait: Histogram,
     inter_token: Histogram,
     generated_tokens: Counter,
     prompt_tokens: Counter,
@@ -198,6 +199,11 @@ impl Telemetry {
                 Unit::Seconds,
                 "From submission to the first generated token.",
             ),
+            queue_wait: histogram(
+                "queue_wait_seconds",
+                Unit::Seconds,
+                "From submission to admission into the running batch: the leading sign of too few GPU hosts.",
+            ),
             inter_token: histogram(
                 "inter_token_latency_seconds",
                 Unit::Seconds,
@@ -266,6 +272,10 @@ impl Telemetry {
             .device_memory_free
             .set(stats.memory_free_bytes as f64);
         self.0.device_step.record(stats.last_step_seconds);
+    }
+
+    pub(crate) fn admitted(&self, waited: f64) {
+        self.0.queue_wait.record(waited);
     }
 
     pub(crate) fn first_token(&self, seconds: f64) {

@@ -441,8 +441,9 @@ fn valid_plugin_name(name: &str) -> bool {
 }
 
 /// CPU time the calling thread has used so far; `None` where the clock
-/// cannot be read (then deadlines fall back to the wall clock).
-fn thread_cpu_time() -> Option<Duration> {
+/// cannot be read (then deadlines fall back to the wall clock). Hosts use
+/// it to report what a plugin call cost.
+pub fn thread_cpu_time() -> Option<Duration> {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -22,3 +22,5 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Sent upstream by the edge on every attempt after the first (`2`, `3`,
 /// …): the GPU host can tell a retry from a first try.
 pub const ATTEMPT_HEADER: &str = "x-breakwater-attempt";
+
+pub mod trace;

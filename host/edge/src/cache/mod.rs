@@ -238,6 +238,41 @@ impl ResponseCache {
         origin: Arc<Origin>,
         trip: BodyLimitTrip,
     ) -> Response<Body> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            target: breakwater_wire::trace::TARGET,
+            "cache",
+            breakwater.cache.result = tracing::field::Empty,
+            breakwater.cache.tier = tracing::field::Empty,
+        );
+        let response = self
+            .answer(route, overrides, request, origin, trip)
+            .instrument(span.clone())
+            .await;
+        if !span.is_disabled() {
+            let header = |name| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+            };
+            span.record("breakwater.cache.result", header(X_CACHE));
+            span.record("breakwater.cache.tier", header(X_CACHE_TIER));
+        }
+        // A miss streams from the origin through the cache: the span ends
+        // with the body, like its upstream attempt inside it.
+        crate::observe::held_to_the_end(response, span)
+    }
+
+    async fn answer(
+        self: &Arc<Self>,
+        route: RoutePolicy,
+        overrides: Overrides,
+        request: Request<Body>,
+        origin: Arc<Origin>,
+        trip: BodyLimitTrip,
+    ) -> Response<Body> {
         let (parts, body) = request.into_parts();
         let url = default_key(&parts);
         let method = parts.method.clone();
@@ -279,7 +314,28 @@ impl ResponseCache {
             url,
             background: false,
         };
-        let stored = self.tiers.lookup(&ask.primary, &ask.headers).await;
+        let stored = {
+            use tracing::Instrument;
+            let span = tracing::info_span!(
+                target: breakwater_wire::trace::TARGET,
+                "cache.lookup",
+                breakwater.cache.tier = tracing::field::Empty,
+                breakwater.cache.found = tracing::field::Empty,
+            );
+            let stored = self
+                .tiers
+                .lookup(&ask.primary, &ask.headers)
+                .instrument(span.clone())
+                .await;
+            if !span.is_disabled() {
+                span.record("breakwater.cache.found", stored.is_some());
+                span.record(
+                    "breakwater.cache.tier",
+                    stored.as_ref().map_or("none", |(_, tier)| tier.label()),
+                );
+            }
+            stored
+        };
         if ranged {
             return serve_range(ask, stored, body, &origin, &trip).await;
         }

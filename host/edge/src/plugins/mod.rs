@@ -214,10 +214,12 @@ impl PluginChain {
             Err(shed) => return (parts, RequestOutcome::Respond(shed)),
         };
         let chain = Arc::clone(self);
+        let request_span = tracing::Span::current();
         let joined = tokio::task::spawn_blocking(move || {
             // Held by the task, not the request: a client that goes away
             // does not free the slot while its plugins still run.
             let _permit = permit;
+            let _in_request = request_span.enter();
             let outcome = chain.on_request(&mut parts, &body, client);
             (parts, outcome)
         })
@@ -250,8 +252,10 @@ impl PluginChain {
             Err(shed) => return shed,
         };
         let chain = Arc::clone(self);
+        let request_span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _in_request = request_span.enter();
             chain.on_response(&inputs, response)
         })
         .await
@@ -282,15 +286,24 @@ impl PluginChain {
             if !plugin.phases().contains(Phases::REQUEST) {
                 continue;
             }
+            let call = PluginSpan::start(plugin, "on-request");
             let outcome = match plugin.on_request_granting(&view) {
                 Ok((outcome, granted)) => {
                     grants.extend(granted);
+                    call.end(match &outcome.decision {
+                        RequestDecision::Continue => "continue",
+                        RequestDecision::ContinueWith(_) => "continue-with",
+                        RequestDecision::Respond(_) => "respond",
+                    });
                     outcome
                 }
-                Err(error) => match failure(plugin, &error) {
-                    Some(response) => return RequestOutcome::Respond(response),
-                    None => continue,
-                },
+                Err(error) => {
+                    call.end("failed");
+                    match failure(plugin, &error) {
+                        Some(response) => return RequestOutcome::Respond(response),
+                        None => continue,
+                    }
+                }
             };
             if let Some(context) = outcome.context {
                 contexts.resize(place + 1, None);
@@ -344,7 +357,15 @@ impl PluginChain {
                 headers: http_view::header_pairs(response.headers()),
             };
             let context = inputs.contexts.get(place).and_then(Option::as_deref);
-            match plugin.on_response(&inputs.view, &head, context) {
+            let call = PluginSpan::start(plugin, "on-response");
+            let decided = plugin.on_response(&inputs.view, &head, context);
+            call.end(match &decided {
+                Ok(ResponseDecision::Continue) => "continue",
+                Ok(ResponseDecision::ContinueWith(_)) => "continue-with",
+                Ok(ResponseDecision::Respond(_)) => "respond",
+                Err(_) => "failed",
+            });
+            match decided {
                 Ok(ResponseDecision::Continue) => {}
                 Ok(ResponseDecision::ContinueWith(changes)) => {
                     http_view::apply_response_changes(response.headers_mut(), &changes)
@@ -385,6 +406,44 @@ pub(crate) fn apply_request_changes(
         cache.ttl = Some(Duration::from_millis(ms));
     }
     cache.bypass |= changes.cache_bypass;
+}
+
+/// One plugin call on the request's trace: the plugin, the phase, what it
+/// decided and the CPU time it took on this thread.
+struct PluginSpan {
+    span: tracing::Span,
+    cpu_at_start: Option<Duration>,
+}
+
+impl PluginSpan {
+    fn start(plugin: &LoadedPlugin, phase: &'static str) -> Self {
+        let span = tracing::info_span!(
+            target: breakwater_wire::trace::TARGET,
+            "plugin",
+            otel.name = phase,
+            breakwater.plugin = plugin.name(),
+            breakwater.phase = phase,
+            breakwater.decision = tracing::field::Empty,
+            breakwater.cpu_us = tracing::field::Empty,
+        );
+        let cpu_at_start = if span.is_disabled() {
+            None
+        } else {
+            breakwater_sandbox::thread_cpu_time()
+        };
+        Self { span, cpu_at_start }
+    }
+
+    fn end(self, decision: &'static str) {
+        if self.span.is_disabled() {
+            return;
+        }
+        self.span.record("breakwater.decision", decision);
+        if let (Some(from), Some(to)) = (self.cpu_at_start, breakwater_sandbox::thread_cpu_time()) {
+            let micros = i64::try_from(to.saturating_sub(from).as_micros()).unwrap_or(i64::MAX);
+            self.span.record("breakwater.cpu_us", micros);
+        }
+    }
 }
 
 fn phase_failed() -> Response<Body> {

@@ -52,6 +52,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
+use breakwater_wire::trace;
 use bytes::Bytes;
 use edge_config::EdgeConfig;
 use http::header::{self, HeaderValue};
@@ -60,6 +61,7 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use metrics::Gauge;
 use tokio::time::Sleep;
+use tracing::Instrument;
 
 use crate::error::error_response;
 use crate::limits::{BodyLimitTrip, BoxError, ClientBodyError};
@@ -385,6 +387,18 @@ impl UpstreamPool {
             tried.push(endpoint.clone());
             let attempt = tried.len();
             let sent = Instant::now();
+            let span = tracing::info_span!(
+                target: trace::TARGET,
+                "upstream.attempt",
+                otel.name = "upstream attempt",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                breakwater.pool = %core.name,
+                server.address = %endpoint.label,
+                breakwater.retry = i64::try_from(attempt - 1).unwrap_or(i64::MAX),
+                breakwater.outcome = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+            );
             let outcome = self
                 .attempt(
                     core,
@@ -395,7 +409,9 @@ impl UpstreamPool {
                     deadline,
                     body_trip,
                 )
+                .instrument(span.clone())
                 .await;
+            record_outcome(&span, &outcome);
             if let Some(permit) = &permit
                 && !matches!(outcome, Outcome::ClientBroke(_) | Outcome::DeadlinePassed)
             {
@@ -404,7 +420,7 @@ impl UpstreamPool {
             }
             let (failure, response, detail) = match outcome {
                 Outcome::Answer(response, outstanding) => {
-                    return finish(
+                    let response = finish(
                         response,
                         outstanding,
                         permit,
@@ -412,6 +428,7 @@ impl UpstreamPool {
                         deadline,
                         body_trip.clone(),
                     );
+                    return crate::observe::held_to_the_end(response, span);
                 }
                 Outcome::Busy(response) => (None, Some(response), "busy".to_owned()),
                 Outcome::Failed(failure, response, detail) => (Some(failure), response, detail),
@@ -515,6 +532,7 @@ impl UpstreamPool {
         {
             headers.insert(ATTEMPT_HEADER, value);
         }
+        trace::inject(&tracing::Span::current(), headers);
         let outstanding = endpoint.start();
         let started = Instant::now();
         let first_byte_timeout = core.config.first_byte_timeout;
@@ -784,6 +802,30 @@ fn give_up(
 
 /// The answer, streaming, with the endpoint counted as busy with it until
 /// its body ends and the deadline enforced on the body.
+/// What became of an attempt, on its trace span.
+fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
+    if span.is_disabled() {
+        return;
+    }
+    let (label, status) = match outcome {
+        Outcome::Answer(response, _) => ("answer", Some(response.status())),
+        Outcome::Busy(response) => ("busy", Some(response.status())),
+        Outcome::Failed(failure, response, _) => {
+            (failure.label(), response.as_ref().map(Response::status))
+        }
+        Outcome::ClientBroke(_) => ("client_broke", None),
+        Outcome::DeadlinePassed => ("deadline", None),
+    };
+    span.record("breakwater.outcome", label);
+    if let Some(status) = status {
+        // As i64: the exporter writes unsigned fields as text.
+        span.record("http.response.status_code", i64::from(status.as_u16()));
+    }
+    if !matches!(outcome, Outcome::Answer(..)) {
+        span.record("otel.status_code", "error");
+    }
+}
+
 fn finish(
     response: Response<hyper::body::Incoming>,
     outstanding: Outstanding,

@@ -29,6 +29,8 @@ pub(crate) struct PoolCore {
     total_weight: f64,
     /// Traffic spills to the failover pools while set.
     spilled: AtomicBool,
+    /// `breakwater_upstream_failover_active`: `spilled`, for alerts.
+    failover_gauge: metrics::Gauge,
     /// [`now_ms`] since which the healthy share has been back above
     /// `failback_above`; 0: it has not.
     recovered_since: AtomicU64,
@@ -61,6 +63,13 @@ impl PoolCore {
         let share_gauge =
             metrics::gauge!("breakwater_upstream_healthy_share", "pool" => config.name.clone());
         share_gauge.set(1.0);
+        // The threshold as a series, so an alert on "below its failover
+        // threshold" follows each pool's configuration.
+        metrics::gauge!("breakwater_upstream_failover_below", "pool" => config.name.clone())
+            .set(config.failover_below);
+        let failover_gauge =
+            metrics::gauge!("breakwater_upstream_failover_active", "pool" => config.name.clone());
+        failover_gauge.set(0.0);
         Self {
             name: config.name.clone(),
             priority: config.effective_priority(node_region),
@@ -78,6 +87,7 @@ impl PoolCore {
             spilled: AtomicBool::new(false),
             recovered_since: AtomicU64::new(0),
             share_gauge,
+            failover_gauge,
         }
     }
 
@@ -110,6 +120,7 @@ impl PoolCore {
             if share < self.config.failover_below && !self.spilled.swap(true, Ordering::Relaxed) {
                 self.recovered_since.store(0, Ordering::Relaxed);
                 metrics::counter!("breakwater_upstream_failover_events_total", "pool" => self.name.clone(), "event" => "spill").increment(1);
+                self.failover_gauge.set(1.0);
                 tracing::warn!(pool = %self.name, healthy_share = share, "pool unhealthy: spilling to failover pools");
                 return true;
             }
@@ -127,6 +138,7 @@ impl PoolCore {
         let hold = u64::try_from(self.config.failback_after.as_millis()).unwrap_or(u64::MAX);
         if now.saturating_sub(since) >= hold && self.spilled.swap(false, Ordering::Relaxed) {
             metrics::counter!("breakwater_upstream_failover_events_total", "pool" => self.name.clone(), "event" => "return").increment(1);
+            self.failover_gauge.set(0.0);
             tracing::info!(pool = %self.name, healthy_share = share, "pool healthy again: taking its traffic back");
             return false;
         }

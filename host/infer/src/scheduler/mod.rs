@@ -127,6 +127,20 @@ pub struct Finish {
     pub prompt_tokens: usize,
     /// Tokens generated (an end-of-sequence token not counted).
     pub completion_tokens: usize,
+    /// When its phases began: for traces.
+    pub timings: Timings,
+}
+
+/// When a generation reached each phase: submitted, given a slot (queue
+/// wait before), first token sampled (prefill before, decode after).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    /// Submitted to the engine.
+    pub arrived: Instant,
+    /// Admitted into the running batch.
+    pub admitted: Instant,
+    /// The first token sampled; `None` if none was.
+    pub first_token: Option<Instant>,
 }
 
 /// Why a generation ended normally.
@@ -472,6 +486,8 @@ struct Seq<S> {
     deadline: Option<Instant>,
     ignore_eos: bool,
     arrived: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
 }
 
@@ -485,6 +501,11 @@ impl<S> Seq<S> {
             reason,
             prompt_tokens: self.prompt.len(),
             completion_tokens: self.generated,
+            timings: Timings {
+                arrived: self.arrived,
+                admitted: self.admitted,
+                first_token: self.first_token,
+            },
         })
     }
 }
@@ -604,6 +625,10 @@ impl<R: Runner> Worker<R> {
                 }
             };
             let r = p.request;
+            let admitted = Instant::now();
+            self.shared
+                .telemetry
+                .admitted(admitted.duration_since(p.arrived).as_secs_f64());
             self.running.push(Seq {
                 id: p.id,
                 state,
@@ -620,6 +645,8 @@ impl<R: Runner> Worker<R> {
                 deadline: r.deadline,
                 ignore_eos: r.ignore_eos,
                 arrived: p.arrived,
+                admitted,
+                first_token: None,
                 last_token: None,
             });
         }
@@ -711,7 +738,10 @@ impl<R: Runner> Worker<R> {
             sampled += 1;
             let telemetry = &self.shared.telemetry;
             match s.last_token {
-                None => telemetry.first_token(now.duration_since(s.arrived).as_secs_f64()),
+                None => {
+                    s.first_token = Some(now);
+                    telemetry.first_token(now.duration_since(s.arrived).as_secs_f64());
+                }
                 Some(t) => telemetry.next_token(now.duration_since(t).as_secs_f64()),
             }
             s.last_token = Some(now);

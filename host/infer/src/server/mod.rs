@@ -17,6 +17,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod openai;
 pub mod swap;
+mod traces;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -403,40 +404,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|uri: Uri| async move { ApiError::no_route(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn(continue_request_id))
+        .layer(axum::middleware::from_fn(traces::continue_request))
         .with_state(state)
-}
-
-/// The longest request id continued; a longer one is neither echoed nor
-/// logged (the edge never sends one).
-const MAX_REQUEST_ID: usize = 128;
-
-/// Continues the edge's request id here: the field `request_id` of every
-/// log line the request makes, and echoed on the answer, so that the edge's
-/// access log and the GPU host's logs name the same request.
-async fn continue_request_id(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    use tracing::Instrument;
-
-    let id = request
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .filter(|id| id.len() <= MAX_REQUEST_ID)
-        .cloned();
-    let span = tracing::info_span!(
-        "request",
-        request_id = id
-            .as_ref()
-            .and_then(|id| id.to_str().ok())
-            .unwrap_or_default()
-    );
-    let mut response = next.run(request).instrument(span).await;
-    if let Some(id) = id {
-        response.headers_mut().insert(REQUEST_ID_HEADER, id);
-    }
-    response
 }
 
 /// Serves the API on `listener` within the default [`ConnectionLimits`]
@@ -823,6 +792,14 @@ async fn collect(
             Ok(None) => return Err(ApiError::internal("the engine stopped")),
             Ok(Some(Event::Text(t))) => text.push_str(&t),
             Ok(Some(Event::Done(finish))) => {
+                if let Some(span) = traces::request_span() {
+                    traces::record_generation(
+                        &span,
+                        &envelope.model,
+                        envelope.kind.operation(),
+                        &finish,
+                    );
+                }
                 return Ok(axum::Json(envelope.response(text, &finish)).into_response());
             }
             Ok(Some(Event::Failed(f))) => return Err(failure_error(f)),
@@ -845,6 +822,9 @@ struct Streaming {
     include_usage: bool,
     deadline: tokio::time::Instant,
     phase: Phase,
+    /// The request's trace span, when tracing is on: the stream's end
+    /// records the generation there.
+    trace: Option<tracing::Span>,
     /// Keeps the model (its engine) alive while the stream runs, even
     /// after a swap replaced it.
     _served: Arc<Served>,
@@ -874,6 +854,7 @@ fn stream(
         include_usage,
         deadline,
         phase,
+        trace: traces::request_span(),
         _served: served,
     };
     let events = futures_util::stream::unfold(state, |mut s| async move {
@@ -894,6 +875,14 @@ fn stream(
                     data(&s.envelope.chunk(false, Some(&t), None))
                 }
                 Ok(Some(Event::Done(finish))) => {
+                    if let Some(span) = &s.trace {
+                        traces::record_generation(
+                            span,
+                            &s.envelope.model,
+                            s.envelope.kind.operation(),
+                            &finish,
+                        );
+                    }
                     s.phase = if s.include_usage {
                         Phase::Usage(finish)
                     } else {

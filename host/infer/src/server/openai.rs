@@ -309,6 +309,16 @@ pub enum Kind {
     Completion,
 }
 
+impl Kind {
+    /// `gen_ai.operation.name` in OpenTelemetry's GenAI conventions.
+    pub fn operation(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completion => "text_completion",
+        }
+    }
+}
+
 /// What every response of one request repeats.
 #[derive(Debug, Clone)]
 pub struct Envelope {
