@@ -280,19 +280,17 @@ impl ChildGuard {
         }
     }
 
-    /// Waits until `addr` accepts a TCP connection; panics with the child's
-    /// output if it exits first or does not get there within [`PATIENCE`].
-    pub fn wait_until_accepts(&mut self, addr: SocketAddr) {
+    /// Waits until `addr` accepts a TCP connection (true) or the child
+    /// exits (false); panics with the child's output if neither happens
+    /// within [`PATIENCE`].
+    pub fn accepts_unless_exited(&mut self, addr: SocketAddr) -> bool {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Some(status) = self.try_wait() {
-                panic!(
-                    "breakwater exited ({status}) before accepting on {addr}:\n{}",
-                    self.stderr()
-                );
+            if self.try_wait().is_some() {
+                return false;
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
+                return true;
             }
             assert!(
                 Instant::now() < deadline,
@@ -300,6 +298,17 @@ impl ChildGuard {
                 self.stderr()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `addr` accepts a TCP connection; panics with the child's
+    /// output if it exits first or does not get there within [`PATIENCE`].
+    pub fn wait_until_accepts(&mut self, addr: SocketAddr) {
+        if !self.accepts_unless_exited(addr) {
+            panic!(
+                "breakwater exited before accepting on {addr}:\n{}",
+                self.stderr()
+            );
         }
     }
 }
@@ -313,8 +322,34 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A loopback port that was free a moment ago (bound, then released).
+/// A loopback port that was free a moment ago (bound, then released), for
+/// a child process to listen on.
+///
+/// Taken below the kernel's ephemeral range when there is room: a port
+/// `bind(0)` hands out comes from that range, and between its release and
+/// the child's bind any outgoing connection on the machine (every test's
+/// HTTP clients) may be given it. Below the range only another test's
+/// explicit bind can race it.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 15_000;
+    if first_ephemeral > LOWEST + 1_000 {
+        let span = u64::from(first_ephemeral - LOWEST);
+        for _ in 0..64 {
+            // RandomState is seeded per instance: a cheap random draw, so
+            // that parallel test processes spread over the range.
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(std::process::id());
+            let port = LOWEST + u16::try_from(hasher.finish() % span).unwrap_or(0);
+            if port_is_free(port) {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind a free port")
@@ -508,27 +543,46 @@ impl EdgeProcess {
     /// Writes `config` (with `{listen}` and `{admin}` placeholders) to a
     /// temporary file and starts an edge node on it.
     pub fn start(config: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let text = config
-            .replace("{listen}", &addr.to_string())
-            .replace("{admin}", &admin.to_string());
-        let path = dir.path().join("edge.toml");
-        std::fs::write(&path, text).expect("write the config");
-        let mut child = ChildGuard::spawn(breakwater(&[
-            "edge",
-            "--config",
-            path.to_str().expect("UTF-8 path"),
-        ]));
-        child.wait_until_accepts(addr);
-        child.wait_until_accepts(admin);
-        Self {
-            child,
-            addr,
-            admin,
-            _dir: dir,
+        // A port free when chosen can be taken before the node binds it
+        // (another test's process); the node then exits at start, and new
+        // ports are tried.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let text = config
+                .replace("{listen}", &addr.to_string())
+                .replace("{admin}", &admin.to_string());
+            let path = dir.path().join("edge.toml");
+            std::fs::write(&path, text).expect("write the config");
+            let mut child = ChildGuard::spawn(breakwater(&[
+                "edge",
+                "--config",
+                path.to_str().expect("UTF-8 path"),
+            ]));
+            let clashed = [addr, admin].into_iter().any(|port| {
+                !child.accepts_unless_exited(port) && {
+                    let stderr = child.stderr();
+                    let ours = [addr, admin].iter().any(|a| {
+                        stderr.contains(&format!("cannot listen on {a}: Address already in use"))
+                    });
+                    assert!(
+                        ours,
+                        "breakwater exited before accepting on {port}:\n{stderr}"
+                    );
+                    true
+                }
+            });
+            if !clashed {
+                return Self {
+                    child,
+                    addr,
+                    admin,
+                    _dir: dir,
+                };
+            }
         }
+        panic!("breakwater edge found its ports taken three times in a row");
     }
 
     /// `http://ADDR{path}` on the data listener.
