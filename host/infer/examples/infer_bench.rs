@@ -204,6 +204,7 @@ fn measure(
             stop: vec![],
             deadline: None,
             ignore_eos: true,
+            ..GenerationRequest::default()
         })?);
     }
     let waiters: Vec<_> = receivers
@@ -213,7 +214,7 @@ fn measure(
                 let mut first = None;
                 while let Some(event) = rx.blocking_recv() {
                     match event {
-                        Event::Text(_) => {
+                        Event::Text { .. } => {
                             first.get_or_insert_with(Instant::now);
                         }
                         Event::Done(finish) => {

@@ -81,6 +81,30 @@ impl Sampler {
         }
     }
 
+    /// Moves the random sequence past the draws of `tokens` tokens sampled
+    /// before (by another engine, with the same seed), so that the next
+    /// token is drawn as the `tokens + 1`-th would have been.
+    ///
+    /// ```
+    /// # use breakwater_infer::sampling::{Sampler, SamplingParams};
+    /// let logits = [0.5, 0.4, 0.3, 0.2];
+    /// let seeded = SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() };
+    /// let mut whole = Sampler::new(seeded);
+    /// let all: Vec<u32> = (0..20).map(|_| whole.sample(&logits)).collect();
+    /// let mut resumed = Sampler::new(seeded);
+    /// resumed.skip(12);
+    /// let rest: Vec<u32> = (0..8).map(|_| resumed.sample(&logits)).collect();
+    /// assert_eq!(rest, all[12..]);
+    /// ```
+    pub fn skip(&mut self, tokens: usize) {
+        if self.params.is_greedy() {
+            return;
+        }
+        for _ in 0..tokens {
+            let _ = self.rng.random::<f32>();
+        }
+    }
+
     /// The parameters it samples with.
     pub fn params(&self) -> &SamplingParams {
         &self.params
@@ -101,7 +125,14 @@ impl Sampler {
     /// ```
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = self.params;
-        if p.is_greedy() || logits.len() <= 1 {
+        if p.is_greedy() {
+            return argmax(logits);
+        }
+        // Exactly one draw per sampled token, whatever the logits: a
+        // generation resumed elsewhere after n tokens skips n draws and
+        // continues the same random sequence.
+        let draw = self.rng.random::<f32>();
+        if logits.len() <= 1 {
             return argmax(logits);
         }
         let c = &mut self.candidates;
@@ -155,7 +186,7 @@ impl Sampler {
             c.truncate(keep);
             sum = mass;
         }
-        let mut r = self.rng.random::<f32>() * sum;
+        let mut r = draw * sum;
         for &(prob, token) in c.iter() {
             r -= prob;
             if r < 0.0 {

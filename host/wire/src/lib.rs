@@ -23,4 +23,25 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// …): the GPU host can tell a retry from a first try.
 pub const ATTEMPT_HEADER: &str = "x-breakwater-attempt";
 
+/// Sent upstream by the edge (value `1`) when it may need to resume the
+/// answer on another GPU host: every streamed chunk then carries the ids
+/// of the tokens it accounts for in [`TOKEN_IDS_FIELD`] (a chunk with
+/// empty text when a token completes no text yet), and a whole answer
+/// carries all of them. The edge strips both before a client sees them.
+pub const TOKEN_IDS_HEADER: &str = "x-breakwater-token-ids";
+
+/// The JSON field of a chunk or answer that holds token ids (see
+/// [`TOKEN_IDS_HEADER`]).
+pub const TOKEN_IDS_FIELD: &str = "breakwater_token_ids";
+
+/// The JSON field of a completion request, beside OpenAI's own, that makes
+/// it a continuation: `{"tokens": [ids]}`, the tokens already generated
+/// for this answer by a GPU host that was lost. The host feeds them after
+/// the prompt, replays their text and their draws from a seeded sampler
+/// (exactly one draw per token), and goes on; `max_tokens` still counts
+/// the whole answer, and so does `usage`. Control tokens are refused (only
+/// a template writes those), so a client sending it itself gets no more
+/// than an assistant prefill.
+pub const RESUME_FIELD: &str = "breakwater_resume";
+
 pub mod trace;

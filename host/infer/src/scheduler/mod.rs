@@ -90,7 +90,7 @@ impl Default for EngineConfig {
 }
 
 /// One generation to run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerationRequest {
     /// The prompt's token ids.
     pub prompt: Vec<u32>,
@@ -105,13 +105,31 @@ pub struct GenerationRequest {
     /// Generate through end-of-sequence tokens, up to `max_tokens` (for
     /// benchmarks and tests that need a known length).
     pub ignore_eos: bool,
+    /// A continuation: the last `resumed` tokens of `prompt` were generated
+    /// for this answer elsewhere (a GPU host that died mid-answer). They
+    /// are fed as prompt, but they prime the text decoder, the stop
+    /// sequences and the sampler's random sequence as if this engine had
+    /// generated them, and they count as completion tokens; `max_tokens`
+    /// is what is left to generate.
+    pub resumed: usize,
+    /// Report the token ids each [`Event::Text`] covers, even when a token
+    /// completes no text yet (for an edge that may need to resume).
+    pub token_ids: bool,
 }
 
 /// What a request's receiver gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// More generated text.
-    Text(String),
+    /// More generated text, and the ids of the tokens it completes (only
+    /// when the request asked for [`GenerationRequest::token_ids`]; then
+    /// `text` may be empty while a character or a possible stop sequence
+    /// is held back).
+    Text {
+        /// The text.
+        text: String,
+        /// The generated tokens this event accounts for, in order.
+        tokens: Vec<u32>,
+    },
     /// Generation ended normally; nothing follows.
     Done(Finish),
     /// Generation ended abnormally; nothing follows.
@@ -205,6 +223,15 @@ pub enum SubmitError {
     /// The engine is stopping.
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// A resumed token is not one this model could have generated for an
+    /// answer: outside the vocabulary (it would fail the whole batch's
+    /// step), or a control token (only a template writes those; a stop
+    /// token only where `ignore_eos` generates through it).
+    #[error("token {token} is not one the model generates as text")]
+    NotGenerated {
+        /// The first such token.
+        token: u32,
+    },
 }
 
 /// Why the engine could not start.
@@ -248,6 +275,9 @@ pub struct Engine {
     thread: Mutex<Option<JoinHandle<()>>>,
     max_sequence_tokens: usize,
     kv_blocks_total: usize,
+    /// For checking resumed tokens at submission.
+    tokenizer: Arc<Tokenizer>,
+    stop_tokens: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -368,8 +398,8 @@ impl Engine {
         let worker = Worker {
             shared: Arc::clone(&shared),
             runner,
-            tokenizer,
-            stop_tokens,
+            tokenizer: Arc::clone(&tokenizer),
+            stop_tokens: stop_tokens.clone(),
             pool,
             running: Vec::new(),
             steps: 0,
@@ -382,6 +412,8 @@ impl Engine {
             thread: Mutex::new(Some(thread)),
             max_sequence_tokens,
             kv_blocks_total,
+            tokenizer,
+            stop_tokens,
         })
     }
 
@@ -393,6 +425,16 @@ impl Engine {
         }
         if request.max_tokens == 0 {
             return Err(SubmitError::NoTokens);
+        }
+        if request.resumed >= request.prompt.len() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let resumed = &request.prompt[request.prompt.len() - request.resumed..];
+        if let Some(&token) = resumed
+            .iter()
+            .find(|&&id| !self.generates_as_text(id, request.ignore_eos))
+        {
+            return Err(SubmitError::NotGenerated { token });
         }
         let tokens = request.prompt.len().saturating_add(request.max_tokens);
         if tokens > self.max_sequence_tokens {
@@ -427,6 +469,12 @@ impl Engine {
         lock(&self.shared.stats).waiting = waiting;
         self.shared.wake.notify_one();
         Ok(rx)
+    }
+
+    /// Whether `id` may stand among a continuation's resumed tokens.
+    fn generates_as_text(&self, id: u32, ignore_eos: bool) -> bool {
+        (id as usize) < self.tokenizer.vocab_size()
+            && (!self.tokenizer.is_special(id) || ignore_eos && self.stop_tokens.contains(&id))
     }
 
     /// The occupancy after the last step.
@@ -479,6 +527,9 @@ struct Seq<S> {
     blocks: usize,
     max_tokens: usize,
     generated: usize,
+    /// Tokens at the end of `prompt` generated elsewhere, for this answer.
+    resumed: usize,
+    token_ids: bool,
     sampler: Sampler,
     detok: Detokenizer,
     stop: StopMatcher,
@@ -496,11 +547,26 @@ impl<S> Seq<S> {
         self.fed < self.prompt.len()
     }
 
+    /// Prompt tokens the next step may feed at most: the prompt in chunks,
+    /// then a continuation's resumed tokens one a step. Fed alone, as the
+    /// engine that generated them fed them, they go through the same
+    /// arithmetic (a prompt chunk's attention sums in another order), so
+    /// the continuation's logits, and its tokens, are the ones an
+    /// uninterrupted run gets.
+    fn prefill_left(&self) -> usize {
+        let prompt_end = self.prompt.len() - self.resumed;
+        if self.fed < prompt_end {
+            prompt_end - self.fed
+        } else {
+            (self.prompt.len() - self.fed).min(1)
+        }
+    }
+
     fn finish(&self, reason: FinishReason) -> Event {
         Event::Done(Finish {
             reason,
-            prompt_tokens: self.prompt.len(),
-            completion_tokens: self.generated,
+            prompt_tokens: self.prompt.len() - self.resumed,
+            completion_tokens: self.resumed + self.generated,
             timings: Timings {
                 arrived: self.arrived,
                 admitted: self.admitted,
@@ -626,6 +692,18 @@ impl<R: Runner> Worker<R> {
             };
             let r = p.request;
             let admitted = Instant::now();
+            let resumed = &r.prompt[r.prompt.len() - r.resumed..];
+            let mut sampler = Sampler::new(r.sampling);
+            sampler.skip(resumed.len());
+            let mut detok = Detokenizer::default();
+            let mut stop = StopMatcher::new(r.stop);
+            // The text of the resumed tokens was sent by the engine that
+            // generated them; replaying it here leaves exactly what that
+            // engine held back (a split character, a possible stop
+            // sequence) pending, so the seam neither repeats nor drops.
+            for &id in resumed {
+                let _ = stop.push(&detok.push(&self.tokenizer, id));
+            }
             self.shared
                 .telemetry
                 .admitted(admitted.duration_since(p.arrived).as_secs_f64());
@@ -638,9 +716,11 @@ impl<R: Runner> Worker<R> {
                 blocks,
                 max_tokens: r.max_tokens,
                 generated: 0,
-                sampler: Sampler::new(r.sampling),
-                detok: Detokenizer::default(),
-                stop: StopMatcher::new(r.stop),
+                resumed: r.resumed,
+                token_ids: r.token_ids,
+                sampler,
+                detok,
+                stop,
                 tx: p.tx,
                 deadline: r.deadline,
                 ignore_eos: r.ignore_eos,
@@ -670,7 +750,7 @@ impl<R: Runner> Worker<R> {
         let budget = self.shared.config.step_tokens.max(used + MIN_PREFILL_CHUNK);
         for (take, s) in plan.iter_mut().zip(&self.running) {
             if used < budget && s.prefilling() && s.tx.capacity() >= EVENTS_PER_STEP {
-                *take = (s.prompt.len() - s.fed).min(budget - used);
+                *take = s.prefill_left().min(budget - used);
                 used += *take;
             }
         }
@@ -816,51 +896,65 @@ impl<R: Runner> Worker<R> {
 /// Takes a sampled token into a sequence: ends it on a stop token, stop
 /// sequence or `max_tokens`, and sends what text it completes.
 fn accept<S>(s: &mut Seq<S>, token: u32, tokenizer: &Tokenizer, stop_tokens: &[u32]) -> After {
-    let (text, finish) = if !s.ignore_eos && stop_tokens.contains(&token) {
+    if !s.ignore_eos && stop_tokens.contains(&token) {
         let mut text = match s.stop.push(&s.detok.flush(tokenizer)) {
             Stopped::Yes(text) | Stopped::No(text) => text,
         };
         text.push_str(&s.stop.flush());
-        (text, Some(FinishReason::Stop))
-    } else {
-        s.generated += 1;
-        let delta = s.detok.push(tokenizer, token);
-        match s.stop.push(&delta) {
-            Stopped::Yes(text) => (text, Some(FinishReason::Stop)),
-            Stopped::No(mut text) => {
-                if s.generated >= s.max_tokens {
-                    match s.stop.push(&s.detok.flush(tokenizer)) {
-                        Stopped::Yes(rest) => {
-                            text.push_str(&rest);
-                            return send(s, text, FinishReason::Stop);
-                        }
-                        Stopped::No(rest) => text.push_str(&rest),
-                    }
+        // The stop token itself is not part of the answer.
+        return send(s, text, None, FinishReason::Stop);
+    }
+    s.generated += 1;
+    let delta = s.detok.push(tokenizer, token);
+    let (text, finish) = match s.stop.push(&delta) {
+        Stopped::Yes(text) => (text, Some(FinishReason::Stop)),
+        Stopped::No(mut text) if s.generated >= s.max_tokens => {
+            match s.stop.push(&s.detok.flush(tokenizer)) {
+                Stopped::Yes(rest) => {
+                    text.push_str(&rest);
+                    (text, Some(FinishReason::Stop))
+                }
+                Stopped::No(rest) => {
+                    text.push_str(&rest);
                     text.push_str(&s.stop.flush());
                     (text, Some(FinishReason::Length))
-                } else {
-                    s.next = Some(token);
-                    (text, None)
                 }
             }
+        }
+        Stopped::No(text) => {
+            s.next = Some(token);
+            (text, None)
         }
     };
     match finish {
         None => {
             // The step was planned only with room for both events, so a
             // failed send means the receiver is gone.
-            if !text.is_empty() && s.tx.try_send(Event::Text(text)).is_err() {
+            if !deliver(s, text, Some(token)) {
                 return After::Leave(Outcome::Cancelled);
             }
             After::Continue
         }
-        Some(reason) => send(s, text, reason),
+        Some(reason) => send(s, text, Some(token), reason),
     }
 }
 
+/// Sends `text` and the `token` it came with, when there is anything the
+/// receiver wants; false when the receiver is gone.
+fn deliver<S>(s: &Seq<S>, text: String, token: Option<u32>) -> bool {
+    let tokens = match token {
+        Some(token) if s.token_ids => vec![token],
+        _ => Vec::new(),
+    };
+    if text.is_empty() && tokens.is_empty() {
+        return true;
+    }
+    s.tx.try_send(Event::Text { text, tokens }).is_ok()
+}
+
 /// Sends a sequence's last text and its finish.
-fn send<S>(s: &Seq<S>, text: String, reason: FinishReason) -> After {
-    if !text.is_empty() && s.tx.try_send(Event::Text(text)).is_err() {
+fn send<S>(s: &Seq<S>, text: String, token: Option<u32>, reason: FinishReason) -> After {
+    if !deliver(s, text, token) {
         return After::Leave(Outcome::Cancelled);
     }
     let _ = s.tx.try_send(s.finish(reason));

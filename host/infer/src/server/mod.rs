@@ -54,7 +54,9 @@ use crate::tokenizer::Tokenizer;
 
 pub use breakwater_listen::ConnectionLimits;
 
-pub use breakwater_wire::{DEADLINE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER};
+pub use breakwater_wire::{
+    DEADLINE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, RESUME_FIELD, TOKEN_IDS_HEADER,
+};
 
 /// Token texts that end a turn in common chat formats. llama.cpp stops on
 /// these too (its "end of generation" set), whatever the metadata's EOS:
@@ -524,7 +526,8 @@ async fn chat(
     let result = async {
         let request: ChatRequest = parse(&app, body)?;
         let messages = request.messages()?;
-        let params = request.common.validate()?;
+        let mut params = request.common.validate()?;
+        params.token_ids = wants_token_ids(&headers);
         let deadline = deadline(&headers, app.config.default_timeout)?;
         check_model(&app, &params)?;
         // One model for the whole request: the template, the tokenizer and
@@ -561,7 +564,8 @@ async fn completions(
         let request: CompletionRequest = parse(&app, body)?;
         // The client writes the whole prompt here, control tokens included.
         let prompt = Prompt::Raw(request.prompt()?.to_owned());
-        let params = request.common.validate()?;
+        let mut params = request.common.validate()?;
+        params.token_ids = wants_token_ids(&headers);
         let deadline = deadline(&headers, app.config.default_timeout)?;
         check_model(&app, &params)?;
         let default_max = openai::COMPLETIONS_DEFAULT_MAX_TOKENS;
@@ -645,6 +649,14 @@ fn deadline(headers: &HeaderMap, default_timeout: Duration) -> Result<Instant, A
     Ok(now + left.min(default_timeout))
 }
 
+/// Whether the caller (an edge that may resume the answer elsewhere) asks
+/// for token ids.
+fn wants_token_ids(headers: &HeaderMap) -> bool {
+    headers
+        .get(TOKEN_IDS_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1")
+}
+
 fn unix_seconds() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -711,6 +723,20 @@ async fn generate(
         return Err(ApiError::invalid("the prompt is empty", "prompt"));
     }
     let limit = served.engine.max_sequence_tokens();
+    let resumed = params.resume.len();
+    // The whole answer's max_tokens: what a continuation may add is what
+    // its first host had left.
+    let wanted = params.max_tokens.unwrap_or(default_max_tokens);
+    if resumed >= wanted {
+        return Err(ApiError::invalid(
+            format!(
+                "{RESUME_FIELD} holds {resumed} tokens: max_tokens ({wanted}) leaves none to generate"
+            ),
+            RESUME_FIELD,
+        ));
+    }
+    let mut ids = ids;
+    ids.extend_from_slice(&params.resume);
     if ids.len() >= limit {
         return Err(ApiError::context_length(format!(
             "this model's maximum context length is {limit} tokens, and the prompt has {} \
@@ -720,10 +746,7 @@ async fn generate(
     }
     // A max_tokens beyond the context is cut to what fits, as llama.cpp's
     // server does; finish_reason "length" tells the client.
-    let max_tokens = params
-        .max_tokens
-        .unwrap_or(default_max_tokens)
-        .min(limit - ids.len());
+    let max_tokens = (wanted - resumed).min(limit - ids.len());
     let request = GenerationRequest {
         prompt: ids,
         max_tokens,
@@ -731,6 +754,8 @@ async fn generate(
         stop: params.stop,
         deadline: Some(deadline),
         ignore_eos: params.ignore_eos,
+        resumed,
+        token_ids: params.token_ids,
     };
     let rx = served.engine.submit(request).map_err(|e| match e {
         SubmitError::QueueFull { retry_after } => ApiError::overloaded(retry_after),
@@ -739,6 +764,9 @@ async fn generate(
         SubmitError::NoTokens => ApiError::invalid(e.to_string(), "max_tokens"),
         SubmitError::DeadlineExceeded => ApiError::deadline(),
         SubmitError::ShuttingDown => ApiError::not_ready(e.to_string()),
+        SubmitError::NotGenerated { .. } => {
+            ApiError::invalid(format!("{RESUME_FIELD}: {e}"), RESUME_FIELD)
+        }
     })?;
     let envelope = Envelope {
         id: format!(
@@ -757,10 +785,18 @@ async fn generate(
     let version = served
         .version()
         .and_then(|v| HeaderValue::from_str(&v.version).ok());
+    let token_ids = params.token_ids.then(Vec::new);
     let mut response = if params.stream {
-        stream(envelope, rx, params.include_usage, deadline, served)
+        stream(
+            envelope,
+            rx,
+            params.include_usage,
+            token_ids.is_some(),
+            deadline,
+            served,
+        )
     } else {
-        collect(envelope, rx, deadline, served).await?
+        collect(envelope, rx, token_ids, deadline, served).await?
     };
     if let Some(version) = version {
         response.headers_mut().insert(MODEL_VERSION_HEADER, version);
@@ -778,10 +814,12 @@ fn failure_error(f: Failure) -> ApiError {
 
 /// Waits for the whole answer. Dropping this future (the client went away)
 /// drops the receiver, which cancels the sequence. `_served` keeps the
-/// model's engine alive until then.
+/// model's engine alive until then. `token_ids`, when asked for, gathers
+/// the ids of the tokens this host generated (those of `text`).
 async fn collect(
     envelope: Envelope,
     mut rx: mpsc::Receiver<Event>,
+    mut token_ids: Option<Vec<u32>>,
     deadline: tokio::time::Instant,
     _served: Arc<Served>,
 ) -> Result<Response, ApiError> {
@@ -790,7 +828,12 @@ async fn collect(
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Err(_) => return Err(ApiError::deadline()),
             Ok(None) => return Err(ApiError::internal("the engine stopped")),
-            Ok(Some(Event::Text(t))) => text.push_str(&t),
+            Ok(Some(Event::Text { text: t, tokens })) => {
+                text.push_str(&t);
+                if let Some(ids) = &mut token_ids {
+                    ids.extend_from_slice(&tokens);
+                }
+            }
             Ok(Some(Event::Done(finish))) => {
                 if let Some(span) = traces::request_span() {
                     traces::record_generation(
@@ -800,7 +843,8 @@ async fn collect(
                         &finish,
                     );
                 }
-                return Ok(axum::Json(envelope.response(text, &finish)).into_response());
+                let answer = envelope.response(text, &finish, token_ids.as_deref());
+                return Ok(axum::Json(answer).into_response());
             }
             Ok(Some(Event::Failed(f))) => return Err(failure_error(f)),
         }
@@ -820,6 +864,8 @@ struct Streaming {
     envelope: Envelope,
     rx: mpsc::Receiver<Event>,
     include_usage: bool,
+    /// Chunks carry their token ids.
+    token_ids: bool,
     deadline: tokio::time::Instant,
     phase: Phase,
     /// The request's trace span, when tracing is on: the stream's end
@@ -841,6 +887,7 @@ fn stream(
     envelope: Envelope,
     rx: mpsc::Receiver<Event>,
     include_usage: bool,
+    token_ids: bool,
     deadline: tokio::time::Instant,
     served: Arc<Served>,
 ) -> Response {
@@ -852,6 +899,7 @@ fn stream(
         envelope,
         rx,
         include_usage,
+        token_ids,
         deadline,
         phase,
         trace: traces::request_span(),
@@ -862,7 +910,7 @@ fn stream(
             Phase::End => return None,
             Phase::Role => {
                 s.phase = Phase::Body;
-                data(&s.envelope.chunk(true, None, None))
+                data(&s.envelope.chunk(true, None, None, None))
             }
             Phase::Usage(finish) => {
                 s.phase = Phase::DoneMarker;
@@ -870,9 +918,10 @@ fn stream(
             }
             Phase::DoneMarker => SseEvent::default().data("[DONE]"),
             Phase::Body => match tokio::time::timeout_at(s.deadline, s.rx.recv()).await {
-                Ok(Some(Event::Text(t))) => {
+                Ok(Some(Event::Text { text, tokens })) => {
                     s.phase = Phase::Body;
-                    data(&s.envelope.chunk(false, Some(&t), None))
+                    let tokens = s.token_ids.then_some(tokens.as_slice());
+                    data(&s.envelope.chunk(false, Some(&text), None, tokens))
                 }
                 Ok(Some(Event::Done(finish))) => {
                     if let Some(span) = &s.trace {
@@ -888,7 +937,10 @@ fn stream(
                     } else {
                         Phase::DoneMarker
                     };
-                    data(&s.envelope.chunk(false, None, Some(finish.reason.as_str())))
+                    data(
+                        &s.envelope
+                            .chunk(false, None, Some(finish.reason.as_str()), None),
+                    )
                 }
                 Ok(Some(Event::Failed(f))) => data(&failure_error(f).body()),
                 Ok(None) => data(&ApiError::internal("the engine stopped").body()),

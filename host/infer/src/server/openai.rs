@@ -1,6 +1,7 @@
 //! OpenAI's wire format: request bodies as clients send them, responses and
 //! stream chunks as clients (the official SDKs included) parse them.
 
+use breakwater_wire::TOKEN_IDS_FIELD;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -73,6 +74,19 @@ pub struct Common {
     /// llama.cpp's server accept, for benchmarks).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// A continuation of an answer begun on another host
+    /// ([`breakwater_wire::RESUME_FIELD`]; the literal is checked against
+    /// it in a test).
+    #[serde(default, rename = "breakwater_resume")]
+    pub resume: Option<Resume>,
+}
+
+/// `breakwater_resume`: what the lost host had generated.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resume {
+    /// Token ids, in order.
+    pub tokens: Vec<u32>,
 }
 
 /// Validated generation parameters.
@@ -92,6 +106,11 @@ pub struct Params {
     pub stop: Vec<String>,
     /// Ignore end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Tokens generated for this answer before (a continuation).
+    pub resume: Vec<u32>,
+    /// Report token ids in chunks and answers
+    /// ([`breakwater_wire::TOKEN_IDS_HEADER`]).
+    pub token_ids: bool,
 }
 
 impl Common {
@@ -169,6 +188,8 @@ impl Common {
             },
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            resume: self.resume.map(|r| r.tokens).unwrap_or_default(),
+            token_ids: false,
         })
     }
 }
@@ -341,8 +362,9 @@ fn usage(f: &Finish) -> Value {
 }
 
 impl Envelope {
-    /// The whole answer, for a non-streamed request.
-    pub fn response(&self, text: String, finish: &Finish) -> Value {
+    /// The whole answer, for a non-streamed request; `tokens`, when given,
+    /// are the ids of the tokens `text` was decoded from.
+    pub fn response(&self, text: String, finish: &Finish, tokens: Option<&[u32]>) -> Value {
         let reason = finish.reason.as_str();
         let (object, choice) = match self.kind {
             Kind::Chat => (
@@ -359,7 +381,7 @@ impl Envelope {
                 json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
             ),
         };
-        json!({
+        let mut answer = json!({
             "id": self.id,
             "object": object,
             "created": self.created,
@@ -367,12 +389,23 @@ impl Envelope {
             "system_fingerprint": null,
             "choices": [choice],
             "usage": usage(finish),
-        })
+        });
+        if let Some(tokens) = tokens {
+            answer[TOKEN_IDS_FIELD] = json!(tokens);
+        }
+        answer
     }
 
     /// A stream chunk: the assistant role first (`role`), text deltas, or
-    /// the finish reason with an empty delta.
-    pub fn chunk(&self, role: bool, text: Option<&str>, finish: Option<&str>) -> Value {
+    /// the finish reason with an empty delta; `tokens`, when given, are the
+    /// ids the delta accounts for.
+    pub fn chunk(
+        &self,
+        role: bool,
+        text: Option<&str>,
+        finish: Option<&str>,
+        tokens: Option<&[u32]>,
+    ) -> Value {
         let (object, choice) = match self.kind {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -393,14 +426,18 @@ impl Envelope {
                 json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
             ),
         };
-        json!({
+        let mut chunk = json!({
             "id": self.id,
             "object": object,
             "created": self.created,
             "model": self.model,
             "system_fingerprint": null,
             "choices": [choice],
-        })
+        });
+        if let Some(tokens) = tokens {
+            chunk[TOKEN_IDS_FIELD] = json!(tokens);
+        }
+        chunk
     }
 
     /// The closing chunk of `stream_options.include_usage`: no choices.

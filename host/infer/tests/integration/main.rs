@@ -14,6 +14,7 @@ mod hf_layout;
 mod llama_cpp_reference;
 mod openai_python;
 mod server_listener;
+mod server_resume;
 mod server_smollm2;
 mod server_swap;
 mod server_tiny;

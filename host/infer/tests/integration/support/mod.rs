@@ -92,6 +92,19 @@ impl TestServer {
         reply(response).await
     }
 
+    /// POSTs `body` with extra request `headers`.
+    pub async fn post_with(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        reply(request.send().await.expect("send")).await
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> Reply {
         self.post_raw(path, body.to_string()).await
     }
