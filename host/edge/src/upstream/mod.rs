@@ -524,6 +524,11 @@ impl UpstreamPool {
         };
         *request.headers_mut() = parts.headers.clone();
         let headers = request.headers_mut();
+        // Only the edge speaks for itself to a GPU host: a client's claim
+        // to be a retry, or its ask for token ids (which a cached answer
+        // would then carry to every client), is dropped.
+        headers.remove(ATTEMPT_HEADER);
+        headers.remove(breakwater_wire::TOKEN_IDS_HEADER);
         if let Ok(value) = HeaderValue::from_str(&unix_ms(deadline).to_string()) {
             headers.insert(DEADLINE_HEADER, value);
         }

@@ -116,6 +116,28 @@ async fn request_id_from_the_client_is_passed_through() {
 }
 
 #[tokio::test]
+async fn headers_only_the_edge_may_send_upstream_are_dropped_from_clients() {
+    let upstream = start_upstream().await;
+    let node = start_node(&proxy_config(upstream.addr, "", "")).await;
+
+    let response = client()
+        .get(url(&node, "/echo"))
+        .header(breakwater_wire::ATTEMPT_HEADER, "7")
+        .header(breakwater_wire::TOKEN_IDS_HEADER, "1")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let echo = json(&response.bytes().await.expect("body"));
+    let headers = &echo["headers"];
+    assert!(headers[breakwater_wire::ATTEMPT_HEADER].is_null(), "{echo}");
+    assert!(
+        headers[breakwater_wire::TOKEN_IDS_HEADER].is_null(),
+        "{echo}"
+    );
+}
+
+#[tokio::test]
 async fn via_and_forwarded_headers_are_set_upstream() {
     let upstream = start_upstream().await;
     let node = start_node(&proxy_config(upstream.addr, "", "")).await;
