@@ -7,7 +7,7 @@
 # with active health checks. An open-loop driver
 # (tests/src/bin/rate-driver.rs) sends GETs at RATE per second for
 # RUN_SECONDS; at KILL_AT seconds the script SIGKILLs some endpoints.
-# Three scenarios:
+# Four scenarios:
 #   3-across-2-regions: pool `eu` (2 endpoints, failover to pool `us`, 1
 #                       endpoint); one `eu` endpoint is killed (1 of 3).
 #   30%-of-10:          one pool of 10 endpoints; 3 are killed.
@@ -18,7 +18,17 @@
 #                       one is killed 0.8 x RATE. The pool has an adaptive
 #                       concurrency limit: the excess must be answered 503
 #                       with Retry-After at once, never a timeout or a 502.
-# For each it prints: time to reroute (kill until the edge reports every
+#   streams-30%-of-10:  mid-stream failover with real GPU hosts: 10
+#                       `breakwater gpu-host` processes (CPU, one thread,
+#                       a random model of SmolLM2-135M's shape) behind a
+#                       `resume = true` route; STREAMS greedy chat streams
+#                       (tests/src/bin/stream-driver.rs) run once
+#                       undisturbed, then again with 3 hosts SIGKILLed once
+#                       every stream has had CUT_AFTER tokens. It prints
+#                       how many completed with the undisturbed text, and
+#                       the resume latency the edge logged for each
+#                       resumed stream (break to first new token, p50/p99).
+# For the first three it prints: time to reroute (kill until the edge reports every
 # killed endpoint unhealthy on its /metrics), client-visible errors by
 # status, errors that were not an honest 503/429 with Retry-After (no
 # answer within the client timeout, 502, 504, …), the share of offered
@@ -31,7 +41,8 @@
 # Usage: bench/failover.sh
 # Environment (defaults in brackets):
 #   RATE [200]  RUN_SECONDS [20]  KILL_AT [8]  DURING_S [2]  DELAY_MS [5]
-#   RUNS [1]  SCENARIOS ["3-across-2-regions 30%-of-10 over-capacity"]
+#   RUNS [1]  SCENARIOS ["3-across-2-regions 30%-of-10 over-capacity streams-30%-of-10"]
+#   STREAMS [20]  STREAM_TOKENS [40]  CUT_AFTER [10] (streams-30%-of-10)
 #   OC_DELAY_MS [50] (over-capacity: time per request)
 #   OC_SLOTS [RATE x OC_DELAY_MS x 0.4 / 1000, at least 1] (per endpoint)
 #   TIMEOUT_MS [2000] (client timeout)  OUT_DIR [bench/out/failover-<timestamp>]
@@ -50,7 +61,10 @@ DELAY_MS=${DELAY_MS:-5}
 TIMEOUT_MS=${TIMEOUT_MS:-2000}
 PRIORITY=${PRIORITY:-0}
 RUNS=${RUNS:-1}
-SCENARIOS=${SCENARIOS:-3-across-2-regions 30%-of-10 over-capacity}
+SCENARIOS=${SCENARIOS:-3-across-2-regions 30%-of-10 over-capacity streams-30%-of-10}
+STREAMS=${STREAMS:-20}
+STREAM_TOKENS=${STREAM_TOKENS:-40}
+CUT_AFTER=${CUT_AFTER:-10}
 OC_DELAY_MS=${OC_DELAY_MS:-50}
 # 3 endpoints serve 3 x OC_SLOTS x 1000 / OC_DELAY_MS = 1.2 x RATE.
 OC_SLOTS=${OC_SLOTS:-$(((RATE * OC_DELAY_MS * 4 / 10000) > 0 ? RATE * OC_DELAY_MS * 4 / 10000 : 1))}
@@ -78,12 +92,14 @@ target_dir=${CARGO_TARGET_DIR:-$repo/target}
 bin_dir=${BIN_DIR:-$target_dir/release}
 stand_in_bin=$bin_dir/stand-in-upstream
 driver_bin=$bin_dir/rate-driver
+stream_driver_bin=$bin_dir/stream-driver
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    log "building the stand-in upstream and the rate driver (release)"
+    log "building the stand-in upstream and the drivers (release)"
     (cd "$repo" && timeout "${BUILD_TIMEOUT:-2400}" nice -n 10 cargo build --release --quiet -p breakwater-e2e \
-        --bin stand-in-upstream --bin rate-driver) || die "release build of the bench tools failed"
+        --bin stand-in-upstream --bin rate-driver --bin stream-driver) || die "release build of the bench tools failed"
 fi
-[[ -x $stand_in_bin && -x $driver_bin ]] || die "no stand-in-upstream / rate-driver in $bin_dir"
+[[ -x $stand_in_bin && -x $driver_bin && -x $stream_driver_bin ]] ||
+    die "no stand-in-upstream / rate-driver / stream-driver in $bin_dir"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/bw-failover-bench.XXXXXX")
 mkdir -p "$OUT_DIR"
@@ -118,14 +134,32 @@ start_edge() { # config-file port admin-port
     wait_ready breakwater "$2" "$edge_pid" "$work/edge.log"
     wait_ready "breakwater admin" "$3" "$edge_pid" "$work/edge.log"
 }
+declare -A gpu_host_pid gpu_host_port
+start_gpu_host() { # name model-dir
+    local port i
+    port=$(next_free_port 19400)
+    nice -n "$PRIORITY" "$bw_bin" gpu-host --model "$2" --model-name test --listen "127.0.0.1:$port" \
+        --device cpu --threads 1 --kv-budget-mb 64 >"$work/$1.log" 2>&1 &
+    gpu_host_pid[$1]=$!
+    gpu_host_port[$1]=$port
+    pids+=("$!")
+    for ((i = 0; i < 600; i++)); do
+        curl -fsS "http://127.0.0.1:$port/health/ready" >/dev/null 2>&1 && return 0
+        kill -0 "${gpu_host_pid[$1]}" 2>/dev/null || { cat "$work/$1.log" >&2; die "gpu-host $1 exited"; }
+        sleep 0.1
+    done
+    die "gpu-host $1 not ready within 60s"
+}
 stop_all() {
     local pid
-    for pid in "${stand_in_pid[@]}" $edge_pid; do
+    for pid in "${stand_in_pid[@]}" "${gpu_host_pid[@]}" $edge_pid; do
         kill -KILL "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
     stand_in_pid=()
     stand_in_port=()
+    gpu_host_pid=()
+    gpu_host_port=()
     edge_pid=""
 }
 
@@ -205,6 +239,70 @@ run_once() { # name run config-writer control-query "members" "victims"
                 100 * ok["before"] / offered["before"], 100 * ok["during"] / offered["during"],
                 100 * ok["after"] / offered["after"], latency, (e == "" ? "-" : e)
         }' "$out" | tee -a "$work/runs" >&2
+}
+
+# streams-30%-of-10: one line per run in $work/stream-runs: run streams
+# complete identical lost resumes failures p50 p99 (resume latency, ms)
+: >"$work/stream-runs"
+run_streams_once() { # run
+    local run=$1 i port admin config model=$work/stream-model out line resumes failures
+    local hosts=() endpoints="" victims
+    [[ -d $model ]] || "$bw_bin" model gen-test "$model" --shape smollm2-135m --seed 17 >/dev/null ||
+        die "cannot write the test model"
+    for ((i = 0; i < 10; i++)); do
+        start_gpu_host "g-$i" "$model"
+        hosts+=("g-$i")
+        endpoints="$endpoints${endpoints:+, }\"http://127.0.0.1:${gpu_host_port[g-$i]}\""
+    done
+    victims="${gpu_host_pid[g-0]},${gpu_host_pid[g-4]},${gpu_host_pid[g-7]}"
+    port=$(next_free_port 18480)
+    admin=$(next_free_port 18490)
+    config=$work/streams.toml
+    cat >"$config" <<TOML
+[node]
+name = "failover-bench"
+region = "eu"
+
+[[listener]]
+address = "127.0.0.1:$port"
+
+[admin]
+address = "127.0.0.1:$admin"
+
+[[route]]
+prefix = "/"
+pool = "gpu"
+resume = true
+# Ten CPU hosts on this machine's cores: a batch's prefill holds its
+# decodes back for seconds, which the default (2s) would call stalls.
+stall_timeout = "20s"
+
+[[pool]]
+name = "gpu"
+region = "eu"
+endpoints = [$endpoints]
+connect_timeout = "500ms"
+first_byte_timeout = "60s"
+$health
+TOML
+    start_edge "$config" "$port" "$admin"
+    out=$OUT_DIR/streams-30%-of-10-run$run.txt
+    log "streams-30%-of-10 (run $run/$RUNS): $STREAMS streams of $STREAM_TOKENS tokens, killing g-0 g-4 g-7 after $CUT_AFTER"
+    nice -n "$PRIORITY" "$stream_driver_bin" --url "http://127.0.0.1:$port/v1/chat/completions" \
+        --streams "$STREAMS" --max-tokens "$STREAM_TOKENS" --cut-after "$CUT_AFTER" --kill-pids "$victims" \
+        >"$out" 2>&1 || log "the stream driver reports a failure: $(cat "$out")"
+    curl -fsS "http://127.0.0.1:$admin/metrics" >"$OUT_DIR/streams-30%-of-10-run$run-metrics.txt" 2>/dev/null || true
+    stop_all
+    cp "$work/edge.log" "$OUT_DIR/streams-30%-of-10-run$run-edge.log"
+    line=$(tail -n 1 "$out")
+    resumes=$(awk '/^breakwater_upstream_stream_resumes_total/ { n += $2 } END { print n + 0 }' \
+        "$OUT_DIR/streams-30%-of-10-run$run-metrics.txt")
+    failures=$(awk '/^breakwater_upstream_stream_resume_failures_total/ { n += $2 } END { print n + 0 }' \
+        "$OUT_DIR/streams-30%-of-10-run$run-metrics.txt")
+    field() { tr ' ' '\n' <<<"$line" | sed -n "s/^$1=//p"; }
+    echo "$run $(field streams) $(field complete) $(field identical) $(field lost) $resumes $failures" \
+        "$(grep -o 'waited_ms=[0-9.]*' "$work/edge.log" | cut -d= -f2 | awk '{ printf "%.0f\n", $1 }' | percentiles)" |
+        tee -a "$work/stream-runs" >&2
 }
 
 config_head() { # port admin
@@ -297,6 +395,7 @@ for ((run = 1; run <= RUNS; run++)); do
             run_once "$scenario" "$run" over_capacity \
                 "delay_ms=$OC_DELAY_MS&capacity=$OC_SLOTS&queue=$((4 * OC_SLOTS))" "o-1 o-2 o-3" "o-1"
             ;;
+        streams-30%-of-10) run_streams_once "$run" ;;
         *) die "unknown scenario $scenario" ;;
         esac
     done
@@ -324,8 +423,20 @@ while read -r name run reroute errors dishonest before during after b50 b99 a50 
     [[ $detail == "-" ]] && detail="" || detail=" ($detail)"
     echo "| $name | $run | $reroute ms | $errors$detail | $dishonest | $before% | $during% | $after% | $b50 / $b99 ms | $a50 / $a99 ms |"
 done <"$work/runs"
+if [[ -s $work/stream-runs ]]; then
+    echo
+    echo "streams-30%-of-10: $STREAMS greedy chat streams of $STREAM_TOKENS tokens over 10 GPU hosts (CPU, random SmolLM2-135M-shaped model), 3 SIGKILLed after $CUT_AFTER tokens"
+    echo
+    echo "| run | streams | complete | identical to undisturbed | upstream_lost | resumes | resume failures | resume latency p50 / p99 |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    while read -r run streams complete identical lost resumes failures p50 p99; do
+        echo "| $run | $streams | $complete | $identical | $lost | $resumes | $failures | $p50 / $p99 ms |"
+    done <"$work/stream-runs"
+    cp "$work/stream-runs" "$OUT_DIR/stream-runs.txt"
+fi
 if ((RUNS > 1)); then
     for scenario in $SCENARIOS; do
+        [[ $scenario == streams-30%-of-10 ]] && continue
         m() { median_of "$scenario" "$1"; }
         echo "| $scenario | median | $(m 3) ms | $(m 4) | $(m 5) | $(m 6)% | $(m 7)% | $(m 8)% | $(m 9) / $(m 10) ms | $(m 11) / $(m 12) ms |"
     done

@@ -281,6 +281,24 @@ pub struct RouteConfig {
     /// key and tier (`[usage]`).
     #[serde(default)]
     pub count_tokens: bool,
+    /// Whether a streamed completion whose upstream breaks mid-answer
+    /// (reset, end before `[DONE]`, or a stall) continues on another
+    /// endpoint of the pool, which must be Breakwater GPU hosts: the edge
+    /// asks them for token ids and sends the tokens the client already has
+    /// with the continuation, and the client sees one unbroken stream. On
+    /// such a route a completion is also retried before its answer's head
+    /// came, POST or not: its generation has no side effect.
+    #[serde(default)]
+    pub resume: bool,
+    /// On a `resume` route: how long a stream may go without an event once
+    /// its first token came before its upstream counts as stalled and the
+    /// answer moves to another endpoint.
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// Token accounting: `breakwater_tokens_total{tier,kind}` and per-key

@@ -624,6 +624,13 @@ fn check_routes(config: &EdgeConfig, checker: &mut Checker<'_>) {
                 "write a duration such as \"30s\", or leave `deadline` out for the pool's total_timeout",
             );
         }
+        if route.stall_timeout.is_zero() {
+            checker.report(
+                &[Key("route"), Index(i), Key("stall_timeout")],
+                "stall_timeout = 0 would call every stream stalled between two tokens",
+                "write a duration longer than the slowest gap between two tokens, such as \"2s\" (the default)",
+            );
+        }
         if route.plugin_body_bytes > 0 {
             let at = [Key("route"), Index(i), Key("plugin_body_bytes")];
             if route.plugins.is_empty() {

@@ -765,6 +765,34 @@ impl GpuHostProcess {
             .unwrap_or_default()
     }
 
+    /// SIGTERM: the host drains.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            child.sigterm();
+        }
+    }
+
+    /// Waits up to `limit` for the host to exit (after [`Self::terminate`]).
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|child| child.wait_timeout(limit).is_some())
+    }
+
+    /// SIGSTOP: connections stay open and nothing more comes on them.
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            child.sigstop();
+        }
+    }
+
+    /// SIGCONT after [`Self::freeze`].
+    pub fn thaw(&self) {
+        if let Some(child) = &self.child {
+            child.sigcont();
+        }
+    }
+
     /// SIGKILL: in-flight connections reset, the port refuses.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -871,4 +899,73 @@ pub fn p99(latencies: &[Duration]) -> Duration {
     sorted.sort_unstable();
     let at = (sorted.len() * 99).div_ceil(100).saturating_sub(1);
     sorted.get(at).copied().unwrap_or_default()
+}
+
+/// An OpenAI event stream as a client read it.
+#[derive(Debug, Default)]
+pub struct StreamedAnswer {
+    /// The text of its chunks (chat deltas or completion text), joined.
+    pub text: String,
+    /// Every `data:` payload, in order (`[DONE]` included).
+    pub events: Vec<String>,
+    /// When each chunk with text arrived.
+    pub text_at: Vec<Instant>,
+    /// Why the body broke, if it did.
+    pub broken: Option<String>,
+}
+
+impl StreamedAnswer {
+    /// The payloads that are JSON.
+    pub fn chunks(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
+        self.events
+            .iter()
+            .filter_map(|event| serde_json::from_str(event).ok())
+    }
+}
+
+/// Reads the event stream of `response` to its end, calling `on_text(n)`
+/// as the n-th chunk with text arrives; when that answers false, the
+/// client leaves there (the body is dropped).
+pub async fn read_event_stream(
+    response: reqwest::Response,
+    mut on_text: impl FnMut(usize) -> bool,
+) -> StreamedAnswer {
+    use futures_util::StreamExt;
+    let mut seen = StreamedAnswer::default();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut body = response.bytes_stream();
+    while let Some(piece) = body.next().await {
+        let piece = match piece {
+            Ok(piece) => piece,
+            Err(e) => {
+                seen.broken = Some(e.to_string());
+                break;
+            }
+        };
+        pending.extend_from_slice(&piece);
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            let event = String::from_utf8_lossy(&event);
+            let Some(data) = event.trim().strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim().to_owned();
+            if let Ok(chunk) = serde_json::from_str::<serde_json::Value>(&data) {
+                let choice = &chunk["choices"][0];
+                let text = choice["delta"]["content"]
+                    .as_str()
+                    .or_else(|| choice["text"].as_str());
+                if let Some(text) = text.filter(|t| !t.is_empty()) {
+                    seen.text.push_str(text);
+                    seen.text_at.push(Instant::now());
+                    if !on_text(seen.text_at.len()) {
+                        seen.events.push(data);
+                        return seen;
+                    }
+                }
+            }
+            seen.events.push(data);
+        }
+    }
+    seen
 }

@@ -33,6 +33,7 @@ mod observe;
 mod plugins;
 mod proxy;
 mod server;
+mod sse;
 pub mod static_files;
 mod tls;
 mod token_budget;

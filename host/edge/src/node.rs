@@ -29,7 +29,7 @@ use crate::plugins::reload::{ConfigSource, PluginRuntime, ReloadError, ReloadRep
 use crate::proxy::{ClientConnection, normalize_request};
 use crate::static_files::StaticSite;
 use crate::token_budget::Budget;
-use crate::upstream::{RequestDeadline, UpstreamPool};
+use crate::upstream::{RequestDeadline, ResumePolicy, UpstreamPool};
 use crate::usage::{Meter, UsageLedger};
 use std::collections::HashMap;
 
@@ -54,6 +54,8 @@ struct Route {
     plugin_body_bytes: u64,
     /// Answers' tokens are counted per key and tier.
     count_tokens: bool,
+    /// Set on routes with `resume = true`.
+    resume: Option<ResumePolicy>,
 }
 
 /// The node's request handling state, shared by every listener.
@@ -102,6 +104,7 @@ impl EdgeNode {
                 deadline: None,
                 plugin_body_bytes: 0,
                 count_tokens: false,
+                resume: None,
             });
         }
         for route in &config.routes {
@@ -120,6 +123,9 @@ impl EdgeNode {
                     deadline: route.deadline,
                     plugin_body_bytes: route.plugin_body_bytes,
                     count_tokens: route.count_tokens,
+                    resume: route.resume.then_some(ResumePolicy {
+                        stall_timeout: route.stall_timeout,
+                    }),
                 });
             }
         }
@@ -359,6 +365,9 @@ impl EdgeNode {
             parts
                 .extensions
                 .insert(RequestDeadline(Instant::now() + deadline));
+        }
+        if let Some(resume) = route.resume {
+            parts.extensions.insert(resume);
         }
         // Taken once: both phases run the chain the request started with,
         // whatever a reload swaps in meanwhile.

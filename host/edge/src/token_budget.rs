@@ -47,6 +47,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use crate::cache::{answered_by_cache, is_event_stream};
+use crate::sse::{error_event, event_data, find_event_end};
 
 const RESERVED: HeaderName = HeaderName::from_static("x-breakwater-tokens-reserved");
 const CAP: HeaderName = HeaderName::from_static("x-breakwater-tokens-cap");
@@ -285,16 +286,10 @@ struct BudgetedStream {
 
 /// The event that tells a client its budget ended the answer.
 fn budget_error_event(cap: u32) -> Bytes {
-    let error = serde_json::json!({
-        "error": {
-            "message": format!(
-                "the token budget ended this answer after {cap} completion tokens"
-            ),
-            "type": "token_budget_exhausted",
-            "code": "token_budget_exhausted",
-        }
-    });
-    Bytes::from(format!("data: {error}\n\n"))
+    error_event(
+        "token_budget_exhausted",
+        &format!("the token budget ended this answer after {cap} completion tokens"),
+    )
 }
 
 impl BudgetedStream {
@@ -375,27 +370,6 @@ impl BudgetedStream {
     }
 }
 
-/// The end of the first complete event in `bytes` (after its blank line).
-fn find_event_end(bytes: &[u8]) -> Option<usize> {
-    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// The `data:` field of an event (its first data line).
-fn event_data(event: &[u8]) -> Option<&[u8]> {
-    event
-        .split(|&b| b == b'\n')
-        .find_map(|line| line.strip_prefix(b"data:"))
-        .map(<[u8]>::trim_ascii)
-}
-
 impl http_body::Body for BudgetedStream {
     type Data = Bytes;
     type Error = axum::Error;
@@ -449,17 +423,6 @@ impl Drop for BudgetedStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_end_at_a_blank_line_of_either_kind() {
-        assert_eq!(find_event_end(b"data: a\n\ndata: b"), Some(9));
-        assert_eq!(find_event_end(b"data: a\r\n\r\n"), Some(11));
-        assert_eq!(find_event_end(b"data: a\n"), None);
-        assert_eq!(
-            event_data(b"event: x\ndata: [DONE]\n\n"),
-            Some(&b"[DONE]"[..])
-        );
-    }
 
     /// `chunks` through a [`BudgetedStream`] whose budget capped the
     /// request at 2 tokens; the client did not ask for usage.

@@ -44,4 +44,12 @@ pub const TOKEN_IDS_FIELD: &str = "breakwater_token_ids";
 /// than an assistant prefill.
 pub const RESUME_FIELD: &str = "breakwater_resume";
 
+/// The JSON field of a GPU host's last event on a stream it hands over
+/// (`{"breakwater_handoff": {"reason": "drain"}}`): the host is draining
+/// (shutting down, or its model version was swapped out) and ends the
+/// answer there rather than make the drain wait for it. Only streams that
+/// asked for [`TOKEN_IDS_HEADER`] are handed over; the edge continues them
+/// on another host and counts nothing against this one.
+pub const HANDOFF_FIELD: &str = "breakwater_handoff";
+
 pub mod trace;

@@ -20,6 +20,7 @@ mod model_store;
 mod plugin_cli;
 mod plugin_url;
 mod reload;
+mod stream_resume;
 mod token_budgets;
 mod traces;
 mod up;

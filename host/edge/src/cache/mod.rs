@@ -31,7 +31,7 @@ use crate::limits::BodyLimitTrip;
 use crate::proxy::{ClientConnection, UpstreamUnreachable};
 use crate::static_files::range::{self, ByteRange, RangeOutcome};
 use crate::static_files::{conditional, header_str, insert};
-use crate::upstream::UpstreamPool;
+use crate::upstream::{RequestDeadline, ResumePolicy, UpstreamPool};
 use crate::usage;
 use entry::Entry;
 use flight::{Flights, LeaderGuard, Recording, Role, SharedHead, Tee, Waited};
@@ -206,6 +206,10 @@ struct Ask {
     url: String,
     /// A background refresh counts no request.
     background: bool,
+    /// The route's deadline, for the client's own fetch (a refresh behind
+    /// a stale answer outlives it and takes the pool's).
+    deadline: Option<RequestDeadline>,
+    resume: Option<ResumePolicy>,
 }
 
 pub(crate) struct ResponseCache {
@@ -313,6 +317,8 @@ impl ResponseCache {
             ttl: overrides.ttl,
             url,
             background: false,
+            deadline: parts.extensions.get::<RequestDeadline>().copied(),
+            resume: parts.extensions.get::<ResumePolicy>().copied(),
         };
         let stored = {
             use tracing::Instrument;
@@ -664,6 +670,7 @@ impl ResponseCache {
         };
         let mut ask = ask.clone();
         ask.background = true;
+        ask.deadline = None;
         ask.method = Method::GET;
         let cache = self.clone();
         let origin = origin.clone();
@@ -846,6 +853,12 @@ fn upstream_request(ask: &Ask, headers: &HeaderMap, body: Body) -> Request<Body>
     *request.uri_mut() = ask.uri.clone();
     *request.version_mut() = ask.version;
     *request.headers_mut() = headers.clone();
+    if let Some(deadline) = ask.deadline {
+        request.extensions_mut().insert(deadline);
+    }
+    if let Some(resume) = ask.resume {
+        request.extensions_mut().insert(resume);
+    }
     request.headers_mut().insert(
         HeaderName::from_static("surrogate-capability"),
         HeaderValue::from_static(policy::SURROGATE_CAPABILITY),
@@ -1128,13 +1141,21 @@ trait CloneHead {
 }
 
 impl CloneHead for Parts {
-    /// `Parts` is not `Clone` (its extensions may not be); the head is.
+    /// `Parts` is not `Clone` (its extensions may not be); the head is,
+    /// with the route's say over how the request goes upstream (its
+    /// deadline, whether it resumes).
     fn clone_head(&self) -> Parts {
         let mut request = Request::new(());
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();
+        if let Some(deadline) = self.extensions.get::<RequestDeadline>() {
+            request.extensions_mut().insert(*deadline);
+        }
+        if let Some(resume) = self.extensions.get::<ResumePolicy>() {
+            request.extensions_mut().insert(*resume);
+        }
         request.into_parts().0
     }
 }

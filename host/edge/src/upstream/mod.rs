@@ -43,6 +43,7 @@ mod budget;
 mod endpoint;
 mod limit;
 mod pool;
+mod resume;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -73,6 +74,8 @@ use budget::RetryBudget;
 use endpoint::{Endpoint, Failure, Outstanding, now_ms};
 use limit::{ConcurrencyLimit, Permit};
 use pool::PoolCore;
+pub(crate) use resume::ResumePolicy;
+use resume::{FirstAnswer, Resumable, Splice};
 
 /// Sent upstream on every attempt after the first: `2`, `3`, …
 pub(crate) use breakwater_wire::ATTEMPT_HEADER;
@@ -322,7 +325,7 @@ impl UpstreamPool {
     /// upstream answered at all, the response carries
     /// [`crate::proxy::UpstreamUnreachable`].
     pub(crate) async fn forward(
-        &self,
+        self: &Arc<Self>,
         request: Request<Body>,
         client: &ClientConnection,
         body_trip: &BodyLimitTrip,
@@ -350,12 +353,17 @@ impl UpstreamPool {
             }
         };
         prepare_request_headers(&mut parts, client);
-        let retriable = idempotent(&parts.method) || parts.headers.contains_key("idempotency-key");
-
+        let resume = parts.extensions.get::<ResumePolicy>().copied();
         let mut body = match keep_body(
             body,
             &parts.headers,
-            retry.attempts,
+            // A resumable request is kept even where retries are off: its
+            // continuation is built from it.
+            if resume.is_some() {
+                retry.attempts.max(2)
+            } else {
+                retry.attempts
+            },
             retry.buffer_bytes,
             deadline,
         )
@@ -364,6 +372,20 @@ impl UpstreamPool {
             Ok(body) => body,
             Err(()) => return self.body_error(body_trip),
         };
+        let resumable = match (&resume, &body) {
+            (Some(_), AttemptBody::Kept(kept)) => Resumable::of(&parts.method, kept),
+            _ => None,
+        };
+        let retriable = idempotent(&parts.method)
+            || parts.headers.contains_key("idempotency-key")
+            || resumable.is_some();
+        // A stream that may be spliced: its request, and the route's say.
+        let mut splice_with = match (resume, resumable) {
+            (Some(policy), Some(Resumable::Stream(request))) => Some((policy, request)),
+            _ => None,
+        };
+        let token_ids = splice_with.is_some();
+
         let key = self
             .chain
             .iter()
@@ -387,18 +409,7 @@ impl UpstreamPool {
             tried.push(endpoint.clone());
             let attempt = tried.len();
             let sent = Instant::now();
-            let span = tracing::info_span!(
-                target: trace::TARGET,
-                "upstream.attempt",
-                otel.name = "upstream attempt",
-                otel.kind = "client",
-                otel.status_code = tracing::field::Empty,
-                breakwater.pool = %core.name,
-                server.address = %endpoint.label,
-                breakwater.retry = i64::try_from(attempt - 1).unwrap_or(i64::MAX),
-                breakwater.outcome = tracing::field::Empty,
-                http.response.status_code = tracing::field::Empty,
-            );
+            let span = attempt_span(core, &endpoint, attempt);
             let outcome = self
                 .attempt(
                     core,
@@ -408,6 +419,7 @@ impl UpstreamPool {
                     attempt,
                     deadline,
                     body_trip,
+                    token_ids,
                 )
                 .instrument(span.clone())
                 .await;
@@ -420,6 +432,27 @@ impl UpstreamPool {
             }
             let (failure, response, detail) = match outcome {
                 Outcome::Answer(response, outstanding) => {
+                    if resume::is_spliceable(&response)
+                        && let Some((policy, request)) = splice_with.take()
+                    {
+                        let splice = Splice::new(
+                            self.clone(),
+                            &parts,
+                            request,
+                            key,
+                            std::mem::take(&mut tried),
+                            deadline,
+                            policy,
+                            permit,
+                        );
+                        let first = FirstAnswer {
+                            response,
+                            outstanding,
+                            endpoint,
+                            core: core.clone(),
+                        };
+                        return crate::observe::held_to_the_end(splice.answer(first), span);
+                    }
                     let response = finish(
                         response,
                         outstanding,
@@ -510,6 +543,7 @@ impl UpstreamPool {
         attempt: usize,
         deadline: Instant,
         body_trip: &BodyLimitTrip,
+        token_ids: bool,
     ) -> Outcome {
         let Some(uri) = upstream_uri(&endpoint.uri, &parts.uri) else {
             return Outcome::Failed(Failure::Status, None, "bad uri".to_owned());
@@ -529,6 +563,12 @@ impl UpstreamPool {
         // would then carry to every client), is dropped.
         headers.remove(ATTEMPT_HEADER);
         headers.remove(breakwater_wire::TOKEN_IDS_HEADER);
+        if token_ids {
+            headers.insert(
+                breakwater_wire::TOKEN_IDS_HEADER,
+                HeaderValue::from_static("1"),
+            );
+        }
         if let Ok(value) = HeaderValue::from_str(&unix_ms(deadline).to_string()) {
             headers.insert(DEADLINE_HEADER, value);
         }
@@ -805,8 +845,22 @@ fn give_up(
     }
 }
 
-/// The answer, streaming, with the endpoint counted as busy with it until
-/// its body ends and the deadline enforced on the body.
+/// One attempt's trace span.
+fn attempt_span(core: &PoolCore, endpoint: &Endpoint, attempt: usize) -> tracing::Span {
+    tracing::info_span!(
+        target: trace::TARGET,
+        "upstream.attempt",
+        otel.name = "upstream attempt",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        breakwater.pool = %core.name,
+        server.address = %endpoint.label,
+        breakwater.retry = i64::try_from(attempt - 1).unwrap_or(i64::MAX),
+        breakwater.outcome = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    )
+}
+
 /// What became of an attempt, on its trace span.
 fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
     if span.is_disabled() {
@@ -831,6 +885,8 @@ fn record_outcome(span: &tracing::Span, outcome: &Outcome) {
     }
 }
 
+/// The answer, streaming, with the endpoint counted as busy with it until
+/// its body ends and the deadline enforced on the body.
 fn finish(
     response: Response<hyper::body::Incoming>,
     outstanding: Outstanding,

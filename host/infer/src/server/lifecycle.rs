@@ -259,6 +259,11 @@ impl RunningGpuHost {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        // Streams an edge can continue elsewhere go there now, rather than
+        // hold the drain.
+        if let Some(served) = self.app.model() {
+            served.hand_off_streams();
+        }
         let mut drained = true;
         if let Some(server) = self.server.as_mut() {
             drained = tokio::time::timeout(self.drain, &mut *server).await.is_ok();

@@ -55,7 +55,8 @@ use crate::tokenizer::Tokenizer;
 pub use breakwater_listen::ConnectionLimits;
 
 pub use breakwater_wire::{
-    DEADLINE_HEADER, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, RESUME_FIELD, TOKEN_IDS_HEADER,
+    DEADLINE_HEADER, HANDOFF_FIELD, MODEL_VERSION_HEADER, REQUEST_ID_HEADER, RESUME_FIELD,
+    TOKEN_IDS_HEADER,
 };
 
 /// Token texts that end a turn in common chat formats. llama.cpp stops on
@@ -158,6 +159,9 @@ pub struct Served {
     template: ChatTemplate,
     backend: &'static str,
     version: Option<ModelVersion>,
+    /// Set once this model drains: streams that can be continued elsewhere
+    /// end with a handoff rather than run out the drain.
+    handoff: tokio::sync::watch::Sender<bool>,
 }
 
 /// Which version of a stored model a [`Served`] is (models pulled from a
@@ -259,7 +263,15 @@ impl Served {
             template,
             backend,
             version: None,
+            handoff: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// The model drains: every stream of an edge that can continue it
+    /// elsewhere (those with token ids) ends now with a handoff event
+    /// ([`breakwater_wire::HANDOFF_FIELD`]), which cancels its sequence.
+    pub fn hand_off_streams(&self) {
+        self.handoff.send_replace(true);
     }
 
     /// Labels the model with the stored version it was loaded from.
@@ -871,9 +883,18 @@ struct Streaming {
     /// The request's trace span, when tracing is on: the stream's end
     /// records the generation there.
     trace: Option<tracing::Span>,
+    /// Turns true when the model drains ([`Served::hand_off_streams`]).
+    handoff: tokio::sync::watch::Receiver<bool>,
     /// Keeps the model (its engine) alive while the stream runs, even
     /// after a swap replaced it.
     _served: Arc<Served>,
+}
+
+/// Resolves once the model drains; never when it cannot any more.
+async fn handed_off(handoff: &mut tokio::sync::watch::Receiver<bool>) {
+    if handoff.wait_for(|drains| *drains).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn data(value: &serde_json::Value) -> SseEvent {
@@ -903,6 +924,7 @@ fn stream(
         deadline,
         phase,
         trace: traces::request_span(),
+        handoff: served.handoff.subscribe(),
         _served: served,
     };
     let events = futures_util::stream::unfold(state, |mut s| async move {
@@ -917,13 +939,19 @@ fn stream(
                 data(&s.envelope.usage_chunk(&finish))
             }
             Phase::DoneMarker => SseEvent::default().data("[DONE]"),
-            Phase::Body => match tokio::time::timeout_at(s.deadline, s.rx.recv()).await {
-                Ok(Some(Event::Text { text, tokens })) => {
+            Phase::Body => match tokio::select! {
+                biased;
+                // Only a stream with ids can be continued elsewhere.
+                () = handed_off(&mut s.handoff), if s.token_ids => None,
+                next = tokio::time::timeout_at(s.deadline, s.rx.recv()) => Some(next),
+            } {
+                None => data(&json!({ HANDOFF_FIELD: { "reason": "drain" } })),
+                Some(Ok(Some(Event::Text { text, tokens }))) => {
                     s.phase = Phase::Body;
                     let tokens = s.token_ids.then_some(tokens.as_slice());
                     data(&s.envelope.chunk(false, Some(&text), None, tokens))
                 }
-                Ok(Some(Event::Done(finish))) => {
+                Some(Ok(Some(Event::Done(finish)))) => {
                     if let Some(span) = &s.trace {
                         traces::record_generation(
                             span,
@@ -942,9 +970,9 @@ fn stream(
                             .chunk(false, None, Some(finish.reason.as_str()), None),
                     )
                 }
-                Ok(Some(Event::Failed(f))) => data(&failure_error(f).body()),
-                Ok(None) => data(&ApiError::internal("the engine stopped").body()),
-                Err(_) => data(&ApiError::deadline().body()),
+                Some(Ok(Some(Event::Failed(f)))) => data(&failure_error(f).body()),
+                Some(Ok(None)) => data(&ApiError::internal("the engine stopped").body()),
+                Some(Err(_)) => data(&ApiError::deadline().body()),
             },
         };
         Some((Ok::<_, Infallible>(event), s))

@@ -490,6 +490,8 @@ fn model_path(pulled: &PulledModel) -> Result<PathBuf, SwapError> {
 /// Waits (up to `limit`) for the requests still holding `old` to finish,
 /// then stops its engine, ending whatever still runs on it.
 async fn drain(old: Arc<Served>, limit: Duration) {
+    // Streams an edge can continue move to the new version's hosts now.
+    old.hand_off_streams();
     let started = tokio::time::Instant::now();
     while Arc::strong_count(&old) > 1 && started.elapsed() < limit {
         tokio::time::sleep(DRAIN_POLL).await;

@@ -1,6 +1,7 @@
 //! A hot swap in process, from a `file://` model store: a stream that
 //! started on the old version runs to its end on the old engine while new
-//! requests already go to the new version.
+//! requests already go to the new version; a stream an edge can continue
+//! elsewhere (it asked for token ids) is handed over at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,23 +76,33 @@ async fn a_stream_started_before_a_swap_finishes_on_the_old_version() {
         .build()
         .expect("client");
 
-    // A long stream on v1, read up to its first chunk.
-    let mut long = client
-        .post(format!("{base}/v1/completions"))
-        .body(
-            r#"{"model":"m","prompt":"Once upon a time","max_tokens":160,"temperature":0,"ignore_eos":true,"stream":true}"#,
-        )
-        .send()
-        .await
-        .expect("the long request");
-    assert_eq!(long.status(), 200);
-    assert_eq!(long.headers()["x-model-version"], "1");
-    let mut body = long
-        .chunk()
-        .await
-        .expect("read")
-        .expect("a first chunk")
-        .to_vec();
+    // A long stream on v1, read up to its first chunk; and the same from
+    // an edge, which can continue it on another host.
+    let start_long = |headers: &[(&str, &str)]| {
+        let mut request = client
+            .post(format!("{base}/v1/completions"))
+            .body(
+                r#"{"model":"m","prompt":"Once upon a time","max_tokens":160,"temperature":0,"ignore_eos":true,"stream":true}"#,
+            );
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        async move {
+            let mut response = request.send().await.expect("a long request");
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["x-model-version"], "1");
+            let first = response
+                .chunk()
+                .await
+                .expect("read")
+                .expect("a first chunk")
+                .to_vec();
+            (response, first)
+        }
+    };
+    let (mut long, mut body) = start_long(&[]).await;
+    let (mut handed, mut handed_body) =
+        start_long(&[(breakwater_wire::TOKEN_IDS_HEADER, "1")]).await;
 
     store.promote("m", "2", "stable").await.expect("promote");
     let reload = client
@@ -115,6 +126,27 @@ async fn a_stream_started_before_a_swap_finishes_on_the_old_version() {
         .expect("a request after the swap");
     assert_eq!(short.status(), 200);
     assert_eq!(short.headers()["x-model-version"], "2");
+
+    // The edge's stream ends with the handoff, and without `[DONE]`: the
+    // edge continues it on another host.
+    while let Some(chunk) = handed.chunk().await.expect("read the edge's stream") {
+        handed_body.extend_from_slice(&chunk);
+    }
+    let handed_text = String::from_utf8_lossy(&handed_body);
+    let last = handed_text
+        .trim_end()
+        .rsplit("\n\n")
+        .next()
+        .unwrap_or_default();
+    assert!(
+        last.contains(breakwater_wire::HANDOFF_FIELD),
+        "{handed_text}"
+    );
+    assert!(!handed_text.contains("[DONE]"), "{handed_text}");
+    assert!(
+        !handed_text.contains("\"finish_reason\":\"length\""),
+        "handed over after the answer was whole: nothing was checked"
+    );
 
     let mut last_chunk_at = None;
     while let Some(chunk) = long.chunk().await.expect("read the stream") {
