@@ -153,6 +153,10 @@ pub(super) struct Splice {
     ended: bool,
     /// The current host handed the answer over (it drains).
     handed_off: bool,
+    /// A chunk gave the finish reason: all the text went out.
+    finished: bool,
+    /// The client asked for the usage chunk and has not had it yet.
+    usage_pending: bool,
     /// When the last break was seen, until the continuation's first token.
     resuming_since: Option<Instant>,
     /// The continuation's role chunk is still to be dropped.
@@ -202,6 +206,11 @@ impl Splice {
         head.version = parts.version;
         head.headers = parts.headers.clone();
         let first_event_timeout = pool.primary().config.first_byte_timeout;
+        let usage_pending = request
+            .get("stream_options")
+            .and_then(|options| options.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true);
         Self {
             pool,
             head,
@@ -219,6 +228,8 @@ impl Splice {
             identity: Vec::new(),
             ended: false,
             handed_off: false,
+            finished: false,
+            usage_pending,
             resuming_since: None,
             skip_role: false,
             _permit: permit,
@@ -277,7 +288,9 @@ impl Splice {
                         }
                     }
                 }
-                Ok(None) if self.ended => self.current = None,
+                // After `[DONE]`, or the host's own error, the stream ends
+                // with its upstream, however that goes.
+                Ok(None) | Ok(Some(Err(_))) | Err(_) if self.ended => self.current = None,
                 Ok(None) if self.handed_off => self.break_off(Break::Drain).await,
                 Ok(None) => self.break_off(Break::Eof).await,
                 Ok(Some(Err(_))) if self.handed_off => self.break_off(Break::Drain).await,
@@ -337,6 +350,12 @@ impl Splice {
                 return None;
             }
         }
+        if chunk.get("usage").is_some_and(|usage| !usage.is_null()) {
+            self.usage_pending = false;
+        }
+        if first_choice(&chunk)["finish_reason"].is_string() {
+            self.finished = true;
+        }
         if self.identity.is_empty() {
             for field in ["id", "created", "model"] {
                 if let Some(value) = chunk.get(field) {
@@ -387,6 +406,18 @@ impl Splice {
             lost.core.record_failure(&lost.endpoint, failure);
         }
         drop(lost);
+        if self.finished && !self.usage_pending {
+            // Lost after the last of the answer went out: it is whole.
+            self.ready
+                .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+            return;
+        }
+        if self.finished {
+            return self.give_up(
+                "finished",
+                "the answer is whole but its usage chunk was lost",
+            );
+        }
         let pool_name = self.pool.name.clone();
         metrics::counter!(
             "breakwater_upstream_stream_resumes_total",
@@ -573,6 +604,171 @@ mod tests {
         assert!(of(Method::POST, "not json").is_none());
         assert!(of(Method::POST, "[1]").is_none());
         assert!(of(Method::GET, r#"{"stream":true}"#).is_none());
+    }
+
+    /// A splice on a pool of one (unreachable) endpoint, as it stands
+    /// once its first answer's head came.
+    fn new_splice(request: Value) -> Splice {
+        let config = edge_config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:8080\"\n\
+             [[pool]]\nname = \"a\"\nendpoints = [\"http://127.0.0.1:1\"]\n",
+            std::path::Path::new("t.toml"),
+            std::path::Path::new("."),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pools = super::super::build_pools(&config);
+        let parts = Request::new(()).into_parts().0;
+        Splice::new(
+            pools["a"].clone(),
+            &parts,
+            request.as_object().cloned().unwrap_or_default(),
+            None,
+            Vec::new(),
+            Instant::now() + Duration::from_secs(60),
+            ResumePolicy {
+                stall_timeout: Duration::from_secs(2),
+            },
+            None,
+        )
+    }
+
+    /// What the client gets of `chunk` (JSON), as text.
+    fn passed(splice: &mut Splice, chunk: Value) -> Option<String> {
+        let event = format!("data: {chunk}\n\n").into_bytes();
+        splice
+            .pass(event)
+            .map(|bytes| String::from_utf8(bytes.to_vec()).expect("UTF-8"))
+    }
+
+    #[tokio::test]
+    async fn a_continuations_chunks_go_out_as_the_first_hosts() {
+        let mut splice = new_splice(serde_json::json!({"stream": true}));
+        let chunk = |id: &str, created: u64, delta: Value, ids: Option<Vec<u32>>| {
+            let mut chunk = serde_json::json!({
+                "id": id, "created": created, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": null}],
+            });
+            if let Some(ids) = ids {
+                chunk[TOKEN_IDS_FIELD] = serde_json::json!(ids);
+            }
+            chunk
+        };
+        let role = serde_json::json!({"role": "assistant", "content": ""});
+        let first = chunk("a", 1, role.clone(), None);
+        assert_eq!(
+            passed(&mut splice, first.clone()),
+            Some(format!("data: {first}\n\n"))
+        );
+        let text = passed(
+            &mut splice,
+            chunk(
+                "a",
+                1,
+                serde_json::json!({"content": "He"}),
+                Some(vec![5, 6]),
+            ),
+        )
+        .expect("passed");
+        assert!(!text.contains(TOKEN_IDS_FIELD), "{text}");
+        assert_eq!(splice.tokens, [5, 6]);
+
+        // A continuation from host `b`: its role chunk is dropped, its
+        // chunks carry the first host's identity.
+        splice.skip_role = true;
+        assert_eq!(passed(&mut splice, chunk("b", 2, role, None)), None);
+        let next = passed(
+            &mut splice,
+            chunk("b", 2, serde_json::json!({"content": "llo"}), Some(vec![7])),
+        )
+        .expect("passed");
+        assert_eq!(
+            next,
+            format!(
+                "data: {}\n\n",
+                chunk("a", 1, serde_json::json!({"content": "llo"}), None)
+            )
+        );
+        assert_eq!(splice.tokens, [5, 6, 7]);
+        assert!(!splice.tokens_lost);
+
+        // Text without ids cannot be continued from.
+        passed(
+            &mut splice,
+            chunk("b", 2, serde_json::json!({"content": "!"}), None),
+        );
+        assert!(splice.tokens_lost);
+        // A handoff is never passed on.
+        assert_eq!(
+            passed(
+                &mut splice,
+                serde_json::json!({HANDOFF_FIELD: {"reason": "drain"}})
+            ),
+            None
+        );
+        assert!(splice.handed_off);
+    }
+
+    /// `splice` reading `body` from its pool's endpoint.
+    fn reading(mut splice: Splice, body: Body) -> Splice {
+        let core = splice.pool.chain[0].clone();
+        let endpoint = core.endpoints[0].clone();
+        splice.current = Some(Current {
+            body,
+            _outstanding: endpoint.start(),
+            endpoint,
+            core,
+            fresh: false,
+        });
+        splice
+    }
+
+    async fn rest(mut splice: Splice) -> String {
+        let mut out = String::new();
+        while let Some(bytes) = splice.next().await {
+            out.push_str(std::str::from_utf8(&bytes).expect("UTF-8"));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_host_lost_after_the_finish_leaves_nothing_to_resume() {
+        let finish = "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\",\"index\":0}],\"id\":\"a\"}\n\n";
+        // Cut before `[DONE]`: the answer is whole, so `[DONE]` ends it.
+        let splice = reading(
+            new_splice(serde_json::json!({"stream": true})),
+            Body::from(finish),
+        );
+        let out = rest(splice).await;
+        assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+        // The client asked for usage and lost it: said, never `[DONE]`.
+        let usage_lost = reading(
+            new_splice(
+                serde_json::json!({"stream": true, "stream_options": {"include_usage": true}}),
+            ),
+            Body::from(finish),
+        );
+        let out = rest(usage_lost).await;
+        assert!(
+            out.contains("upstream_lost") && !out.contains("[DONE]"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_with_no_endpoint_left_ends_in_upstream_lost() {
+        let text = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null,\"index\":0}],\"breakwater_token_ids\":[4]}\n\n";
+        let splice = reading(
+            new_splice(serde_json::json!({"stream": true})),
+            Body::from(text),
+        );
+        let out = rest(splice).await;
+        let events: Vec<&str> = out.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 2, "{out}");
+        assert!(events[1].contains("\"code\":\"upstream_lost\""), "{out}");
+        assert!(
+            !out.contains("[DONE]") && !out.contains(TOKEN_IDS_FIELD),
+            "{out}"
+        );
     }
 
     #[test]
