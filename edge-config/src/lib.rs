@@ -166,6 +166,51 @@ endpoints = ["http://127.0.0.1:3"]
     }
 
     #[test]
+    fn prefix_balancing_and_resume_are_checked_where_written() {
+        let text = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+[[route]]
+prefix = "/v1/"
+pool = "a"
+resume = true
+stall_timeout = "0s"
+[[pool]]
+name = "a"
+endpoints = ["http://127.0.0.1:1"]
+balance = "prefix"
+prefix_bytes = 0
+load_factor = 0.5
+"#;
+        let error = parse(text, Path::new("t.toml"), Path::new("."))
+            .expect_err("three mistakes")
+            .to_string();
+        for (line, key) in [
+            (8, "stall_timeout"),
+            (13, "prefix_bytes"),
+            (14, "load_factor"),
+        ] {
+            assert!(
+                error.contains(&format!("t.toml:{line}")) && error.contains(key),
+                "{key} at line {line}: {error}"
+            );
+        }
+        let good = text
+            .replace("stall_timeout = \"0s\"", "")
+            .replace("prefix_bytes = 0", "")
+            .replace("load_factor = 0.5", "");
+        let config =
+            parse(&good, Path::new("t.toml"), Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+        let a = config.pool("a").expect("pool a");
+        assert_eq!((a.prefix_bytes, a.load_factor), (4096, 1.25));
+        assert!(config.routes[0].resume);
+        assert_eq!(
+            config.routes[0].stall_timeout,
+            std::time::Duration::from_secs(2)
+        );
+    }
+
+    #[test]
     fn trusted_proxies_take_networks_and_single_addresses() {
         let text = r#"
 [node]

@@ -73,9 +73,21 @@ pub struct PoolConfig {
     #[serde(default = "default_max_requests_per_endpoint")]
     pub max_requests_per_endpoint: usize,
     /// `"least-loaded"` (power of two choices over outstanding requests
-    /// weighted by latency) or `"consistent-hash"` (by `hash_header`).
+    /// weighted by latency), `"consistent-hash"` (by `hash_header`) or
+    /// `"prefix"` (by the prompt's leading `prefix_bytes`, so that requests
+    /// sharing a system prompt or a conversation meet the GPU host whose
+    /// KV cache holds it; no endpoint above `load_factor` × the average).
     #[serde(default)]
     pub balance: BalanceMode,
+    /// Under `balance = "prefix"`: how much of the prompt (its messages'
+    /// roles and text in order, or `prompt`) picks the endpoint.
+    #[serde(default = "default_prefix_bytes")]
+    pub prefix_bytes: usize,
+    /// Under `balance = "prefix"`: no endpoint takes more than this times
+    /// the average outstanding requests (bounded-load consistent hashing);
+    /// a prefix whose endpoint is full goes to the next in its order.
+    #[serde(default = "default_load_factor")]
+    pub load_factor: f64,
     /// Request header whose value picks the endpoint under
     /// `balance = "consistent-hash"`; requests without it are balanced by load.
     #[serde(default)]
@@ -162,7 +174,19 @@ pub enum BalanceMode {
     #[default]
     LeastLoaded,
     ConsistentHash,
+    Prefix,
 }
+
+fn default_prefix_bytes() -> usize {
+    4096
+}
+
+fn default_load_factor() -> f64 {
+    1.25
+}
+
+/// The most `prefix_bytes` may be: a prompt's leading part, not the body.
+pub const MAX_PREFIX_BYTES: usize = 1 << 20;
 
 /// Active health checks: `GET path` on every endpoint each `interval`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

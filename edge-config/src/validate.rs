@@ -401,6 +401,26 @@ fn check_pool_limits(checker: &mut Checker<'_>, i: usize, pool: &crate::model::P
         }
         _ => {}
     }
+    if pool.balance == crate::model::BalanceMode::Prefix {
+        if !(1..=crate::pool::MAX_PREFIX_BYTES).contains(&pool.prefix_bytes) {
+            checker.report(
+                &at("prefix_bytes"),
+                format!(
+                    "prefix_bytes = {} is outside 1..={}",
+                    pool.prefix_bytes,
+                    crate::pool::MAX_PREFIX_BYTES
+                ),
+                "cover the shared part of the prompts, such as 4096 (the default) for a 1,000-token system prompt",
+            );
+        }
+        if !(pool.load_factor.is_finite() && pool.load_factor >= 1.0) {
+            checker.report(
+                &at("load_factor"),
+                format!("load_factor = {} is below 1", pool.load_factor),
+                "write 1.0 or more: 1.25 (the default) lets an endpoint take a quarter more than the average",
+            );
+        }
+    }
     if let Some(health) = &pool.health {
         let at = |key| [Key("pool"), Index(i), Key("health"), Key(key)];
         if !health.path.starts_with('/') {

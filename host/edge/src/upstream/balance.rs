@@ -87,13 +87,101 @@ pub(crate) fn rendezvous<'a>(
 ) -> Option<&'a Arc<Endpoint>> {
     candidates
         .iter()
-        .map(|e| {
-            let h = mix(key ^ stable_hash(e.label.as_bytes()));
-            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            (-e.weight / u.ln(), *e)
-        })
+        .map(|e| (rendezvous_score(key, e), *e))
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, e)| e)
+}
+
+/// Bounded-load rendezvous hashing (consistent hashing with bounded
+/// loads, Mirrokni, Thorup and Zadimoghaddam): the candidates in the
+/// key's rendezvous order, the first whose outstanding requests stay
+/// within `load_factor` × the average (this request counted) wins. A key
+/// keeps its endpoint while that endpoint is not overloaded, and an
+/// overloaded one's keys spill in a fixed order, so they still meet each
+/// other there. Also says whether the key's first choice took it.
+pub(crate) fn bounded_rendezvous<'a>(
+    key: u64,
+    candidates: &[&'a Arc<Endpoint>],
+    load_factor: f64,
+) -> Option<(&'a Arc<Endpoint>, bool)> {
+    let mut ranked: Vec<(f64, &'a Arc<Endpoint>)> = candidates
+        .iter()
+        .map(|e| (rendezvous_score(key, e), *e))
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total: usize = candidates.iter().map(|e| e.outstanding()).sum::<usize>() + 1;
+    let total_weight: f64 = candidates.iter().map(|e| e.weight).sum();
+    let within = |e: &Arc<Endpoint>| {
+        let share = e.weight / total_weight;
+        let cap = (load_factor * total as f64 * share).ceil().max(1.0);
+        ((e.outstanding() + 1) as f64) <= cap
+    };
+    let first = ranked.first().map(|(_, e)| *e)?;
+    match ranked.iter().map(|(_, e)| *e).find(|e| within(e)) {
+        Some(e) => Some((e, Arc::ptr_eq(e, first))),
+        // Everyone at the bound (rounding): the least loaded.
+        None => ranked
+            .iter()
+            .map(|(_, e)| *e)
+            .min_by_key(|e| e.outstanding())
+            .map(|e| (e, Arc::ptr_eq(e, first))),
+    }
+}
+
+fn rendezvous_score(key: u64, endpoint: &Endpoint) -> f64 {
+    let h = mix(key ^ stable_hash(endpoint.label.as_bytes()));
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -endpoint.weight / u.ln()
+}
+
+/// The routing key of a completion request body under `balance =
+/// "prefix"`: a hash of its model and the leading `bytes` of its prompt
+/// (each message's role and text in order, or `prompt`), so that requests
+/// whose prompts begin alike (one app's system prompt, one conversation's
+/// earlier turns) get one key. None when the body is not such a request.
+pub(crate) fn prefix_key(body: &[u8], bytes: usize) -> Option<u64> {
+    let request: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut leading: Vec<u8> = Vec::with_capacity(bytes.min(body.len()) + 64);
+    if let Some(model) = request.get("model").and_then(serde_json::Value::as_str) {
+        leading.extend_from_slice(model.as_bytes());
+        leading.push(0);
+    }
+    let start = leading.len();
+    let mut push = |text: &str| {
+        let room = (start + bytes).saturating_sub(leading.len());
+        leading.extend_from_slice(&text.as_bytes()[..text.len().min(room)]);
+    };
+    if let Some(messages) = request
+        .get("messages")
+        .and_then(serde_json::Value::as_array)
+    {
+        for message in messages {
+            push(
+                message
+                    .get("role")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or(""),
+            );
+            push("\n");
+            match message.get("content") {
+                Some(serde_json::Value::String(text)) => push(text),
+                Some(serde_json::Value::Array(parts)) => {
+                    for part in parts {
+                        if let Some(text) = part.get("text").and_then(serde_json::Value::as_str) {
+                            push(text);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            push("\n");
+        }
+    } else if let Some(prompt) = request.get("prompt").and_then(serde_json::Value::as_str) {
+        push(prompt);
+    } else {
+        return None;
+    }
+    (leading.len() > start).then(|| stable_hash(&leading))
 }
 
 #[cfg(test)]
@@ -122,6 +210,90 @@ mod tests {
             let pick = power_of_two(&rng, &refs).expect("a pick");
             assert!(Arc::ptr_eq(pick, &all[1]));
         }
+    }
+
+    #[test]
+    fn bounded_rendezvous_keeps_a_key_home_until_its_endpoint_is_over_the_bound() {
+        let all = endpoints(4);
+        let refs: Vec<&Arc<Endpoint>> = all.iter().collect();
+        let key = stable_hash(b"tenant-7 system prompt");
+        let home = rendezvous(key, &refs).expect("home");
+        let (pick, first) = bounded_rendezvous(key, &refs, 1.25).expect("pick");
+        assert!(Arc::ptr_eq(pick, home) && first);
+        // One key's crowd: the home endpoint fills to its bound, then the
+        // rest spill, always to the same next endpoint in the key's order.
+        let mut held = Vec::new();
+        let mut spilled = 0;
+        for _ in 0..40 {
+            let (pick, first) = bounded_rendezvous(key, &refs, 1.25).expect("pick");
+            assert_eq!(first, Arc::ptr_eq(pick, home));
+            spilled += usize::from(!first);
+            held.push(pick.start());
+            let total: usize = all.iter().map(|e| e.outstanding()).sum();
+            for e in &all {
+                let cap = (1.25 * total as f64 / 4.0).ceil().max(1.0) as usize;
+                assert!(
+                    e.outstanding() <= cap,
+                    "{} holds {} of {total}",
+                    e.label,
+                    e.outstanding()
+                );
+            }
+        }
+        assert!(spilled > 0, "the crowd never spilled");
+        assert!(
+            home.outstanding() >= 10,
+            "home took its share: {}",
+            home.outstanding()
+        );
+        // Load gone: the key is home again.
+        drop(held);
+        let (pick, first) = bounded_rendezvous(key, &refs, 1.25).expect("pick");
+        assert!(Arc::ptr_eq(pick, home) && first);
+    }
+
+    #[test]
+    fn a_prompts_leading_bytes_are_its_key() {
+        let system = "You are the support bot of Acme. ".repeat(200);
+        let chat = |user: &str| {
+            serde_json::json!({
+                "model": "m",
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": user},
+                ],
+            })
+            .to_string()
+        };
+        let a = prefix_key(chat("hello").as_bytes(), 4096).expect("a key");
+        assert_eq!(Some(a), prefix_key(chat("bye").as_bytes(), 4096));
+        // Within the first 4 KiB, the user's words count.
+        let short = |user: &str| {
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": user}]})
+                .to_string()
+        };
+        assert_ne!(
+            prefix_key(short("hello").as_bytes(), 4096),
+            prefix_key(short("bye").as_bytes(), 4096)
+        );
+        // Content parts read as their text; another model is another key.
+        let parts = serde_json::json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+        });
+        assert_eq!(
+            prefix_key(parts.to_string().as_bytes(), 4096),
+            prefix_key(short("hello").as_bytes(), 4096)
+        );
+        let other =
+            serde_json::json!({"model": "n", "messages": [{"role": "user", "content": "hello"}]});
+        assert_ne!(
+            prefix_key(other.to_string().as_bytes(), 4096),
+            prefix_key(short("hello").as_bytes(), 4096)
+        );
+        assert!(prefix_key(br#"{"prompt":"once upon"}"#, 4096).is_some());
+        assert!(prefix_key(b"not json", 4096).is_none());
+        assert!(prefix_key(br#"{"input":"x"}"#, 4096).is_none());
     }
 
     #[test]

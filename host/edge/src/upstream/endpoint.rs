@@ -187,6 +187,11 @@ impl Endpoint {
         ewma * (outstanding + 1.0) / self.weight
     }
 
+    /// Requests outstanding now.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
     /// Counts a request as outstanding until the guard drops (with the
     /// answer's body, so a long stream is load).
     pub(crate) fn start(self: &Arc<Self>) -> Outstanding {

@@ -358,8 +358,8 @@ impl UpstreamPool {
             body,
             &parts.headers,
             // A resumable request is kept even where retries are off: its
-            // continuation is built from it.
-            if resume.is_some() {
+            // continuation is built from it; so is one a prefix routes.
+            if resume.is_some() || primary.config.balance == edge_config::BalanceMode::Prefix {
                 retry.attempts.max(2)
             } else {
                 retry.attempts
@@ -386,10 +386,14 @@ impl UpstreamPool {
         };
         let token_ids = splice_with.is_some();
 
+        let kept = match &body {
+            AttemptBody::Kept(kept) => Some(kept.as_ref()),
+            AttemptBody::Streaming(_) => None,
+        };
         let key = self
             .chain
             .iter()
-            .find_map(|core| core.hash_key(&parts.headers));
+            .find_map(|core| core.hash_key(&parts.headers, kept));
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         let mut retries = 0u32;
         let mut _slot = None;

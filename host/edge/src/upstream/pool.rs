@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use metrics::Gauge;
 
-use super::balance::{Rng, power_of_two, rendezvous, stable_hash};
+use super::balance::{Rng, bounded_rendezvous, power_of_two, prefix_key, rendezvous, stable_hash};
 use super::endpoint::{Endpoint, Failure, now_ms};
 
 pub(crate) type HttpClient = Client<HttpConnector, Body>;
@@ -35,6 +35,20 @@ pub(crate) struct PoolCore {
     /// `failback_above`; 0: it has not.
     recovered_since: AtomicU64,
     share_gauge: Gauge,
+    /// `breakwater_upstream_prefix_routed_total{pool,outcome}`, by
+    /// [`PREFIX_OUTCOMES`].
+    prefix_routed: [metrics::Counter; 3],
+}
+
+/// How `balance = "prefix"` placed a request: on its prefix's endpoint,
+/// spilled past it (over the load bound), or by load (no prefix known).
+const PREFIX_OUTCOMES: [&str; 3] = ["affine", "spilled", "no_prefix"];
+
+fn outcome_index(outcome: &str) -> usize {
+    PREFIX_OUTCOMES
+        .iter()
+        .position(|o| *o == outcome)
+        .unwrap_or(PREFIX_OUTCOMES.len() - 1)
 }
 
 impl PoolCore {
@@ -78,7 +92,7 @@ impl PoolCore {
                     .hash_header
                     .as_deref()
                     .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
-                BalanceMode::LeastLoaded => None,
+                BalanceMode::LeastLoaded | BalanceMode::Prefix => None,
             },
             config: config.clone(),
             endpoints,
@@ -88,6 +102,9 @@ impl PoolCore {
             recovered_since: AtomicU64::new(0),
             share_gauge,
             failover_gauge,
+            prefix_routed: PREFIX_OUTCOMES.map(|outcome| {
+                metrics::counter!("breakwater_upstream_prefix_routed_total", "pool" => config.name.clone(), "outcome" => outcome)
+            }),
         }
     }
 
@@ -145,8 +162,13 @@ impl PoolCore {
         self.spilled.load(Ordering::Relaxed)
     }
 
-    /// The sticky key of `request`, when this pool hashes.
-    pub(crate) fn hash_key(&self, headers: &http::HeaderMap) -> Option<u64> {
+    /// The sticky key of a request, when this pool hashes: its
+    /// `hash_header`, or under `balance = "prefix"` its prompt's leading
+    /// bytes (from `body`, when the node holds it).
+    pub(crate) fn hash_key(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Option<u64> {
+        if self.config.balance == BalanceMode::Prefix {
+            return prefix_key(body?, self.config.prefix_bytes);
+        }
         let name = self.hash_header.as_ref()?;
         let value = headers.get(name)?;
         (!value.is_empty()).then(|| stable_hash(value.as_bytes()))
@@ -181,6 +203,20 @@ impl PoolCore {
                 usable && !tried.iter().any(|t| Arc::ptr_eq(t, e))
             })
             .collect();
+        if self.config.balance == BalanceMode::Prefix {
+            let (pick, outcome) = match key {
+                Some(key) => match bounded_rendezvous(key, &candidates, self.config.load_factor) {
+                    Some((pick, true)) => (Some(pick), "affine"),
+                    Some((pick, false)) => (Some(pick), "spilled"),
+                    None => (None, "no_prefix"),
+                },
+                None => (power_of_two(rng, &candidates), "no_prefix"),
+            };
+            if pick.is_some() {
+                self.prefix_routed[outcome_index(outcome)].increment(1);
+            }
+            return pick.cloned();
+        }
         match key {
             Some(key) => rendezvous(key, &candidates),
             None => power_of_two(rng, &candidates),

@@ -345,3 +345,95 @@ async fn upstream_that_drops_the_connection_is_a_json_502() {
         .expect("request");
     assert_eq!(response.status(), 200);
 }
+
+/// `balance = "prefix"`: requests whose prompts begin alike (one tenant's
+/// system prompt) meet one endpoint, other tenants spread over the rest,
+/// and a request without a prompt is balanced by load.
+#[tokio::test]
+async fn chats_sharing_a_system_prompt_meet_one_endpoint() {
+    let upstreams = [
+        common::start_upstream().await,
+        common::start_upstream().await,
+        common::start_upstream().await,
+    ];
+    let endpoints: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("\"http://{}\"", u.addr))
+        .collect();
+    let toml = format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+
+[admin]
+address = "127.0.0.1:0"
+
+[[route]]
+prefix = "/"
+pool = "gpu"
+
+[[pool]]
+name = "gpu"
+endpoints = [{}]
+balance = "prefix"
+prefix_bytes = 1024
+"#,
+        endpoints.join(", ")
+    );
+    let node = common::start_node(&toml).await;
+    let http = client();
+    let counts = || upstreams.iter().map(|u| u.requests()).collect::<Vec<_>>();
+    let mut homes = Vec::new();
+    for tenant in 0..12 {
+        let system = format!("You are the assistant of tenant {tenant}. ").repeat(40);
+        let before = counts();
+        for question in 0..3 {
+            let body = serde_json::json!({
+                "model": "m",
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": format!("question {question}")},
+                ],
+            });
+            let response = http
+                .post(url(&node, "/v1/chat/completions/echo"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(response.status(), 200);
+        }
+        let after = counts();
+        let served: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert_eq!(
+            served.iter().filter(|n| **n > 0).count(),
+            1,
+            "tenant {tenant}: {served:?}"
+        );
+        homes.push(served.iter().position(|n| *n == 3));
+    }
+    let distinct: std::collections::HashSet<_> = homes.iter().collect();
+    // Twelve tenants on one of three endpoints: a chance of 3 in 3^12.
+    assert!(
+        distinct.len() > 1,
+        "every tenant on one endpoint: {homes:?}"
+    );
+    let affine = common::metric(
+        &node,
+        "breakwater_upstream_prefix_routed_total",
+        &["pool=\"gpu\"", "outcome=\"affine\""],
+    )
+    .await;
+    assert_eq!(affine, Some(36.0));
+    // No prompt: by load.
+    let response = http.get(url(&node, "/echo")).send().await.expect("send");
+    assert_eq!(response.status(), 200);
+    let by_load = common::metric(
+        &node,
+        "breakwater_upstream_prefix_routed_total",
+        &["pool=\"gpu\"", "outcome=\"no_prefix\""],
+    )
+    .await;
+    assert_eq!(by_load, Some(1.0));
+}
