@@ -139,9 +139,8 @@ fn rendezvous_score(key: u64, endpoint: &Endpoint) -> f64 {
 /// (each message's role and text in order, or `prompt`), so that requests
 /// whose prompts begin alike (one app's system prompt, one conversation's
 /// earlier turns) get one key. None when the body is not such a request.
-pub(crate) fn prefix_key(body: &[u8], bytes: usize) -> Option<u64> {
-    let request: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let mut leading: Vec<u8> = Vec::with_capacity(bytes.min(body.len()) + 64);
+pub(crate) fn prefix_key(request: &serde_json::Value, bytes: usize) -> Option<u64> {
+    let mut leading: Vec<u8> = Vec::with_capacity(bytes.min(64 * 1024) + 64);
     if let Some(model) = request.get("model").and_then(serde_json::Value::as_str) {
         leading.extend_from_slice(model.as_bytes());
         leading.push(0);
@@ -254,6 +253,7 @@ mod tests {
 
     #[test]
     fn a_prompts_leading_bytes_are_its_key() {
+        let key = |body: &[u8]| prefix_key(&serde_json::from_slice(body).ok()?, 4096);
         let system = "You are the support bot of Acme. ".repeat(200);
         let chat = |user: &str| {
             serde_json::json!({
@@ -265,35 +265,32 @@ mod tests {
             })
             .to_string()
         };
-        let a = prefix_key(chat("hello").as_bytes(), 4096).expect("a key");
-        assert_eq!(Some(a), prefix_key(chat("bye").as_bytes(), 4096));
+        let a = key(chat("hello").as_bytes()).expect("a key");
+        assert_eq!(Some(a), key(chat("bye").as_bytes()));
         // Within the first 4 KiB, the user's words count.
         let short = |user: &str| {
             serde_json::json!({"model": "m", "messages": [{"role": "user", "content": user}]})
                 .to_string()
         };
-        assert_ne!(
-            prefix_key(short("hello").as_bytes(), 4096),
-            prefix_key(short("bye").as_bytes(), 4096)
-        );
+        assert_ne!(key(short("hello").as_bytes()), key(short("bye").as_bytes()));
         // Content parts read as their text; another model is another key.
         let parts = serde_json::json!({
             "model": "m",
             "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
         });
         assert_eq!(
-            prefix_key(parts.to_string().as_bytes(), 4096),
-            prefix_key(short("hello").as_bytes(), 4096)
+            key(parts.to_string().as_bytes()),
+            key(short("hello").as_bytes())
         );
         let other =
             serde_json::json!({"model": "n", "messages": [{"role": "user", "content": "hello"}]});
         assert_ne!(
-            prefix_key(other.to_string().as_bytes(), 4096),
-            prefix_key(short("hello").as_bytes(), 4096)
+            key(other.to_string().as_bytes()),
+            key(short("hello").as_bytes())
         );
-        assert!(prefix_key(br#"{"prompt":"once upon"}"#, 4096).is_some());
-        assert!(prefix_key(b"not json", 4096).is_none());
-        assert!(prefix_key(br#"{"input":"x"}"#, 4096).is_none());
+        assert!(key(br#"{"prompt":"once upon"}"#).is_some());
+        assert!(key(b"not json").is_none());
+        assert!(key(br#"{"input":"x"}"#).is_none());
     }
 
     #[test]

@@ -354,12 +354,17 @@ impl UpstreamPool {
         };
         prepare_request_headers(&mut parts, client);
         let resume = parts.extensions.get::<ResumePolicy>().copied();
+        let prefix_balanced = self
+            .chain
+            .iter()
+            .any(|core| core.config.balance == edge_config::BalanceMode::Prefix);
+        let reads_body = resume.is_some() || prefix_balanced;
         let mut body = match keep_body(
             body,
             &parts.headers,
-            // A resumable request is kept even where retries are off: its
-            // continuation is built from it; so is one a prefix routes.
-            if resume.is_some() || primary.config.balance == edge_config::BalanceMode::Prefix {
+            // A body read for its content is kept even where retries are
+            // off: a continuation is built from it, a prefix is routed by it.
+            if reads_body {
                 retry.attempts.max(2)
             } else {
                 retry.attempts
@@ -372,8 +377,17 @@ impl UpstreamPool {
             Ok(body) => body,
             Err(()) => return self.body_error(body_trip),
         };
-        let resumable = match (&resume, &body) {
-            (Some(_), AttemptBody::Kept(kept)) => Resumable::of(&parts.method, kept),
+        // Parsed once, for both readers.
+        let json: Option<serde_json::Value> = match &body {
+            AttemptBody::Kept(kept) if reads_body => serde_json::from_slice(kept).ok(),
+            _ => None,
+        };
+        let key = self
+            .chain
+            .iter()
+            .find_map(|core| core.hash_key(&parts.headers, json.as_ref()));
+        let resumable = match (&resume, json) {
+            (Some(_), Some(json)) => Resumable::of(&parts.method, json),
             _ => None,
         };
         let retriable = idempotent(&parts.method)
@@ -385,15 +399,6 @@ impl UpstreamPool {
             _ => None,
         };
         let token_ids = splice_with.is_some();
-
-        let kept = match &body {
-            AttemptBody::Kept(kept) => Some(kept.as_ref()),
-            AttemptBody::Streaming(_) => None,
-        };
-        let key = self
-            .chain
-            .iter()
-            .find_map(|core| core.hash_key(&parts.headers, kept));
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         let mut retries = 0u32;
         let mut _slot = None;

@@ -164,8 +164,12 @@ impl PoolCore {
 
     /// The sticky key of a request, when this pool hashes: its
     /// `hash_header`, or under `balance = "prefix"` its prompt's leading
-    /// bytes (from `body`, when the node holds it).
-    pub(crate) fn hash_key(&self, headers: &http::HeaderMap, body: Option<&[u8]>) -> Option<u64> {
+    /// bytes (from the request's JSON `body`, when the node holds it).
+    pub(crate) fn hash_key(
+        &self,
+        headers: &http::HeaderMap,
+        body: Option<&serde_json::Value>,
+    ) -> Option<u64> {
         if self.config.balance == BalanceMode::Prefix {
             return prefix_key(body?, self.config.prefix_bytes);
         }

@@ -71,14 +71,14 @@ pub(super) enum Resumable {
 }
 
 impl Resumable {
-    /// What `body` (the request's, kept) allows: a JSON completion request
-    /// with one choice that is not itself a continuation. None for
-    /// anything else, which goes as any request does.
-    pub(super) fn of(method: &Method, body: &Bytes) -> Option<Self> {
+    /// What `body` (the request's JSON) allows: a completion request with
+    /// one choice that is not itself a continuation. None for anything
+    /// else, which goes as any request does.
+    pub(super) fn of(method: &Method, body: Value) -> Option<Self> {
         if method != Method::POST {
             return None;
         }
-        let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(body) else {
+        let Value::Object(request) = body else {
             return None;
         };
         let one_choice = request.get("n").is_none_or(|n| n.is_null() || n == 1);
@@ -114,12 +114,14 @@ impl Break {
         }
     }
 
-    /// What the break says about the endpoint: a drain, nothing.
+    /// What the break says about the endpoint. A stall says nothing sure:
+    /// another client's long prompt prefilling in the same batch holds the
+    /// decodes back too, and must not cost the host its health (a hung
+    /// host fails its health checks); a drain is a goodbye.
     fn failure(self) -> Option<Failure> {
         match self {
-            Break::Stall => Some(Failure::Timeout),
             Break::Reset | Break::Eof => Some(Failure::Reset),
-            Break::Drain => None,
+            Break::Stall | Break::Drain => None,
         }
     }
 }
@@ -583,7 +585,7 @@ mod tests {
     use super::*;
 
     fn of(method: Method, body: &str) -> Option<Resumable> {
-        Resumable::of(&method, &Bytes::from(body.to_owned()))
+        Resumable::of(&method, serde_json::from_str(body).ok()?)
     }
 
     #[test]
