@@ -969,3 +969,35 @@ pub async fn read_event_stream(
     }
     seen
 }
+
+/// The `--flag value` command line of the bench tools in `src/bin/`, read
+/// flag by flag.
+pub struct Flags(std::iter::Skip<std::env::Args>);
+
+impl Flags {
+    /// This process's arguments, after its name.
+    pub fn from_env() -> Self {
+        Self(std::env::args().skip(1))
+    }
+
+    /// The next flag, `None` at the end.
+    pub fn next_flag(&mut self) -> Option<String> {
+        self.0.next()
+    }
+
+    /// The value after `flag`.
+    pub fn value(&mut self, flag: &str) -> Result<String, String> {
+        self.0.next().ok_or(format!("{flag} needs a value"))
+    }
+
+    /// The value after `flag`, parsed.
+    pub fn parsed<T>(&mut self, flag: &str) -> Result<T, String>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        self.value(flag)?
+            .parse()
+            .map_err(|e| format!("{flag}: {e}"))
+    }
+}

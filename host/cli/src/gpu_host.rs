@@ -99,6 +99,11 @@ pub struct GpuHostArgs {
     /// `--gpu-memory-fraction` of what the weights leave free).
     #[arg(long)]
     kv_budget_mb: Option<usize>,
+    /// Compute every prompt in full instead of reusing the KV blocks of a
+    /// prefix an earlier request computed (for comparisons; the prefix
+    /// cache changes no output).
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// Share of free GPU memory the KV cache takes when `--kv-budget-mb` is
     /// not given.
     #[arg(long, default_value_t = server::DEFAULT_GPU_MEMORY_FRACTION)]
@@ -166,6 +171,7 @@ fn options(args: &GpuHostArgs) -> anyhow::Result<GpuHostOptions> {
         queue_capacity: args.queue,
         // 0 lets the backend size it.
         kv_budget_bytes: args.kv_budget_mb.map_or(0, |mb| mb.saturating_mul(1 << 20)),
+        prefix_cache: !args.no_prefix_cache,
         ..EngineConfig::default()
     };
     let backend = BackendOptions {

@@ -112,6 +112,10 @@ struct Inner {
     inter_token: Histogram,
     generated_tokens: Counter,
     prompt_tokens: Counter,
+    prefix_queried_tokens: Counter,
+    prefix_hit_tokens: Counter,
+    prefix_cached_blocks: Gauge,
+    prefix_evictions: Counter,
     tokenized_bytes: Counter,
     device_memory_used: Gauge,
     device_memory_free: Gauge,
@@ -170,7 +174,22 @@ impl Telemetry {
             "Sequences that left the engine, by reason.",
         );
         counter("generated_tokens_total", "Tokens generated.");
-        counter("prompt_tokens_total", "Prompt tokens prefilled.");
+        counter(
+            "prompt_tokens_total",
+            "Prompt tokens prefilled (computed; those taken from the prefix cache are not).",
+        );
+        counter(
+            "prefix_cache_queried_tokens_total",
+            "Prompt tokens of admitted sequences, looked up in the prefix cache.",
+        );
+        counter(
+            "prefix_cache_hit_tokens_total",
+            "Prompt tokens whose keys and values came from the prefix cache; over queried tokens, the hit rate.",
+        );
+        counter(
+            "prefix_cache_evictions_total",
+            "Idle cached KV blocks dropped from the prefix cache to make room.",
+        );
         counter(
             "tokenized_bytes_total",
             "Prompt bytes the tokenizer read (the CPU spent before the engine).",
@@ -228,6 +247,23 @@ impl Telemetry {
                 .register_counter(&Key::from_name(name("generated_tokens_total")), &METADATA),
             prompt_tokens: r
                 .register_counter(&Key::from_name(name("prompt_tokens_total")), &METADATA),
+            prefix_queried_tokens: r.register_counter(
+                &Key::from_name(name("prefix_cache_queried_tokens_total")),
+                &METADATA,
+            ),
+            prefix_hit_tokens: r.register_counter(
+                &Key::from_name(name("prefix_cache_hit_tokens_total")),
+                &METADATA,
+            ),
+            prefix_evictions: r.register_counter(
+                &Key::from_name(name("prefix_cache_evictions_total")),
+                &METADATA,
+            ),
+            prefix_cached_blocks: gauge(
+                "prefix_cache_blocks",
+                Unit::Count,
+                "KV blocks in the prefix cache, in use or idle.",
+            ),
             tokenized_bytes: r
                 .register_counter(&Key::from_name(name("tokenized_bytes_total")), &METADATA),
             rejections: Rejection::ALL
@@ -257,6 +293,16 @@ impl Telemetry {
     pub(crate) fn kv(&self, used: usize, free: usize) {
         self.0.kv_blocks_used.set(used as f64);
         self.0.kv_blocks_free.set(free as f64);
+    }
+
+    pub(crate) fn prefix_lookup(&self, prompt_tokens: usize, hit_tokens: usize) {
+        self.0.prefix_queried_tokens.increment(prompt_tokens as u64);
+        self.0.prefix_hit_tokens.increment(hit_tokens as u64);
+    }
+
+    pub(crate) fn prefix_cache(&self, blocks: usize, evictions: u64) {
+        self.0.prefix_cached_blocks.set(blocks as f64);
+        self.0.prefix_evictions.absolute(evictions);
     }
 
     pub(crate) fn step(&self, sequences: usize, tokens: usize) {

@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use breakwater_e2e::Flags;
+
 struct Args {
     url: String,
     rate: u64,
@@ -31,17 +33,14 @@ fn parse() -> Result<Args, String> {
     let mut seconds = 30;
     let mut timeout_ms = 2000;
     let mut out = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--url" => url = Some(value()?),
-            "--rate" => rate = value()?.parse().map_err(|e| format!("--rate: {e}"))?,
-            "--seconds" => seconds = value()?.parse().map_err(|e| format!("--seconds: {e}"))?,
-            "--timeout-ms" => {
-                timeout_ms = value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?;
-            }
-            "--out" => out = Some(value()?),
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
+        match flag.as_str() {
+            "--url" => url = Some(flags.value(&flag)?),
+            "--rate" => rate = flags.parsed(&flag)?,
+            "--seconds" => seconds = flags.parsed(&flag)?,
+            "--timeout-ms" => timeout_ms = flags.parsed(&flag)?,
+            "--out" => out = Some(flags.value(&flag)?),
             other => return Err(format!("unknown argument {other}")),
         }
     }

@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use breakwater_e2e::{StreamedAnswer, read_event_stream};
+use breakwater_e2e::{Flags, StreamedAnswer, read_event_stream};
 
 struct Args {
     url: String,
@@ -37,18 +37,17 @@ fn parse() -> Result<Args, String> {
         cut_after: 10,
         kill: Vec::new(),
     };
-    let mut given = std::env::args().skip(1);
-    while let Some(arg) = given.next() {
-        let mut value = || given.next().ok_or(format!("{arg} needs a value"));
-        let number = |v: String| v.parse::<u64>().map_err(|e| format!("{arg}: {e}"));
-        match arg.as_str() {
-            "--url" => args.url = value()?,
-            "--model" => args.model = value()?,
-            "--streams" => args.streams = number(value()?)? as usize,
-            "--max-tokens" => args.max_tokens = number(value()?)? as u32,
-            "--cut-after" => args.cut_after = number(value()?)? as usize,
+    let mut flags = Flags::from_env();
+    while let Some(flag) = flags.next_flag() {
+        match flag.as_str() {
+            "--url" => args.url = flags.value(&flag)?,
+            "--model" => args.model = flags.value(&flag)?,
+            "--streams" => args.streams = flags.parsed(&flag)?,
+            "--max-tokens" => args.max_tokens = flags.parsed(&flag)?,
+            "--cut-after" => args.cut_after = flags.parsed(&flag)?,
             "--kill-pids" => {
-                args.kill = value()?
+                args.kill = flags
+                    .value(&flag)?
                     .split(',')
                     .filter(|p| !p.is_empty())
                     .map(|p| p.parse().map_err(|e| format!("--kill-pids: {e}")))

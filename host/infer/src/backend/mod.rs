@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::gguf::{Gguf, GgufError, TensorBytes};
 use crate::model::ModelError;
-use crate::model::llama::{Batch, Llama, LlamaConfig, State, Step};
+use crate::model::llama::{Batch, KvBlocks, Llama, LlamaConfig, State, Step};
 use crate::quant::GgmlType;
 
 /// A backend's view of one model, as the continuous-batching scheduler
@@ -31,14 +31,20 @@ pub trait Runner: Send + 'static {
     /// Bytes of KV cache one token takes in this backend's layout.
     fn kv_bytes_per_token(&self) -> usize;
 
-    /// Sets aside the KV cache the scheduler's block pool accounts for:
-    /// `blocks` blocks of `block_tokens` tokens. A backend that allocates
-    /// caches per sequence ignores it.
+    /// Sets aside the KV cache the scheduler's block pool hands out:
+    /// `blocks` blocks of `block_tokens` tokens, numbered from 0.
     fn reserve_kv(&mut self, block_tokens: usize, blocks: usize) -> Result<(), ModelError>;
 
-    /// A fresh sequence holding up to `capacity` tokens. The scheduler
-    /// never asks for more than it reserved in [`Runner::reserve_kv`].
-    fn new_sequence(&mut self, capacity: usize) -> Result<Self::Sequence, ModelError>;
+    /// A sequence over the reserved blocks `table` (position `p` in block
+    /// `table[p / block_tokens]`), whose first `cached_tokens` positions
+    /// already hold their keys and values (a prefix another sequence
+    /// computed): it is fed from there. The scheduler owns the blocks; the
+    /// sequence only reads and writes them, never the cached ones.
+    fn new_sequence(
+        &mut self,
+        table: Vec<u32>,
+        cached_tokens: usize,
+    ) -> Result<Self::Sequence, ModelError>;
 
     /// One batched step: feeds each sequence its tokens. Afterwards each
     /// sequence's [`Sequence::logits`] are those after its last token fed.
@@ -137,6 +143,7 @@ pub struct CpuRunner {
     model: Arc<Llama>,
     backend: cpu::CpuBackend,
     batch: Batch,
+    kv: Option<KvBlocks>,
 }
 
 impl CpuRunner {
@@ -146,6 +153,7 @@ impl CpuRunner {
             model,
             backend,
             batch: Batch::default(),
+            kv: None,
         }
     }
 }
@@ -166,17 +174,22 @@ impl Runner for CpuRunner {
         2 * c.n_layers * c.kv_dim() * std::mem::size_of::<f32>()
     }
 
-    fn reserve_kv(&mut self, _block_tokens: usize, _blocks: usize) -> Result<(), ModelError> {
+    fn reserve_kv(&mut self, block_tokens: usize, blocks: usize) -> Result<(), ModelError> {
+        self.kv = None;
+        self.kv = Some(KvBlocks::new(self.model.config(), block_tokens, blocks));
         Ok(())
     }
 
-    fn new_sequence(&mut self, capacity: usize) -> Result<State, ModelError> {
-        Ok(self.model.new_state(capacity))
+    fn new_sequence(&mut self, table: Vec<u32>, cached_tokens: usize) -> Result<State, ModelError> {
+        let Some(kv) = &self.kv else {
+            return Err(ModelError::Backend("the KV cache is not reserved".into()));
+        };
+        State::in_pool(self.model.config(), kv, table, cached_tokens)
     }
 
     fn forward(&mut self, steps: &mut [Step<'_, State>]) -> Result<(), ModelError> {
         self.model
-            .forward_batch(&self.backend, &mut self.batch, steps)
+            .forward_batch_in(&self.backend, &mut self.batch, self.kv.as_mut(), steps)
     }
 }
 

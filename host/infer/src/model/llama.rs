@@ -295,10 +295,29 @@ impl Llama {
         b: &mut Batch,
         steps: &mut [Step<'_>],
     ) -> Result<(), ModelError> {
+        self.forward_batch_in(backend, b, None, steps)
+    }
+
+    /// [`Llama::forward_batch`] for states made by [`State::in_pool`]
+    /// (and states with their own cache), whose keys and values live in
+    /// `pool`.
+    pub fn forward_batch_in(
+        &self,
+        backend: &CpuBackend,
+        b: &mut Batch,
+        mut pool: Option<&mut KvBlocks>,
+        steps: &mut [Step<'_>],
+    ) -> Result<(), ModelError> {
         let c = &self.config;
         for step in steps.iter() {
             if step.tokens.is_empty() {
                 return Err(ModelError::NoTokens);
+            }
+            let kv = step.state.own.as_ref().or(pool.as_deref());
+            if !kv.is_some_and(|kv| kv.kv_dim == c.kv_dim() && kv.layers == c.n_layers) {
+                return Err(ModelError::Backend(
+                    "a sequence's KV blocks are not this model's".into(),
+                ));
             }
             if step.state.len + step.tokens.len() > step.state.capacity {
                 return Err(ModelError::ContextFull {
@@ -360,23 +379,27 @@ impl Llama {
             {
                 self.rope(q, pos, &mut b.rope_cos_sin);
                 self.rope(k, pos, &mut b.rope_cos_sin);
-                let state = &mut *steps[seq].state;
-                let at = (l * state.capacity + pos) * kv_dim;
+                let State { table, own, .. } = &mut *steps[seq].state;
+                let kv = own
+                    .as_mut()
+                    .or(pool.as_deref_mut())
+                    .expect("checked at the start of the pass");
+                let at = kv.offset(l, table, pos);
                 // The cache holds f16 values, as llama.cpp's does (kept in
                 // f32 storage so attention reads them without converting).
-                for (c, &x) in state.key_cache[at..at + kv_dim].iter_mut().zip(k.iter()) {
+                for (c, &x) in kv.keys[at..at + kv_dim].iter_mut().zip(k.iter()) {
                     *c = ggml::round_f16(x);
                 }
-                for (c, &x) in state.value_cache[at..at + kv_dim].iter_mut().zip(v) {
+                for (c, &x) in kv.values[at..at + kv_dim].iter_mut().zip(v) {
                     *c = ggml::round_f16(x);
                 }
             }
+            let pool = pool.as_deref();
 
             // Each query head attends over the cached keys of its kv group up
             // to its own position: att = softmax(q·K / √d), xb = att·V
             let geometry = Attention {
                 head_dim,
-                kv_dim,
                 group: c.n_heads / c.n_kv_heads,
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 layer: l,
@@ -405,13 +428,15 @@ impl Llama {
                             let tokens = out.chunks_exact_mut(dim).zip(q.chunks_exact(dim));
                             for ((out, q), &(seq, pos)) in tokens.zip(rows) {
                                 let state = &*steps[seq].state;
+                                let kv = state.kv(pool);
                                 let row = Attention {
                                     order: dot_order(steps[seq].tokens.len()),
                                     ..geometry
                                 };
                                 let heads = out.chunks_exact_mut(head_dim).enumerate();
                                 for (h, out) in heads {
-                                    row.head(state, h, q, out, &mut att[..=pos], scratch);
+                                    let att = &mut att[..=pos];
+                                    row.head(kv, &state.table, h, q, out, att, scratch);
                                 }
                             }
                         });
@@ -419,6 +444,7 @@ impl Llama {
             } else {
                 let (seq, pos) = b.rows[0];
                 let state = &*steps[seq].state;
+                let (kv, table) = (state.kv(pool), &state.table[..]);
                 let (q, out) = (&b.q[..dim], &mut b.xb[..dim]);
                 if b.att.len() < c.n_heads * stride {
                     b.att.resize(c.n_heads * stride, 0.0);
@@ -429,7 +455,7 @@ impl Llama {
                 if pos < PARALLEL_ATTENTION_FROM {
                     let (att, scratch) = b.att.split_at_mut(max_len);
                     for (h, out) in heads.enumerate() {
-                        geometry.head(state, h, q, out, &mut att[..=pos], scratch);
+                        geometry.head(kv, table, h, q, out, &mut att[..=pos], scratch);
                     }
                 } else {
                     let att = &mut b.att;
@@ -439,7 +465,8 @@ impl Llama {
                             .enumerate()
                             .for_each(|(h, (out, att))| {
                                 let (att, scratch) = att.split_at_mut(max_len);
-                                geometry.head(state, h, q, out, &mut att[..=pos], scratch);
+                                let att = &mut att[..=pos];
+                                geometry.head(kv, table, h, q, out, att, scratch);
                             });
                     });
                 }
@@ -534,7 +561,6 @@ fn dot_order(tokens: usize) -> ggml::DotOrder {
 #[derive(Clone, Copy)]
 struct Attention {
     head_dim: usize,
-    kv_dim: usize,
     /// Query heads per kv head.
     group: usize,
     /// `1 / √head_dim`
@@ -546,21 +572,27 @@ struct Attention {
 
 impl Attention {
     /// Query head `h` of a token (`q` is the token's whole query vector)
-    /// attends over the first `att.len()` positions of `state`'s cache, the
-    /// token's own included: `out = softmax(q·K/√d)·V`.
+    /// attends over the first `att.len()` positions of the sequence whose
+    /// block table is `table`, the token's own included:
+    /// `out = softmax(q·K/√d)·V`.
+    #[allow(clippy::too_many_arguments)]
     fn head(
         &self,
-        state: &State,
+        kv: &KvBlocks,
+        table: &[u32],
         h: usize,
         q: &[f32],
         out: &mut [f32],
         att: &mut [f32],
         scratch: &mut [f32],
     ) {
-        let (hd, kv_dim) = (self.head_dim, self.kv_dim);
-        let base = self.layer * state.capacity * kv_dim + (h / self.group) * hd;
-        let span = |t: usize| base + t * kv_dim..base + t * kv_dim + hd;
-        let (keys, values) = (&state.key_cache, &state.value_cache);
+        let hd = self.head_dim;
+        let head = (h / self.group) * hd;
+        let span = |t: usize| {
+            let at = kv.offset(self.layer, table, t) + head;
+            at..at + hd
+        };
+        let (keys, values) = (&kv.keys, &kv.values);
         ggml::attend(
             self.order,
             &q[h * hd..(h + 1) * hd],
@@ -605,16 +637,71 @@ fn for_each_tile(rows: usize, n: usize, mut f: impl FnMut(usize, usize)) {
     }
 }
 
-/// One sequence's KV cache and the scratch buffers of its forward pass,
-/// allocated once (and grown to the longest chunk fed) so that a decode
-/// step allocates nothing.
+/// Keys and values of every layer in blocks of `block_tokens` positions,
+/// `[layer][block][slot][kv_dim]`. A sequence finds its position `p` in
+/// block `table[p / block_tokens]` of its block table, so sequences that
+/// start alike can share the blocks of their common prefix (the scheduler's
+/// prefix cache, [`crate::scheduler::kv`]).
+#[derive(Debug)]
+pub struct KvBlocks {
+    block_tokens: usize,
+    blocks: usize,
+    layers: usize,
+    kv_dim: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl KvBlocks {
+    /// `blocks` blocks of `block_tokens` positions for a model of
+    /// configuration `c`. The memory is zeroed lazily by the system, so an
+    /// unused block costs address space only.
+    pub fn new(c: &LlamaConfig, block_tokens: usize, blocks: usize) -> Self {
+        let block_tokens = block_tokens.max(1);
+        let len = c.n_layers * blocks * block_tokens * c.kv_dim();
+        Self {
+            block_tokens,
+            blocks,
+            layers: c.n_layers,
+            kv_dim: c.kv_dim(),
+            keys: vec![0.0; len],
+            values: vec![0.0; len],
+        }
+    }
+
+    /// Blocks in all.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Positions per block.
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    /// Where position `pos` of layer `layer` starts for the sequence whose
+    /// block table is `table`.
+    #[inline]
+    fn offset(&self, layer: usize, table: &[u32], pos: usize) -> usize {
+        let block = table[pos / self.block_tokens] as usize;
+        ((layer * self.blocks + block) * self.block_tokens + pos % self.block_tokens) * self.kv_dim
+    }
+}
+
+/// One sequence: where its keys and values live, its logits, and (for a
+/// state fed on its own) the scratch buffers of its forward pass, allocated
+/// once and grown to the longest chunk fed so that a decode step allocates
+/// nothing.
 #[derive(Debug)]
 pub struct State {
     len: usize,
     capacity: usize,
-    /// `[layer][position][kv_dim]`
-    key_cache: Vec<f32>,
-    value_cache: Vec<f32>,
+    /// The blocks holding its positions, in `own` or in the pool the
+    /// runner passes.
+    table: Vec<u32>,
+    /// Its own cache (one block as long as the sequence), unless it lives
+    /// in a runner's pool.
+    own: Option<KvBlocks>,
     logits: Vec<f32>,
     batch: Batch,
 }
@@ -709,18 +796,55 @@ impl Batch {
 
 impl State {
     fn new(c: &LlamaConfig, capacity: usize) -> Self {
-        let cache = c.n_layers * capacity * c.kv_dim();
         let mut batch = Batch::default();
         batch.reserve(c, 1, 1);
         batch.att.resize(c.n_heads * capacity, 0.0);
         Self {
             len: 0,
             capacity,
-            key_cache: vec![0.0; cache],
-            value_cache: vec![0.0; cache],
+            table: vec![0],
+            own: Some(KvBlocks::new(c, capacity, 1)),
             logits: vec![0.0; c.vocab_size],
             batch,
         }
+    }
+
+    /// A sequence whose positions live in `pool`'s blocks `table`, the
+    /// first `cached` of them already computed (a prefix shared with an
+    /// earlier sequence): it goes on from there. It is fed with
+    /// [`Llama::forward_batch_in`] and that pool.
+    pub fn in_pool(
+        c: &LlamaConfig,
+        pool: &KvBlocks,
+        table: Vec<u32>,
+        cached: usize,
+    ) -> Result<Self, ModelError> {
+        let capacity = (table.len() * pool.block_tokens).min(c.context_length);
+        if let Some(&id) = table.iter().find(|&&id| id as usize >= pool.blocks) {
+            return Err(ModelError::Backend(format!(
+                "KV block {id} asked for, the pool has {}",
+                pool.blocks
+            )));
+        }
+        if cached > capacity {
+            return Err(ModelError::ContextFull { capacity });
+        }
+        Ok(Self {
+            len: cached,
+            capacity,
+            table,
+            own: None,
+            logits: vec![0.0; c.vocab_size],
+            batch: Batch::default(),
+        })
+    }
+
+    /// The cache this state's positions live in.
+    fn kv<'a>(&'a self, pool: Option<&'a KvBlocks>) -> &'a KvBlocks {
+        self.own
+            .as_ref()
+            .or(pool)
+            .expect("checked at the start of the pass")
     }
     /// The logits after the last token fed.
     pub fn logits(&self) -> &[f32] {

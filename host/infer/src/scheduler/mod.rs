@@ -6,7 +6,9 @@
 //! 1. drops sequences whose client went away (their receiver is closed) or
 //!    whose deadline passed, returning their KV blocks;
 //! 2. admits waiting sequences, first come first served, while the running
-//!    batch has room and the KV pool has their blocks (see [`kv`]);
+//!    batch has room and the KV pool has their blocks (see [`kv`]); a
+//!    sequence whose prompt starts with full blocks already cached takes
+//!    them and prefills only the rest;
 //! 3. feeds one [`Llama::forward_batch`] pass: one token for every decoding
 //!    sequence first, then prompt chunks for prefilling sequences up to
 //!    [`EngineConfig::step_tokens`] in all, so a long prompt is spread over
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use self::kv::BlockPool;
+use self::kv::{BlockId, BlockPool, Chain};
 use self::text::{Detokenizer, StopMatcher, Stopped};
 use crate::backend::{Runner, Sequence};
 use crate::model::ModelError;
@@ -74,6 +76,9 @@ pub struct EngineConfig {
     pub step_tokens: usize,
     /// Events buffered per request before the sequence waits for its reader.
     pub stream_buffer: usize,
+    /// Share the KV blocks of common prompt prefixes between sequences
+    /// ([`kv`]).
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
@@ -85,6 +90,7 @@ impl Default for EngineConfig {
             block_tokens: 16,
             step_tokens: 256,
             stream_buffer: 16,
+            prefix_cache: true,
         }
     }
 }
@@ -143,6 +149,9 @@ pub struct Finish {
     pub reason: FinishReason,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Of those, the ones whose keys and values came from the prefix
+    /// cache instead of being computed (OpenAI's `cached_tokens`).
+    pub cached_tokens: usize,
     /// Tokens generated (an end-of-sequence token not counted).
     pub completion_tokens: usize,
     /// When its phases began: for traces.
@@ -262,8 +271,11 @@ pub struct EngineStats {
     pub running: usize,
     /// KV blocks reserved.
     pub kv_blocks_used: usize,
-    /// KV blocks free.
+    /// KV blocks free (idle cached blocks included: they are reused when
+    /// nothing else is free).
     pub kv_blocks_free: usize,
+    /// KV blocks in the prefix cache, held or idle.
+    pub kv_blocks_cached: usize,
     /// Engine steps run.
     pub steps: u64,
 }
@@ -354,7 +366,12 @@ impl Engine {
         telemetry: Telemetry,
     ) -> Result<Self, EngineError> {
         let token_bytes = runner.kv_bytes_per_token();
-        let pool = BlockPool::new(token_bytes, config.block_tokens, config.kv_budget_bytes);
+        let mut pool = BlockPool::new(
+            token_bytes,
+            config.block_tokens,
+            config.kv_budget_bytes,
+            config.prefix_cache,
+        );
         if pool.total() == 0 {
             return Err(EngineError::BudgetTooSmall {
                 budget: config.kv_budget_bytes,
@@ -364,19 +381,27 @@ impl Engine {
         runner.reserve_kv(pool.block_tokens(), pool.total())?;
         // The first pass faults the weights in and sizes scratch buffers;
         // doing it before readiness keeps it out of the first client's time.
-        let mut warm = runner.new_sequence(1)?;
         let bos = [tokenizer.bos().unwrap_or(0)];
-        runner.forward(&mut [Step {
-            tokens: &bos,
-            state: &mut warm,
-        }])?;
-        drop(warm);
+        let warm = pool
+            .allocate(&bos, 0, 1)
+            .ok_or(ModelError::ContextFull { capacity: 0 })?;
+        let fed = runner
+            .new_sequence(warm.table.clone(), 0)
+            .and_then(|mut seq| {
+                runner.forward(&mut [Step {
+                    tokens: &bos,
+                    state: &mut seq,
+                }])
+            });
+        pool.release(&warm.table);
+        fed?;
 
         let max_sequence_tokens = pool.max_tokens().min(runner.config().context_length);
         tracing::info!(
             backend = runner.backend_name(),
             kv_blocks = pool.total(),
             block_tokens = pool.block_tokens(),
+            prefix_cache = pool.prefix_cache(),
             "inference engine ready"
         );
         let kv_blocks_total = pool.total();
@@ -519,12 +544,20 @@ impl Drop for Engine {
 struct Seq<S> {
     id: u64,
     prompt: Vec<u32>,
-    /// Prompt tokens fed so far.
+    /// Prompt tokens fed so far (those taken from the prefix cache
+    /// included).
     fed: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
+    /// Leading prompt positions computed the way a cold prefill computes
+    /// them (in chunks of several tokens): only those are shared.
+    exact: usize,
     /// The sampled token to feed next, once the prompt is in.
     next: Option<u32>,
     state: S,
-    blocks: usize,
+    /// Its KV blocks, and how far they are in the prefix index.
+    table: Vec<BlockId>,
+    chain: Chain,
     max_tokens: usize,
     generated: usize,
     /// Tokens at the end of `prompt` generated elsewhere, for this answer.
@@ -547,18 +580,37 @@ impl<S> Seq<S> {
         self.fed < self.prompt.len()
     }
 
-    /// Prompt tokens the next step may feed at most: the prompt in chunks,
-    /// then a continuation's resumed tokens one a step. Fed alone, as the
-    /// engine that generated them fed them, they go through the same
-    /// arithmetic (a prompt chunk's attention sums in another order), so
-    /// the continuation's logits, and its tokens, are the ones an
-    /// uninterrupted run gets.
-    fn prefill_left(&self) -> usize {
-        let prompt_end = self.prompt.len() - self.resumed;
-        if self.fed < prompt_end {
-            prompt_end - self.fed
-        } else {
-            (self.prompt.len() - self.fed).min(1)
+    /// Where the prompt proper ends and a continuation's resumed tokens
+    /// begin.
+    fn prompt_end(&self) -> usize {
+        self.prompt.len() - self.resumed
+    }
+
+    /// Prompt tokens to feed in a step that has room for `room` more (at
+    /// least one): the prompt in chunks, then a continuation's resumed
+    /// tokens one a step. Fed alone, as the engine that generated them fed
+    /// them, they go through the same arithmetic (a prompt chunk's
+    /// attention sums in another order), so the continuation's logits, and
+    /// its tokens, are the ones an uninterrupted run gets.
+    ///
+    /// For the same reason no prompt chunk is a single token unless the
+    /// whole prompt is: then every prompt position is computed alike
+    /// whatever the prompt was batched with, and a prefix's cached keys and
+    /// values are, bit for bit, those a cold prefill computes.
+    fn prefill_chunk(&self, room: usize) -> usize {
+        let prompt_end = self.prompt_end();
+        if self.fed >= prompt_end {
+            return (self.prompt.len() - self.fed).min(1);
+        }
+        let left = prompt_end - self.fed;
+        if left <= room {
+            return left;
+        }
+        let take = room.max(2);
+        match left - take {
+            1 if take > 2 => take - 1,
+            1 => take + 1,
+            _ => take,
         }
     }
 
@@ -566,6 +618,7 @@ impl<S> Seq<S> {
         Event::Done(Finish {
             reason,
             prompt_tokens: self.prompt.len() - self.resumed,
+            cached_tokens: self.cached,
             completion_tokens: self.resumed + self.generated,
             timings: Timings {
                 arrived: self.arrived,
@@ -640,7 +693,7 @@ impl<R: Runner> Worker<R> {
                 return true;
             };
             tracing::debug!(seq = s.id, ?outcome, "sequence removed");
-            pool.release(s.blocks);
+            pool.release(&s.table);
             telemetry.finished(outcome);
             false
         });
@@ -665,27 +718,33 @@ impl<R: Runner> Worker<R> {
             let mut queue = lock(&self.shared.queue);
             while self.running.len() + admitted.len() < self.shared.config.max_batch {
                 let Some(front) = queue.front() else { break };
-                let tokens = front.request.prompt.len() + front.request.max_tokens;
-                let blocks = self.pool.blocks_for(tokens);
+                let r = &front.request;
+                let tokens = r.prompt.len() + r.max_tokens;
+                // At least two prompt tokens are left to compute: the last
+                // one's logits are needed, and a lone token would be
+                // computed otherwise than a cold prefill computes it
+                // (Seq::prefill_chunk).
+                let reusable = (r.prompt.len() - r.resumed).saturating_sub(2);
                 // First come first served: a large request at the head waits
                 // for blocks rather than being overtaken forever by small ones.
-                if !self.pool.try_reserve(blocks) {
+                let Some(blocks) = self.pool.allocate(&r.prompt, reusable, tokens) else {
                     break;
-                }
+                };
                 if let Some(p) = queue.pop_front() {
-                    admitted.push((p, blocks, tokens));
+                    admitted.push((p, blocks));
                 }
             }
         }
         // States are allocated outside the lock: a long context's cache is
         // tens of megabytes.
-        for (p, blocks, tokens) in admitted {
-            let state = match self.runner.new_sequence(tokens) {
+        for (p, blocks) in admitted {
+            let cached = blocks.cached_tokens;
+            let state = match self.runner.new_sequence(blocks.table.clone(), cached) {
                 Ok(state) => state,
                 Err(e) => {
                     tracing::error!(error = %e, "allocating a sequence failed");
                     let _ = p.tx.try_send(Event::Failed(Failure::Model(e.to_string())));
-                    self.pool.release(blocks);
+                    self.pool.release(&blocks.table);
                     self.shared.telemetry.finished(Outcome::Error);
                     continue;
                 }
@@ -704,16 +763,19 @@ impl<R: Runner> Worker<R> {
             for &id in resumed {
                 let _ = stop.push(&detok.push(&self.tokenizer, id));
             }
-            self.shared
-                .telemetry
-                .admitted(admitted.duration_since(p.arrived).as_secs_f64());
+            let telemetry = &self.shared.telemetry;
+            telemetry.admitted(admitted.duration_since(p.arrived).as_secs_f64());
+            telemetry.prefix_lookup(r.prompt.len(), cached);
             self.running.push(Seq {
                 id: p.id,
                 state,
                 prompt: r.prompt,
-                fed: 0,
+                fed: cached,
+                cached,
+                exact: cached,
                 next: None,
-                blocks,
+                table: blocks.table,
+                chain: blocks.chain,
                 max_tokens: r.max_tokens,
                 generated: 0,
                 resumed: r.resumed,
@@ -750,7 +812,7 @@ impl<R: Runner> Worker<R> {
         let budget = self.shared.config.step_tokens.max(used + MIN_PREFILL_CHUNK);
         for (take, s) in plan.iter_mut().zip(&self.running) {
             if used < budget && s.prefilling() && s.tx.capacity() >= EVENTS_PER_STEP {
-                *take = s.prefill_left().min(budget - used);
+                *take = s.prefill_chunk(budget - used);
                 used += *take;
             }
         }
@@ -805,8 +867,13 @@ impl<R: Runner> Worker<R> {
                 continue;
             }
             if s.prefilling() {
+                if take > 1 && s.exact == s.fed {
+                    s.exact = s.fed + take;
+                }
                 s.fed += take;
                 prefilled += take as u64;
+                self.pool
+                    .register(&mut s.chain, &s.table, &s.prompt, s.exact);
                 if s.prefilling() {
                     continue;
                 }
@@ -839,7 +906,7 @@ impl<R: Runner> Worker<R> {
                 let outcome = outcomes[i];
                 i += 1;
                 let Some(outcome) = outcome else { return true };
-                pool.release(s.blocks);
+                pool.release(&s.table);
                 telemetry.finished(outcome);
                 drain.record(now);
                 false
@@ -857,7 +924,7 @@ impl<R: Runner> Worker<R> {
             i += 1;
             if fed {
                 let _ = s.tx.try_send(Event::Failed(failure.clone()));
-                pool.release(s.blocks);
+                pool.release(&s.table);
                 telemetry.finished(Outcome::Error);
             }
             !fed
@@ -867,7 +934,7 @@ impl<R: Runner> Worker<R> {
     fn fail_everything(&mut self, failure: Failure) {
         for s in self.running.drain(..) {
             let _ = s.tx.try_send(Event::Failed(failure.clone()));
-            self.pool.release(s.blocks);
+            self.pool.release(&s.table);
             self.shared.telemetry.finished(Outcome::Error);
         }
         for p in lock(&self.shared.queue).drain(..) {
@@ -883,13 +950,14 @@ impl<R: Runner> Worker<R> {
             running: self.running.len(),
             kv_blocks_used: self.pool.used(),
             kv_blocks_free: self.pool.free(),
+            kv_blocks_cached: self.pool.cached(),
             steps: self.steps,
         };
         *lock(&self.shared.stats) = stats;
-        self.shared.telemetry.queue(waiting, stats.running);
-        self.shared
-            .telemetry
-            .kv(stats.kv_blocks_used, stats.kv_blocks_free);
+        let telemetry = &self.shared.telemetry;
+        telemetry.queue(waiting, stats.running);
+        telemetry.kv(stats.kv_blocks_used, stats.kv_blocks_free);
+        telemetry.prefix_cache(stats.kv_blocks_cached, self.pool.evictions());
     }
 }
 

@@ -14,6 +14,7 @@ use breakwater_infer::backend::{CpuRunner, Runner, Sequence};
 use breakwater_infer::gguf::Gguf;
 use breakwater_infer::hf::HfDir;
 use breakwater_infer::model::llama::{Llama, Step};
+use breakwater_infer::scheduler::kv::BlockPool;
 use breakwater_infer::test_model::{self, hf::HfDtype};
 
 /// Greedy tokens generated after each prompt.
@@ -45,10 +46,44 @@ fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Tokens per KV block in these tests.
+const BLOCK_TOKENS: usize = 16;
+
+/// A runner with its KV pool reserved, and the ledger of that pool.
+struct Pooled<R> {
+    runner: R,
+    blocks: BlockPool,
+}
+
+impl<R: Runner> Pooled<R> {
+    fn new(mut runner: R, blocks: usize) -> Self {
+        runner.reserve_kv(BLOCK_TOKENS, blocks).expect("KV pool");
+        let token_bytes = runner.kv_bytes_per_token();
+        let blocks = BlockPool::new(
+            token_bytes,
+            BLOCK_TOKENS,
+            blocks * BlockPool::block_bytes(token_bytes, BLOCK_TOKENS),
+            false,
+        );
+        Self { runner, blocks }
+    }
+
+    /// A fresh sequence of up to `tokens` tokens and its block table.
+    fn sequence(&mut self, tokens: usize) -> (R::Sequence, Vec<u32>) {
+        let blocks = self.blocks.allocate(&[], 0, tokens).expect("free blocks");
+        let seq = self
+            .runner
+            .new_sequence(blocks.table.clone(), 0)
+            .expect("a sequence");
+        (seq, blocks.table)
+    }
+}
+
 /// Feeds `prompt` in one step (a prefill), then decodes greedily; returns
 /// the logits after the prompt and the tokens.
-fn greedy<R: Runner>(runner: &mut R, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let mut seq = runner.new_sequence(prompt.len() + n).expect("a sequence");
+fn greedy<R: Runner>(pooled: &mut Pooled<R>, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
+    let (mut seq, table) = pooled.sequence(prompt.len() + n);
+    let runner = &mut pooled.runner;
     runner
         .forward(&mut [Step {
             tokens: prompt,
@@ -73,16 +108,20 @@ fn greedy<R: Runner>(runner: &mut R, prompt: &[u32], n: usize) -> (Vec<f32>, Vec
             .expect("decode");
         tokens.push(argmax(seq.logits()));
     }
+    pooled.blocks.release(&table);
     (first, tokens)
 }
 
 /// Decodes every prompt at once in one batch (the way the scheduler runs
 /// them), greedily; returns each prompt's tokens.
-fn greedy_batched<R: Runner>(runner: &mut R, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
-    let mut seqs: Vec<R::Sequence> = prompts
-        .iter()
-        .map(|p| runner.new_sequence(p.len() + n).expect("a sequence"))
-        .collect();
+fn greedy_batched<R: Runner>(
+    pooled: &mut Pooled<R>,
+    prompts: &[Vec<u32>],
+    n: usize,
+) -> Vec<Vec<u32>> {
+    let (mut seqs, tables): (Vec<R::Sequence>, Vec<Vec<u32>>) =
+        prompts.iter().map(|p| pooled.sequence(p.len() + n)).unzip();
+    let runner = &mut pooled.runner;
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut steps: Vec<Step<'_, R::Sequence>> = prompts
         .iter()
@@ -116,6 +155,9 @@ fn greedy_batched<R: Runner>(runner: &mut R, prompts: &[Vec<u32>], n: usize) -> 
             o.push(s.greedy_token().unwrap_or_else(|| argmax(s.logits())));
         }
     }
+    for table in &tables {
+        pooled.blocks.release(table);
+    }
     out
 }
 
@@ -144,13 +186,18 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
 /// same greedy tokens too.
 fn check_parity(model: Llama, exact: bool) {
     let model = Arc::new(model);
-    let mut gpu = CudaRunner::new(&model, 0).expect("the CUDA runner starts");
-    let kv = (model.config().context_length / 16 + 1) * 64;
-    gpu.reserve_kv(16, kv).expect("KV pool");
-    let mut cpu = CpuRunner::new(
-        Arc::clone(&model),
-        CpuBackend::new(std::thread::available_parallelism().map_or(2, |n| n.get().min(16)))
-            .expect("CPU threads"),
+    let kv = prompts(model.config().vocab_size).len() * (64 + GENERATED).div_ceil(BLOCK_TOKENS);
+    let mut gpu = Pooled::new(
+        CudaRunner::new(&model, 0).expect("the CUDA runner starts"),
+        kv,
+    );
+    let mut cpu = Pooled::new(
+        CpuRunner::new(
+            Arc::clone(&model),
+            CpuBackend::new(std::thread::available_parallelism().map_or(2, |n| n.get().min(16)))
+                .expect("CPU threads"),
+        ),
+        kv,
     );
     let prompts = prompts(model.config().vocab_size);
     let mut cpu_tokens = Vec::new();
@@ -230,4 +277,89 @@ fn auto_device_picks_the_gpu_only_when_one_is_usable() {
     let expected = if cuda::probe().is_ok() { "cuda" } else { "cpu" };
     assert_eq!(served.backend(), expected);
     served.engine().shutdown();
+}
+
+/// Greedy tokens of `prompt` through `served`'s engine, and the prompt
+/// tokens it took from the prefix cache.
+fn engine_greedy(
+    served: &breakwater_infer::server::Served,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> (Vec<u32>, usize) {
+    use breakwater_infer::sampling::SamplingParams;
+    use breakwater_infer::scheduler::{Event, GenerationRequest};
+
+    let mut rx = served
+        .engine()
+        .submit(GenerationRequest {
+            prompt: prompt.to_vec(),
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            ignore_eos: true,
+            token_ids: true,
+            ..GenerationRequest::default()
+        })
+        .expect("queued");
+    let mut tokens = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("an event") {
+            Event::Text { tokens: ids, .. } => tokens.extend(ids),
+            Event::Done(finish) => return (tokens, finish.cached_tokens),
+            Event::Failed(failure) => panic!("generation failed: {failure}"),
+        }
+    }
+}
+
+/// The prefix cache on the GPU: sequences that share a long prefix take
+/// its blocks, and generate exactly what an engine without the cache
+/// generates.
+#[test]
+fn prefix_cache_changes_no_greedy_token_on_the_gpu() {
+    use breakwater_infer::scheduler::EngineConfig;
+    use breakwater_infer::server::{BackendOptions, Served};
+    use breakwater_infer::telemetry::Telemetry;
+
+    if !gpu("prefix_cache_changes_no_greedy_token_on_the_gpu") {
+        return;
+    }
+    let gguf = Gguf::from_bytes(test_model::tiny_llama(15)).expect("GGUF");
+    let serve = |prefix_cache| {
+        let options = BackendOptions {
+            device: breakwater_infer::backend::Device::Cuda(0),
+            ..BackendOptions::cpu(1)
+        };
+        let engine = EngineConfig {
+            prefix_cache,
+            kv_budget_bytes: 64 << 20,
+            ..EngineConfig::default()
+        };
+        Served::from_gguf(&gguf, options, engine, Telemetry::new()).expect("the GPU serves")
+    };
+    let (cached, cold) = (serve(true), serve(false));
+    assert_eq!(cached.backend(), "cuda");
+    let vocab = 263;
+    let shared: Vec<u32> = (0..150)
+        .map(|j| ((j * 104_729 + 7) % vocab) as u32)
+        .collect();
+    for (i, tail) in [[11u32, 12, 13], [21, 22, 23], [11, 12, 14]]
+        .iter()
+        .enumerate()
+    {
+        let prompt: Vec<u32> = shared.iter().chain(tail).copied().collect();
+        let (warm, hit) = engine_greedy(&cached, &prompt, 24);
+        let (want, none) = engine_greedy(&cold, &prompt, 24);
+        assert_eq!(none, 0);
+        if i > 0 {
+            assert_eq!(
+                hit, 144,
+                "prompt {i}: every full block of the shared prefix"
+            );
+        }
+        assert_eq!(
+            warm, want,
+            "prompt {i}: greedy tokens with and without the cache"
+        );
+    }
+    cached.engine().shutdown();
+    cold.engine().shutdown();
 }

@@ -13,6 +13,7 @@ mod gpu_host_lifecycle;
 mod hf_layout;
 mod llama_cpp_reference;
 mod openai_python;
+mod prefix_cache;
 mod server_listener;
 mod server_resume;
 mod server_smollm2;

@@ -13,7 +13,7 @@
 //! position, and the block tables (a few KB), and reads back the logits of
 //! each sequence's last token; everything else stays on the device.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasOperation_t, cudaDataType};
@@ -85,7 +85,6 @@ struct KvPool {
     values: CudaSlice<u16>,
     block_tokens: usize,
     blocks: usize,
-    free: Arc<Mutex<Vec<u32>>>,
 }
 
 /// Device buffers of one step, grown to the largest step seen.
@@ -155,22 +154,14 @@ impl std::fmt::Debug for CudaRunner {
     }
 }
 
-/// One sequence's block list and logits; dropping it returns its blocks.
+/// One sequence's block table and logits; the scheduler owns the blocks.
 #[derive(Debug)]
 pub struct CudaSequence {
     len: usize,
     capacity: usize,
     blocks: Vec<u32>,
-    free: Arc<Mutex<Vec<u32>>>,
     logits: Vec<f32>,
     greedy: Option<u32>,
-}
-
-impl Drop for CudaSequence {
-    fn drop(&mut self) {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        free.append(&mut self.blocks);
-    }
 }
 
 impl Sequence for CudaSequence {
@@ -781,33 +772,34 @@ impl Runner for CudaRunner {
                 values: self.stream.alloc_zeros(len)?,
                 block_tokens,
                 blocks,
-                free: Arc::new(Mutex::new((0..blocks as u32).rev().collect())),
             })
         };
         self.kv = Some(alloc().map_err(backend_error)?);
         Ok(())
     }
 
-    fn new_sequence(&mut self, capacity: usize) -> Result<CudaSequence, ModelError> {
+    fn new_sequence(
+        &mut self,
+        table: Vec<u32>,
+        cached_tokens: usize,
+    ) -> Result<CudaSequence, ModelError> {
         let Some(kv) = &self.kv else {
             return Err(ModelError::Backend("the KV cache is not reserved".into()));
         };
-        let capacity = capacity.min(self.config.context_length);
-        let need = capacity.div_ceil(kv.block_tokens);
-        let mut free = kv.free.lock().unwrap_or_else(PoisonError::into_inner);
-        if free.len() < need {
+        if let Some(&id) = table.iter().find(|&&id| id as usize >= kv.blocks) {
             return Err(ModelError::Backend(format!(
-                "{need} KV blocks asked for, {} free",
-                free.len()
+                "KV block {id} asked for, the pool has {}",
+                kv.blocks
             )));
         }
-        let at = free.len() - need;
-        let blocks = free.split_off(at);
+        let capacity = (table.len() * kv.block_tokens).min(self.config.context_length);
+        if cached_tokens > capacity {
+            return Err(ModelError::ContextFull { capacity });
+        }
         Ok(CudaSequence {
-            len: 0,
+            len: cached_tokens,
             capacity,
-            blocks,
-            free: Arc::clone(&kv.free),
+            blocks: table,
             logits: vec![0.0; self.config.vocab_size],
             greedy: None,
         })
