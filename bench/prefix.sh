@@ -11,19 +11,25 @@
 #   least-loaded         balance = "least-loaded", hosts --no-prefix-cache
 #   least-loaded+cache   balance = "least-loaded", prefix cache on
 #   prefix+cache         balance = "prefix" (bounded-load rendezvous on the
-#                        prompt's first 4 KiB), prefix cache on
+#                        prompt's first 4 KiB, load_factor LOAD_FACTOR),
+#                        prefix cache on
 # Per configuration it prints the time to first token (p50/p90) and total
 # latency, the prompt tokens the hosts computed, the prefix cache's hit
 # rate (hit over queried tokens, from the hosts' /metrics), completion
-# tokens per second, and the requests each host served (max over average:
-# the load spread). The ratio line compares p90 TTFT with the first
-# configuration's.
+# tokens per second, the requests each host served (max over average:
+# the load spread), and under prefix balancing the requests that spilled
+# from their key's first host (the edge's
+# breakwater_upstream_prefix_routed_total). The ratio lines compare p90
+# TTFT with the first configuration's.
 #
 # Usage: bench/prefix.sh
 # Environment (defaults in brackets):
 #   TENANTS [20]  CONVERSATIONS [20]  TURNS [3]  RATE [0.1]
 #   SYSTEM_TOKENS [1000]  MAX_TOKENS [16]  THINK_MS [500]  SEED [1]
-#   KV_BUDGET_MB [512] (per host)  HOSTS [3]
+#   KV_BUDGET_MB [2048] (per host: at the gpu-host default of 512, a
+#   one-thread CPU host's admitted sequences, up to 16 of ~1,000 tokens,
+#   fill the pool and evict every idle prefix; a GPU's pool is many times
+#   its running batch)  HOSTS [3]  LOAD_FACTOR [1.25]
 #   CONFIGS ["least-loaded least-loaded+cache prefix+cache"]
 #   OUT_DIR [bench/out/prefix-<timestamp>]
 #   BUILD_TIMEOUT [2400] (seconds)  CARGO_TARGET_DIR (respected)
@@ -40,8 +46,9 @@ SYSTEM_TOKENS=${SYSTEM_TOKENS:-1000}
 MAX_TOKENS=${MAX_TOKENS:-16}
 THINK_MS=${THINK_MS:-500}
 SEED=${SEED:-1}
-KV_BUDGET_MB=${KV_BUDGET_MB:-512}
+KV_BUDGET_MB=${KV_BUDGET_MB:-2048}
 HOSTS=${HOSTS:-3}
+LOAD_FACTOR=${LOAD_FACTOR:-1.25}
 CONFIGS=${CONFIGS:-least-loaded least-loaded+cache prefix+cache}
 
 script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -150,6 +157,7 @@ name = "gpu"
 region = "eu"
 endpoints = [$endpoints]
 balance = "$balance"
+load_factor = $LOAD_FACTOR
 connect_timeout = "500ms"
 first_byte_timeout = "600s"
 health = { path = "/health/ready", interval = "1s", timeout = "1s" }
@@ -167,6 +175,10 @@ TOML
         --system-tokens "$SYSTEM_TOKENS" --max-tokens "$MAX_TOKENS" --think-ms "$THINK_MS" \
         --seed "$SEED" --out "$out-requests.txt" >"$out-driver.txt" 2>&1 ||
         log "$name: the driver reports failures: $(tail -n 3 "$out-driver.txt")"
+    curl -fsS "http://127.0.0.1:$admin/metrics" >"$out-edge-metrics.txt" || die "cannot read the edge's metrics"
+    local spilled
+    spilled=$(awk '$1 ~ /^breakwater_upstream_prefix_routed_total\{/ && $1 ~ /outcome="spilled"/ { n += $2 } END { print n + 0 }' \
+        "$out-edge-metrics.txt")
     local computed=0 hits=0 queried=0 served=() m
     for ((i = 0; i < HOSTS; i++)); do
         curl -fsS "http://127.0.0.1:${host_ports[$i]}/metrics" >"$out-host$i-metrics.txt" ||
@@ -184,14 +196,15 @@ TOML
         -v p50="$(field ttft_p50_ms)" -v p90="$(field ttft_p90_ms)" \
         -v t50="$(field total_p50_ms)" -v t90="$(field total_p90_ms)" \
         -v wall="$(field wall_ms)" -v gen="$(field completion_tokens)" \
-        -v computed="$computed" -v hits="$hits" -v queried="$queried" -v served="${served[*]}" 'BEGIN {
+        -v computed="$computed" -v hits="$hits" -v queried="$queried" -v served="${served[*]}" \
+        -v spilled="$spilled" 'BEGIN {
             n = split(served, s, " "); sum = 0; max = 0
             for (i = 1; i <= n; i++) { sum += s[i]; if (s[i] > max) max = s[i] }
             spread = (sum > 0) ? max / (sum / n) : 0
-            printf "%-19s %4s/%-4s %8.0f %8.0f %8.0f %8.0f %9d %5.1f%% %7.2f  %-12s %5.2f\n",
+            printf "%-19s %4s/%-4s %8.0f %8.0f %8.0f %8.0f %9d %5.1f%% %7.2f  %-12s %5.2f %7d\n",
                 name, ok, requests, p50, p90, t50, t90, computed,
                 (queried > 0) ? 100 * hits / queried : 0, (wall > 0) ? gen / (wall / 1000) : 0,
-                served, spread
+                served, spread, spilled
         }' | tee -a "$work/rows" "$OUT_DIR/summary.txt"
 }
 
@@ -199,11 +212,11 @@ busy=$(cpu_busy_pct)
 {
     echo "# bench/prefix.sh $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "machine: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo); nproc=$(nproc); CPU busy before: $busy%"
-    echo "workload: $TENANTS tenants, system prompts of ~$SYSTEM_TOKENS tokens, $CONVERSATIONS conversations x $TURNS turns, Poisson $RATE/s, $MAX_TOKENS tokens per answer, think ${THINK_MS} ms; $HOSTS CPU hosts x 1 thread, demo model, KV $KV_BUDGET_MB MiB each"
+    echo "workload: $TENANTS tenants, system prompts of ~$SYSTEM_TOKENS tokens, $CONVERSATIONS conversations x $TURNS turns, Poisson $RATE/s, $MAX_TOKENS tokens per answer, think ${THINK_MS} ms; $HOSTS CPU hosts x 1 thread, demo model, KV $KV_BUDGET_MB MiB each; prefix load_factor $LOAD_FACTOR"
 } | tee "$OUT_DIR/summary.txt"
 : >"$work/rows"
-header=$(printf "%-19s %9s %8s %8s %8s %8s %9s %6s %7s  %-12s %5s" \
-    config ok ttft_p50 ttft_p90 tot_p50 tot_p90 prefilled hit% gen_t/s per_host spread)
+header=$(printf "%-19s %9s %8s %8s %8s %8s %9s %6s %7s  %-12s %5s %7s" \
+    config ok ttft_p50 ttft_p90 tot_p50 tot_p90 prefilled hit% gen_t/s per_host spread spilled)
 echo "$header (ms)" | tee -a "$OUT_DIR/summary.txt"
 for name in $CONFIGS; do
     run_config "$name"

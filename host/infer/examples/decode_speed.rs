@@ -5,12 +5,13 @@
 
 use std::time::Instant;
 
-use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::chat_template::{ChatTemplate, Message};
+use breakwater_infer::cpu::CpuBackend;
 use breakwater_infer::demo_model;
 use breakwater_infer::generate::argmax;
 use breakwater_infer::gguf::Gguf;
-use breakwater_infer::model::llama::{Batch, Llama, Step};
+use breakwater_infer::model::Step;
+use breakwater_infer::model::llama::{Batch, Llama};
 use breakwater_infer::tokenizer::Tokenizer;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -28,9 +28,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::backend::cuda::CudaRunner;
 use breakwater_infer::backend::{CpuRunner, Device};
+use breakwater_infer::cpu::CpuBackend;
 use breakwater_infer::loader;
 use breakwater_infer::sampling::SamplingParams;
 use breakwater_infer::scheduler::{Engine, EngineConfig, Event, GenerationRequest};
@@ -98,7 +98,7 @@ fn run(model: &str, get: &dyn Fn(&str, &str) -> String) -> Result<(), BoxError> 
     let max_batch = streams.iter().copied().max().unwrap_or(1);
 
     let loaded = loader::load(model)?;
-    let vocab = loaded.model.config().vocab_size;
+    let vocab = loaded.model.shape().vocab_size;
     let tokenizer = Arc::new(loaded.tokenizer);
     let model = Arc::new(loaded.model);
     let config = |kv_budget_bytes| EngineConfig {

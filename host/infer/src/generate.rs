@@ -2,7 +2,7 @@
 //! temperature-0 output is checked against; [`crate::sampling`] has the
 //! rest of the samplers.
 
-use crate::backend::cpu::CpuBackend;
+use crate::cpu::CpuBackend;
 use crate::model::ModelError;
 use crate::model::llama::{Llama, State};
 

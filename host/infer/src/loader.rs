@@ -1,6 +1,6 @@
 //! Opening a model for serving, whatever its format: a GGUF file, or a
 //! Hugging Face model directory (`config.json`, `tokenizer.json`,
-//! `*.safetensors`). Either way the result is the same [`Llama`], tokenizer
+//! `*.safetensors`). Either way the result is the same [`Model`], tokenizer
 //! and chat template, so everything downstream runs unchanged.
 //!
 //! ```
@@ -10,7 +10,7 @@
 //! write_hf_dir(dir.path(), &HfTestShape::tiny(), 7, HfDtype::F32).unwrap();
 //! let loaded = loader::load(dir.path()).unwrap();
 //! assert_eq!(loaded.format, ModelFormat::HuggingFace);
-//! assert_eq!(loaded.model.config().vocab_size, 320);
+//! assert_eq!(loaded.model.shape().vocab_size, 320);
 //! assert_eq!(loaded.tokenizer.eos(), 2);
 //!
 //! let gguf = dir.path().join("tiny.gguf");
@@ -23,8 +23,7 @@ use std::path::Path;
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::gguf::{Gguf, Value};
 use crate::hf::HfDir;
-use crate::model::ModelError;
-use crate::model::llama::Llama;
+use crate::model::{Model, ModelError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Where a model came from.
@@ -39,8 +38,8 @@ pub enum ModelFormat {
 /// What serving a model needs, read from its files.
 #[derive(Debug)]
 pub struct LoadedModel {
-    /// The weights.
-    pub model: Llama,
+    /// The weights, in their architecture.
+    pub model: Model,
     /// Text ⇄ token ids.
     pub tokenizer: Tokenizer,
     /// Chat messages → prompt.
@@ -83,7 +82,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<LoadedModel, LoaderError> {
 impl LoadedModel {
     /// The model, tokenizer and template of a parsed GGUF file.
     pub fn from_gguf(gguf: &Gguf) -> Result<Self, LoaderError> {
-        let model = Llama::from_gguf(gguf)?;
+        let model = Model::from_gguf(gguf)?;
         let tokenizer = Tokenizer::from_gguf(gguf)?;
         let template = ChatTemplate::from_gguf(gguf)?;
         let mut end_tokens = vec![tokenizer.eos()];
@@ -106,7 +105,7 @@ impl LoadedModel {
     /// The model, tokenizer and template of an opened Hugging Face model
     /// directory.
     pub fn from_hf(dir: &HfDir) -> Result<Self, LoaderError> {
-        let model = Llama::from_hf(dir)?;
+        let model = Model::from_hf(dir)?;
         let tokenizer = Tokenizer::from_hf(dir)?;
         let template = ChatTemplate::from_hf(dir)?;
         let mut end_tokens = vec![tokenizer.eos()];

@@ -2,19 +2,18 @@
 //!
 //! The scheduler drives a [`Runner`]: it opens sequences, feeds one batched
 //! step at a time and reads each sequence's logits. Two runners implement
-//! it: [`CpuRunner`], the llama forward pass of [`crate::model::llama`] on
-//! the kernels of [`cpu`], and [`cuda::CudaRunner`], the same arithmetic on
-//! an NVIDIA GPU. [`Device`] picks one at start-up.
+//! it: [`CpuRunner`], the forward pass of a [`Model`]'s architecture on the
+//! kernels of [`crate::cpu`], and [`cuda::CudaRunner`], the same arithmetic on an
+//! NVIDIA GPU. [`Device`] picks one at start-up. Neither the trait nor the
+//! scheduler knows an architecture: they see a [`ModelShape`].
 
-pub mod cpu;
 pub mod cuda;
 
 use std::sync::Arc;
 
-use crate::gguf::{Gguf, GgufError, TensorBytes};
-use crate::model::ModelError;
-use crate::model::llama::{Batch, KvBlocks, Llama, LlamaConfig, State, Step};
-use crate::quant::GgmlType;
+use crate::cpu;
+use crate::model::llama::{Batch, KvBlocks, State};
+use crate::model::{Model, ModelError, ModelShape, Step};
 
 /// A backend's view of one model, as the continuous-batching scheduler
 /// drives it: one thread owns the runner and calls it step by step.
@@ -25,8 +24,8 @@ pub trait Runner: Send + 'static {
     /// Which backend this is, for logs and metrics (`"cpu"`, `"cuda"`).
     fn backend_name(&self) -> &'static str;
 
-    /// The model's hyperparameters.
-    fn config(&self) -> &LlamaConfig;
+    /// The model's shape.
+    fn shape(&self) -> ModelShape;
 
     /// Bytes of KV cache one token takes in this backend's layout.
     fn kv_bytes_per_token(&self) -> usize;
@@ -137,10 +136,10 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// The llama forward pass on the CPU kernels, behind [`Runner`].
+/// A model's forward pass on the CPU kernels, behind [`Runner`].
 #[derive(Debug)]
 pub struct CpuRunner {
-    model: Arc<Llama>,
+    model: Arc<Model>,
     backend: cpu::CpuBackend,
     batch: Batch,
     kv: Option<KvBlocks>,
@@ -148,7 +147,7 @@ pub struct CpuRunner {
 
 impl CpuRunner {
     /// Runs `model` on `backend`'s threads.
-    pub fn new(model: Arc<Llama>, backend: cpu::CpuBackend) -> Self {
+    pub fn new(model: Arc<Model>, backend: cpu::CpuBackend) -> Self {
         Self {
             model,
             backend,
@@ -165,18 +164,18 @@ impl Runner for CpuRunner {
         "cpu"
     }
 
-    fn config(&self) -> &LlamaConfig {
-        self.model.config()
+    fn shape(&self) -> ModelShape {
+        self.model.shape()
     }
 
     fn kv_bytes_per_token(&self) -> usize {
-        let c = self.model.config();
-        2 * c.n_layers * c.kv_dim() * std::mem::size_of::<f32>()
+        let shape = self.model.shape();
+        2 * shape.layers * shape.kv_dim() * std::mem::size_of::<f32>()
     }
 
     fn reserve_kv(&mut self, block_tokens: usize, blocks: usize) -> Result<(), ModelError> {
         self.kv = None;
-        self.kv = Some(KvBlocks::new(self.model.config(), block_tokens, blocks));
+        self.kv = Some(KvBlocks::new(&self.model.shape(), block_tokens, blocks));
         Ok(())
     }
 
@@ -184,12 +183,14 @@ impl Runner for CpuRunner {
         let Some(kv) = &self.kv else {
             return Err(ModelError::Backend("the KV cache is not reserved".into()));
         };
-        State::in_pool(self.model.config(), kv, table, cached_tokens)
+        State::in_pool(&self.model.shape(), kv, table, cached_tokens)
     }
 
     fn forward(&mut self, steps: &mut [Step<'_, State>]) -> Result<(), ModelError> {
-        self.model
-            .forward_batch_in(&self.backend, &mut self.batch, self.kv.as_mut(), steps)
+        let kv = self.kv.as_mut();
+        match &*self.model {
+            Model::Llama(m) => m.forward_batch_in(&self.backend, &mut self.batch, kv, steps),
+        }
     }
 }
 
@@ -201,92 +202,4 @@ impl Sequence for State {
     fn fed(&self) -> usize {
         self.len()
     }
-}
-
-/// A weight matrix as stored in the model file: `rows` rows of `cols`
-/// values, each row contiguous and (for quantized types) a whole number of
-/// blocks.
-#[derive(Debug, Clone)]
-pub struct Matrix {
-    /// Element type.
-    pub ty: GgmlType,
-    /// Output features.
-    pub rows: usize,
-    /// Input features.
-    pub cols: usize,
-    data: TensorBytes,
-    row_bytes: usize,
-}
-
-impl Matrix {
-    /// The 2-D tensor `name` from `gguf`, which must have `cols` columns
-    /// (ggml's `ne0`) and, when `rows` is given, that many rows.
-    pub fn load(
-        gguf: &Gguf,
-        name: &str,
-        cols: usize,
-        rows: Option<usize>,
-    ) -> Result<Self, GgufError> {
-        let (info, data) = gguf.tensor_bytes(name)?;
-        let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
-        let shape_ok = match (dims.as_slice(), rows) {
-            ([c, r], Some(rows)) => *c == cols && *r == rows,
-            ([c, _], None) => *c == cols,
-            _ => false,
-        };
-        if !shape_ok {
-            return Err(GgufError::BadTensorShape {
-                name: name.to_owned(),
-                reason: format!("dims {:?}, expected [{cols}, {rows:?}]", info.dims),
-            });
-        }
-        let row_bytes = cols / info.ty.block_len() * info.ty.block_bytes();
-        Ok(Self {
-            ty: info.ty,
-            rows: dims[1],
-            cols,
-            data,
-            row_bytes,
-        })
-    }
-
-    /// A matrix of `rows` rows of `cols` values of type `ty` over `data`
-    /// (mapped from a file or held in memory), or `None` when `data` is not
-    /// exactly that size or a row is not a whole number of blocks.
-    pub fn from_bytes(ty: GgmlType, cols: usize, rows: usize, data: TensorBytes) -> Option<Self> {
-        if cols % ty.block_len() != 0 {
-            return None;
-        }
-        let row_bytes = cols / ty.block_len() * ty.block_bytes();
-        (row_bytes.checked_mul(rows)? == data.len()).then_some(Self {
-            ty,
-            rows,
-            cols,
-            data,
-            row_bytes,
-        })
-    }
-
-    /// The raw bytes of row `r`.
-    ///
-    /// # Panics
-    ///
-    /// If `r >= self.rows`.
-    pub fn row(&self, r: usize) -> &[u8] {
-        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
-    }
-}
-
-/// A 1-D f32 weight vector (norm weights), copied out of the file.
-pub fn load_vector(gguf: &Gguf, name: &str, len: usize) -> Result<Vec<f32>, GgufError> {
-    let (info, data) = gguf.tensor_bytes(name)?;
-    if info.dims != [len as u64] {
-        return Err(GgufError::BadTensorShape {
-            name: name.to_owned(),
-            reason: format!("dims {:?}, expected [{len}]", info.dims),
-        });
-    }
-    let mut out = vec![0.0; len];
-    crate::quant::dequantize_row(info.ty, &data, &mut out);
-    Ok(out)
 }

@@ -22,7 +22,8 @@
 //! write_hf_dir(dir.path(), &HfTestShape::tiny(), 7, HfDtype::F16).unwrap();
 //! let hf = HfDir::open(dir.path()).unwrap();
 //! assert_eq!(hf.config().num_hidden_layers, 2);
-//! assert_eq!(hf.llama_config().unwrap().n_kv_heads, 2);
+//! let config = breakwater_infer::model::llama::LlamaConfig::from_hf(&hf).unwrap();
+//! assert_eq!(config.n_kv_heads, 2);
 //! ```
 
 pub mod tensors;
@@ -32,8 +33,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use self::tensors::{LlamaWeights, Tensors};
-use crate::model::llama::LlamaConfig;
+use self::tensors::Tensors;
 
 /// The file holding the model's hyperparameters.
 pub const CONFIG_FILE: &str = "config.json";
@@ -244,108 +244,6 @@ impl HfDir {
     /// The tensors of all weight files.
     pub fn tensors(&self) -> &Tensors {
         &self.tensors
-    }
-
-    /// The hyperparameters as the llama forward pass takes them, checked
-    /// for what this crate supports.
-    pub fn llama_config(&self) -> Result<LlamaConfig, HfError> {
-        let c = &self.config;
-        let bad = |reason: String| HfError::Invalid {
-            path: self.dir.join(CONFIG_FILE),
-            reason,
-        };
-        let is_llama = c.model_type.as_deref() == Some("llama")
-            || c.architectures.iter().any(|a| a == "LlamaForCausalLM");
-        if !is_llama {
-            return Err(bad(format!(
-                "model_type {:?} (architectures {:?}) is not supported (llama is)",
-                c.model_type, c.architectures
-            )));
-        }
-        if let Some(act) = c.hidden_act.as_deref().filter(|&a| a != "silu") {
-            return Err(bad(format!(
-                "hidden_act {act:?} is not supported (silu is)"
-            )));
-        }
-        if c.attention_bias || c.mlp_bias {
-            return Err(bad("attention_bias and mlp_bias are not supported".into()));
-        }
-        let (dim, n_heads) = (c.hidden_size, c.num_attention_heads);
-        let n_kv_heads = c.num_key_value_heads.unwrap_or(n_heads);
-        if dim == 0
-            || n_heads == 0
-            || n_kv_heads == 0
-            || dim % n_heads != 0
-            || n_heads % n_kv_heads != 0
-        {
-            return Err(bad(format!(
-                "hidden_size {dim} over {n_heads} attention heads and {n_kv_heads} key/value heads"
-            )));
-        }
-        let head_dim = dim / n_heads;
-        if head_dim % 2 != 0 || c.head_dim.is_some_and(|h| h != head_dim) {
-            return Err(bad(format!(
-                "head_dim {:?} with hidden_size {dim} over {n_heads} heads: heads must be \
-                 hidden_size / num_attention_heads wide, an even number",
-                c.head_dim
-            )));
-        }
-        if c.vocab_size == 0 || c.max_position_embeddings == 0 {
-            return Err(bad(
-                "vocab_size and max_position_embeddings must be positive".into(),
-            ));
-        }
-        if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
-            return Err(bad(format!("rope_theta {} must be positive", c.rope_theta)));
-        }
-        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
-            return Err(bad(format!(
-                "rms_norm_eps {} must be non-negative",
-                c.rms_norm_eps
-            )));
-        }
-        Ok(LlamaConfig {
-            dim,
-            hidden_dim: c.intermediate_size,
-            n_layers: c.num_hidden_layers,
-            n_heads,
-            n_kv_heads,
-            vocab_size: c.vocab_size,
-            context_length: c.max_position_embeddings,
-            rope_theta: c.rope_theta as f32,
-            rope_dim: head_dim,
-            rope_position_scale: self.rope_position_scale().map_err(bad)?,
-            rms_eps: c.rms_norm_eps as f32,
-        })
-    }
-
-    /// `1 / factor` under linear RoPE scaling, else 1.
-    fn rope_position_scale(&self) -> Result<f32, String> {
-        let Some(scaling) = self.config.rope_scaling.as_ref().filter(|s| !s.is_null()) else {
-            return Ok(1.0);
-        };
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(Value::as_str);
-        match kind {
-            Some("default") => Ok(1.0),
-            Some("linear") => match scaling.get("factor").and_then(Value::as_f64) {
-                Some(f) if f.is_finite() && f > 0.0 => Ok((1.0 / f) as f32),
-                _ => Err(format!(
-                    "rope_scaling {scaling}: linear scaling needs a positive factor"
-                )),
-            },
-            _ => Err(format!(
-                "rope_scaling {scaling} is not supported (linear is)"
-            )),
-        }
-    }
-
-    /// The weights named as the llama loader asks for them (GGUF names),
-    /// each looked up under its Hugging Face name.
-    pub(crate) fn llama_weights(&self) -> LlamaWeights<'_> {
-        LlamaWeights::new(self)
     }
 
     /// The text of a special token in `tokenizer_config.json` (`bos_token`,

@@ -15,12 +15,10 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use super::{HfDir, HfError, INDEX_FILE, read_json};
-use crate::backend::Matrix;
+use super::{HfError, INDEX_FILE, read_json};
 use crate::gguf::TensorBytes;
-use crate::model::ModelError;
-use crate::model::llama::Weights;
 use crate::quant::{GgmlType, dequantize_row};
+use crate::weights::Matrix;
 
 /// Where one tensor is.
 #[derive(Debug, Clone)]
@@ -184,7 +182,7 @@ impl Tensors {
 
     /// The 2-D tensor `name` of `rows` × `cols` as a matrix, its rows
     /// reordered for RoPE when `rope_heads` is given.
-    fn matrix(
+    pub fn matrix(
         &self,
         name: &str,
         cols: usize,
@@ -206,7 +204,7 @@ impl Tensors {
     }
 
     /// The 1-D tensor `name` of `len` values, as f32.
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, HfError> {
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, HfError> {
         let (ty, bytes) = self.float_bytes(name, &[len])?;
         let mut out = vec![0.0; len];
         dequantize_row(ty, &bytes, &mut out);
@@ -262,75 +260,6 @@ pub fn permute_rope_rows(src: &[u8], rows: usize, heads: usize) -> Vec<u8> {
         }
     }
     out
-}
-
-/// The llama weights of an [`HfDir`], asked for by their GGUF names.
-pub(crate) struct LlamaWeights<'a> {
-    hf: &'a HfDir,
-}
-
-impl<'a> LlamaWeights<'a> {
-    pub(crate) fn new(hf: &'a HfDir) -> Self {
-        Self { hf }
-    }
-
-    /// The Hugging Face name of the GGUF tensor `name`, and for the query
-    /// and key projections the number of heads to reorder their rows over.
-    fn hf_name(&self, name: &str) -> Option<(String, Option<usize>)> {
-        let c = self.hf.config();
-        let heads = c.num_attention_heads;
-        let kv_heads = c.num_key_value_heads.unwrap_or(heads);
-        let plain = |n: &str| Some((n.to_owned(), None));
-        match name {
-            "token_embd.weight" => return plain("model.embed_tokens.weight"),
-            "output_norm.weight" => return plain("model.norm.weight"),
-            "output.weight" => return plain("lm_head.weight"),
-            _ => {}
-        }
-        let rest = name.strip_prefix("blk.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok()?;
-        let (hf, rope) = match rest.strip_suffix(".weight")? {
-            "attn_norm" => ("input_layernorm", None),
-            "attn_q" => ("self_attn.q_proj", Some(heads)),
-            "attn_k" => ("self_attn.k_proj", Some(kv_heads)),
-            "attn_v" => ("self_attn.v_proj", None),
-            "attn_output" => ("self_attn.o_proj", None),
-            "ffn_norm" => ("post_attention_layernorm", None),
-            "ffn_gate" => ("mlp.gate_proj", None),
-            "ffn_up" => ("mlp.up_proj", None),
-            "ffn_down" => ("mlp.down_proj", None),
-            _ => return None,
-        };
-        Some((format!("model.layers.{layer}.{hf}.weight"), rope))
-    }
-
-    fn unknown(&self, name: &str) -> ModelError {
-        ModelError::BadConfig(format!("no Hugging Face tensor stands for {name:?}"))
-    }
-}
-
-impl Weights for LlamaWeights<'_> {
-    fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix, ModelError> {
-        let (hf, rope) = self.hf_name(name).ok_or_else(|| self.unknown(name))?;
-        Ok(self.hf.tensors().matrix(&hf, cols, rows, rope)?)
-    }
-
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        let (hf, _) = self.hf_name(name).ok_or_else(|| self.unknown(name))?;
-        Ok(self.hf.tensors().vector(&hf, len)?)
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        match name {
-            // Untied: lm_head.weight must be there (and its absence is an
-            // error); tied: it is the embedding, whatever the file holds.
-            "output.weight" => !self.hf.config().tie_word_embeddings,
-            _ => self
-                .hf_name(name)
-                .is_some_and(|(hf, _)| self.hf.tensors().contains(&hf)),
-        }
-    }
 }
 
 #[cfg(test)]

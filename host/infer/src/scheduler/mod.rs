@@ -9,7 +9,7 @@
 //!    batch has room and the KV pool has their blocks (see [`kv`]); a
 //!    sequence whose prompt starts with full blocks already cached takes
 //!    them and prefills only the rest;
-//! 3. feeds one [`Llama::forward_batch`] pass: one token for every decoding
+//! 3. feeds one batched [`Runner::forward`] pass: one token for every decoding
 //!    sequence first, then prompt chunks for prefilling sequences up to
 //!    [`EngineConfig::step_tokens`] in all, so a long prompt is spread over
 //!    several steps instead of stalling the decodes;
@@ -37,8 +37,7 @@ use tokio::sync::mpsc;
 use self::kv::{BlockId, BlockPool, Chain};
 use self::text::{Detokenizer, StopMatcher, Stopped};
 use crate::backend::{Runner, Sequence};
-use crate::model::ModelError;
-use crate::model::llama::Step;
+use crate::model::{ModelError, Step};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::telemetry::{Outcome, Telemetry};
 use crate::tokenizer::Tokenizer;
@@ -396,7 +395,7 @@ impl Engine {
         pool.release(&warm.table);
         fed?;
 
-        let max_sequence_tokens = pool.max_tokens().min(runner.config().context_length);
+        let max_sequence_tokens = pool.max_tokens().min(runner.shape().context_length);
         tracing::info!(
             backend = runner.backend_name(),
             kv_blocks = pool.total(),

@@ -39,13 +39,13 @@ use tokio::sync::mpsc;
 
 use self::error::ApiError;
 use self::openai::{ChatRequest, CompletionRequest, Envelope, Kind, Params};
-use crate::backend::cpu::{CpuBackend, CpuBackendError};
 use crate::backend::cuda::{CudaError, CudaRunner};
 use crate::backend::{CpuRunner, Device};
 use crate::chat_template::{ChatPrompt, ChatTemplate};
+use crate::cpu::{CpuBackend, CpuBackendError};
 use crate::gguf::Gguf;
 use crate::loader::{LoadedModel, LoaderError};
-use crate::model::llama::Llama;
+use crate::model::Model;
 use crate::scheduler::{
     Engine, EngineConfig, EngineError, Event, Failure, Finish, GenerationRequest, SubmitError,
 };
@@ -179,7 +179,7 @@ pub struct ModelVersion {
 /// Starts `model`'s engine on the device `options` asks for. `auto` tries
 /// CUDA device 0 and, when it cannot start, says why once and uses the CPU.
 fn start_engine(
-    model: Arc<Llama>,
+    model: Arc<Model>,
     tokenizer: &Arc<Tokenizer>,
     stop_tokens: Vec<u32>,
     options: BackendOptions,

@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 
-use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::backend::cuda::{self, CudaRunner};
 use breakwater_infer::backend::{CpuRunner, Runner, Sequence};
+use breakwater_infer::cpu::CpuBackend;
 use breakwater_infer::gguf::Gguf;
 use breakwater_infer::hf::HfDir;
-use breakwater_infer::model::llama::{Llama, Step};
+use breakwater_infer::model::llama::Llama;
+use breakwater_infer::model::{Model, Step};
 use breakwater_infer::scheduler::kv::BlockPool;
 use breakwater_infer::test_model::{self, hf::HfDtype};
 
@@ -185,8 +186,8 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
 /// Runs both backends on `model` and asserts parity; `exact` asks for the
 /// same greedy tokens too.
 fn check_parity(model: Llama, exact: bool) {
-    let model = Arc::new(model);
-    let kv = prompts(model.config().vocab_size).len() * (64 + GENERATED).div_ceil(BLOCK_TOKENS);
+    let model = Arc::new(Model::Llama(model));
+    let kv = prompts(model.shape().vocab_size).len() * (64 + GENERATED).div_ceil(BLOCK_TOKENS);
     let mut gpu = Pooled::new(
         CudaRunner::new(&model, 0).expect("the CUDA runner starts"),
         kv,
@@ -199,7 +200,7 @@ fn check_parity(model: Llama, exact: bool) {
         ),
         kv,
     );
-    let prompts = prompts(model.config().vocab_size);
+    let prompts = prompts(model.shape().vocab_size);
     let mut cpu_tokens = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         let (cpu_logits, cpu_out) = greedy(&mut cpu, prompt, GENERATED);

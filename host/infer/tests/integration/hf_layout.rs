@@ -7,10 +7,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::chat_template::{ChatTemplate, Message};
+use breakwater_infer::cpu::CpuBackend;
 use breakwater_infer::gguf::Gguf;
 use breakwater_infer::loader::{self, LoadedModel, ModelFormat};
+use breakwater_infer::model::Model;
 use breakwater_infer::test_model::hf::{HfDtype, HfTestShape, write_hf_dir};
 use breakwater_infer::test_model::tiny_llama;
 use breakwater_infer::tokenizer::Tokenizer;
@@ -40,11 +41,11 @@ fn prompt_ids(loaded: &LoadedModel) -> Vec<u32> {
 /// The logits after each prompt token, fed one at a time.
 fn logits_per_position(loaded: &LoadedModel, ids: &[u32]) -> Vec<Vec<f32>> {
     let backend = CpuBackend::new(2).expect("backend");
-    let mut state = loaded.model.new_state(ids.len());
+    let Model::Llama(model) = &loaded.model;
+    let mut state = model.new_state(ids.len());
     ids.iter()
         .map(|&id| {
-            loaded
-                .model
+            model
                 .forward(&backend, id, &mut state)
                 .expect("forward")
                 .to_vec()
@@ -239,7 +240,7 @@ fn to_f64(dtype: Dtype, data: &[u8]) -> Vec<f64> {
 
 /// How far our logits may be from the f64 reference. The runtime keeps keys,
 /// values, queries and attention weights in f16, as llama.cpp does (see
-/// `backend::cpu::ggml`); on these models that moves the logits by up to
+/// `cpu::ggml`); on these models that moves the logits by up to
 /// 0.012 (0.00001 when attention ran in f32). A real error is far outside:
 /// pairing RoPE dimensions the other way moves them by about 7.
 const LOGIT_TOLERANCE: f32 = 0.03;
@@ -258,9 +259,9 @@ fn assert_matches_reference(dir: &Path) -> Vec<Vec<f32>> {
 
     // The whole prompt in one batched pass ends with the same logits.
     let backend = CpuBackend::new(2).expect("backend");
-    let mut state = loaded.model.new_state(ids.len());
-    let last = loaded
-        .model
+    let Model::Llama(model) = &loaded.model;
+    let mut state = model.new_state(ids.len());
+    let last = model
         .forward_tokens(&backend, &ids, &mut state)
         .expect("forward");
     assert!(max_abs_diff(&[last.to_vec()], &want[want.len() - 1..]) < LOGIT_TOLERANCE);
@@ -644,13 +645,13 @@ fn smollm2_135m_shape_generates_fast_and_decodes_with_clear_margins() {
     let started = std::time::Instant::now();
     let loaded = loader::load(dir.path()).expect("load");
     let load = started.elapsed();
-    assert_eq!(loaded.model.config().vocab_size, shape.vocab_size);
+    assert_eq!(loaded.model.shape().vocab_size, shape.vocab_size);
 
     let backend = CpuBackend::new(2).expect("backend");
     let mut ids = prompt_ids(&loaded);
-    let mut state = loaded.model.new_state(ids.len() + 64);
-    let mut logits = loaded
-        .model
+    let Model::Llama(model) = &loaded.model;
+    let mut state = model.new_state(ids.len() + 64);
+    let mut logits = model
         .forward_tokens(&backend, &ids, &mut state)
         .unwrap()
         .to_vec();
@@ -665,8 +666,7 @@ fn smollm2_135m_shape_generates_fast_and_decodes_with_clear_margins() {
             .fold(f32::MIN, f32::max);
         margins.push(logits[top] - second);
         ids.push(top as u32);
-        logits = loaded
-            .model
+        logits = model
             .forward(&backend, top as u32, &mut state)
             .unwrap()
             .to_vec();

@@ -30,11 +30,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::chat_template::Message;
+use breakwater_infer::cpu::CpuBackend;
 use breakwater_infer::demo_model;
 use breakwater_infer::generate::greedy;
 use breakwater_infer::loader;
+use breakwater_infer::model::Model;
 use serde_json::{Value, json};
 
 /// Tokens compared per conversation.
@@ -45,7 +46,7 @@ const GREEDY_TOKENS: usize = 32;
 /// bound on the mean difference over the vocabulary.
 ///
 /// Measured: 0 on every prompt. Our CPU backend evaluates this model in
-/// ggml's order, bit for bit (`backend::cpu::ggml` says how), and it must:
+/// ggml's order, bit for bit (`cpu::ggml` says how), and it must:
 /// both sides quantize activations to 8 bits before every matrix product,
 /// so one ulp of difference upstream flips a rounding, moves that value by
 /// half a quantization step, and 30 layers amplify it into logits 0.1–1
@@ -189,7 +190,7 @@ fn matches_llama_cpp_on_the_demo_model() {
     assert_eq!(reference.len(), convs.len(), "one result per conversation");
 
     let loaded = loader::load(&path).expect("load the demo model");
-    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let (Model::Llama(model), tokenizer) = (&loaded.model, &loaded.tokenizer);
     let backend = CpuBackend::new(2).expect("backend");
     let mut failures = Vec::new();
     for (i, (messages, theirs)) in convs.iter().zip(&reference).enumerate() {

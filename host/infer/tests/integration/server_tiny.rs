@@ -4,8 +4,8 @@
 use crate::support;
 
 use crate::support::{TestServer, stream_text};
-use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::chat_template::{ChatTemplate, Message};
+use breakwater_infer::cpu::CpuBackend;
 use breakwater_infer::generate::greedy;
 use breakwater_infer::gguf::Gguf;
 use breakwater_infer::model::llama::Llama;

@@ -1,8 +1,8 @@
 //! The demo model end to end: tokenizer, chat template and greedy decoding
 //! must reproduce llama.cpp's answer on the same GGUF.
 
-use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::chat_template::{ChatTemplate, Message};
+use breakwater_infer::cpu::CpuBackend;
 use breakwater_infer::demo_model;
 use breakwater_infer::generate::greedy;
 use breakwater_infer::gguf::Gguf;

@@ -1,13 +1,14 @@
 //! The whole path on a tiny random model: file, tokenizer, template and the
 //! forward pass, in milliseconds.
 
-use breakwater_infer::backend::cpu::CpuBackend;
 use breakwater_infer::chat_template::{ChatTemplate, Message};
+use breakwater_infer::cpu::CpuBackend;
 use breakwater_infer::generate::argmax;
 use breakwater_infer::generate::greedy;
 use breakwater_infer::gguf::Gguf;
 use breakwater_infer::model::ModelError;
-use breakwater_infer::model::llama::{Batch, Llama, Step};
+use breakwater_infer::model::Step;
+use breakwater_infer::model::llama::{Batch, Llama};
 use breakwater_infer::test_model::tiny_llama;
 use breakwater_infer::tokenizer::Tokenizer;
 

@@ -12,50 +12,30 @@
 //! Per step the host sends only the token ids, each row's sequence and
 //! position, and the block tables (a few KB), and reads back the logits of
 //! each sequence's last token; everything else stays on the device.
+//!
+//! Three parts: [`weights`] uploads a model, [`forward`] is the llama
+//! forward pass (kernel launches and cuBLAS GEMMs over a step), and this
+//! module holds the device, the KV pool and the sequences, behind
+//! [`Runner`].
+
+mod forward;
+mod weights;
 
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasOperation_t, cudaDataType};
-use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    LaunchConfig, PushKernelArg,
-};
-use half::f16;
-use rayon::prelude::*;
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream};
 
-use super::kernels::{self, ATTENTION_THREADS, MAX_HEAD_DIM};
+use self::forward::{HostInputs, Scratch};
+use self::weights::{DeviceWeights, upload_weights};
+use super::kernels::{self, MAX_HEAD_DIM};
 use super::{CudaError, probe, ptx_arch};
-use crate::backend::{DeviceStats, Matrix, Runner, Sequence};
-use crate::model::ModelError;
-use crate::model::llama::{Llama, LlamaConfig, Step};
-use crate::quant::dequantize_row;
+use crate::backend::{DeviceStats, Runner, Sequence};
+use crate::model::llama::LlamaConfig;
+use crate::model::{Model, ModelError, ModelShape, Step};
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
-
-/// One layer's weights on the device.
-struct LayerWeights {
-    attn_norm: CudaSlice<f32>,
-    /// `[wq; wk; wv]`, `(dim + 2·kv_dim) × dim`.
-    wqkv: CudaSlice<u16>,
-    wo: CudaSlice<u16>,
-    ffn_norm: CudaSlice<f32>,
-    /// `[w_gate; w_up]`, `2·hidden × dim`.
-    w_gate_up: CudaSlice<u16>,
-    w_down: CudaSlice<u16>,
-}
-
-struct Weights {
-    embed: CudaSlice<u16>,
-    layers: Vec<LayerWeights>,
-    output_norm: CudaSlice<f32>,
-    /// `None` when the unembedding is the embedding.
-    output: Option<CudaSlice<u16>>,
-    inv_freq: CudaSlice<f32>,
-    /// Llama 3's per-frequency divisors, when the model has them.
-    freq_div: Option<CudaSlice<f32>>,
-}
 
 struct Kernels {
     embed: CudaFunction,
@@ -87,39 +67,6 @@ struct KvPool {
     blocks: usize,
 }
 
-/// Device buffers of one step, grown to the largest step seen.
-struct Scratch {
-    rows: usize,
-    seqs: usize,
-    table: usize,
-    x: CudaSlice<f32>,
-    normed: CudaSlice<u16>,
-    qkv: CudaSlice<f32>,
-    attn: CudaSlice<u16>,
-    gate_up: CudaSlice<f32>,
-    hidden: CudaSlice<u16>,
-    logits: CudaSlice<f32>,
-    argmax: CudaSlice<i32>,
-    tokens: CudaSlice<u32>,
-    row_seq: CudaSlice<i32>,
-    row_pos: CudaSlice<i32>,
-    last_rows: CudaSlice<i32>,
-    tables: CudaSlice<i32>,
-}
-
-/// The same step's inputs on the host, reused so a step allocates nothing
-/// once the batch has peaked.
-#[derive(Default)]
-struct HostInputs {
-    tokens: Vec<u32>,
-    row_seq: Vec<i32>,
-    row_pos: Vec<i32>,
-    last_rows: Vec<i32>,
-    tables: Vec<i32>,
-    logits: Vec<f32>,
-    argmax: Vec<i32>,
-}
-
 /// A llama model resident on one CUDA device.
 pub struct CudaRunner {
     config: LlamaConfig,
@@ -127,7 +74,7 @@ pub struct CudaRunner {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
-    weights: Weights,
+    weights: DeviceWeights,
     kv: Option<KvPool>,
     scratch: Option<Scratch>,
     host: HostInputs,
@@ -181,7 +128,8 @@ impl Sequence for CudaSequence {
 impl CudaRunner {
     /// Compiles the kernels for device `ordinal` and uploads `model`'s
     /// weights (as f16). Fails, without panicking, where CUDA is absent.
-    pub fn new(model: &Llama, ordinal: usize) -> Result<Self, CudaError> {
+    pub fn new(model: &Model, ordinal: usize) -> Result<Self, CudaError> {
+        let Model::Llama(model) = model;
         let devices = probe()?;
         if ordinal >= devices {
             return Err(CudaError::Unsupported(format!(
@@ -247,497 +195,6 @@ impl CudaRunner {
         let reserve = 512usize << 20;
         Ok(((free.saturating_sub(reserve)) as f64 * fraction.clamp(0.0, 1.0)) as usize)
     }
-
-    fn check(&self, steps: &[Step<'_, CudaSequence>]) -> Result<(), ModelError> {
-        for step in steps {
-            if step.tokens.is_empty() {
-                return Err(ModelError::NoTokens);
-            }
-            if step.state.len + step.tokens.len() > step.state.capacity {
-                return Err(ModelError::ContextFull {
-                    capacity: step.state.capacity,
-                });
-            }
-            if let Some(&token) = step
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return Err(ModelError::TokenOutOfRange {
-                    token,
-                    vocab_size: self.config.vocab_size,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Fills the host inputs for `steps`; returns (rows, max blocks a
-    /// sequence holds).
-    fn plan(&mut self, steps: &[Step<'_, CudaSequence>]) -> (usize, usize) {
-        let h = &mut self.host;
-        h.tokens.clear();
-        h.row_seq.clear();
-        h.row_pos.clear();
-        h.last_rows.clear();
-        h.tables.clear();
-        for (seq, step) in steps.iter().enumerate() {
-            let pos0 = step.state.len;
-            h.tokens.extend_from_slice(step.tokens);
-            h.row_seq
-                .extend(std::iter::repeat_n(seq as i32, step.tokens.len()));
-            h.row_pos
-                .extend((0..step.tokens.len()).map(|i| (pos0 + i) as i32));
-            h.last_rows.push(h.tokens.len() as i32 - 1);
-        }
-        let max_blocks = steps
-            .iter()
-            .map(|s| s.state.blocks.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        for step in steps {
-            let blocks = &step.state.blocks;
-            h.tables.extend(blocks.iter().map(|&b| b as i32));
-            h.tables
-                .extend(std::iter::repeat_n(0, max_blocks - blocks.len()));
-        }
-        (h.tokens.len(), max_blocks)
-    }
-
-    /// Makes the scratch buffers hold `rows` rows, `seqs` sequences and a
-    /// `table`-entry block table.
-    fn ensure_scratch(&mut self, rows: usize, seqs: usize, table: usize) -> Result<(), CudaError> {
-        if let Some(s) = &self.scratch
-            && s.rows >= rows
-            && s.seqs >= seqs
-            && s.table >= table
-        {
-            return Ok(());
-        }
-        let (old_rows, old_seqs, old_table) = self
-            .scratch
-            .as_ref()
-            .map_or((0, 0, 0), |s| (s.rows, s.seqs, s.table));
-        // Grow past the request so a batch that creeps up does not
-        // reallocate every step.
-        let rows = rows.max(old_rows).next_power_of_two();
-        let seqs = seqs.max(old_seqs).next_power_of_two();
-        let table = table.max(old_table).next_power_of_two();
-        self.scratch = None;
-        let c = &self.config;
-        let st = &self.stream;
-        let (dim, kv_dim, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
-        self.scratch = Some(Scratch {
-            rows,
-            seqs,
-            table,
-            x: st.alloc_zeros(rows * dim)?,
-            normed: st.alloc_zeros(rows * dim.max(hidden))?,
-            qkv: st.alloc_zeros(rows * (dim + 2 * kv_dim))?,
-            attn: st.alloc_zeros(rows * dim)?,
-            gate_up: st.alloc_zeros(rows * 2 * hidden)?,
-            hidden: st.alloc_zeros(rows * hidden)?,
-            logits: st.alloc_zeros(seqs * c.vocab_size)?,
-            argmax: st.alloc_zeros(seqs)?,
-            tokens: st.alloc_zeros(rows)?,
-            row_seq: st.alloc_zeros(rows)?,
-            row_pos: st.alloc_zeros(rows)?,
-            last_rows: st.alloc_zeros(seqs)?,
-            tables: st.alloc_zeros(table)?,
-        });
-        Ok(())
-    }
-
-    /// The device part of a step; leaves each sequence's most likely token
-    /// in `host.argmax` and, for those in `needs_logits`, its logits in
-    /// `host.logits` (the rest of it stale).
-    fn run(
-        &mut self,
-        rows: usize,
-        max_blocks: usize,
-        needs_logits: &[bool],
-    ) -> Result<(), CudaError> {
-        let seqs = needs_logits.len();
-        // The engine thread is not the one that loaded the model, and
-        // cudarc frees buffers (growing the scratch below) without making
-        // their context current first.
-        self.ctx.bind_to_thread()?;
-        self.ensure_scratch(rows, seqs, self.host.tables.len())?;
-        let (Some(s), Some(kv)) = (self.scratch.as_mut(), self.kv.as_mut()) else {
-            return Err(CudaError::Unsupported(
-                "the KV cache was not reserved before the first step".into(),
-            ));
-        };
-        let (st, k, w, h) = (&self.stream, &self.kernels, &self.weights, &self.host);
-        let c = &self.config;
-        st.memcpy_htod(&h.tokens, &mut s.tokens.slice_mut(..rows))?;
-        st.memcpy_htod(&h.row_seq, &mut s.row_seq.slice_mut(..rows))?;
-        st.memcpy_htod(&h.row_pos, &mut s.row_pos.slice_mut(..rows))?;
-        st.memcpy_htod(&h.last_rows, &mut s.last_rows.slice_mut(..seqs))?;
-        st.memcpy_htod(&h.tables, &mut s.tables.slice_mut(..h.tables.len()))?;
-        self.step_start.record(st)?;
-
-        let dim = c.dim as i32;
-        let kv_dim = c.kv_dim();
-        let qkv_width = c.dim + 2 * kv_dim;
-        let hidden = c.hidden_dim;
-        let n_rows = rows as u32;
-        let row_cfg = LaunchConfig {
-            grid_dim: (n_rows, 1, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (n_heads, n_kv_heads, head_dim) =
-            (c.n_heads as i32, c.n_kv_heads as i32, c.head_dim() as i32);
-        let (rope_dim, pos_scale) = (c.rope_dim as i32, c.rope_position_scale);
-        let (block_tokens, max_blocks) = (kv.block_tokens as i32, max_blocks as i32);
-        let scale = 1.0 / (c.head_dim() as f32).sqrt();
-        let use_div = i32::from(w.freq_div.is_some());
-        let freq_div = w.freq_div.as_ref().unwrap_or(&w.inv_freq);
-        let eps = c.rms_eps;
-        let layer_stride = (kv.blocks * kv.block_tokens * kv_dim) as u64;
-
-        // SAFETY (every launch below): the arguments match the kernel
-        // signatures in `kernels::SOURCE`, and every buffer holds what the
-        // grid indexes: scratch rows ≥ rows, tables sized from the host copy.
-        unsafe {
-            st.launch_builder(&k.embed)
-                .arg(&mut s.x)
-                .arg(&w.embed)
-                .arg(&s.tokens)
-                .arg(&dim)
-                .launch(row_cfg)?;
-        }
-        for (l, layer) in w.layers.iter().enumerate() {
-            let layer_offset = l as u64 * layer_stride;
-            let norm = &layer.attn_norm;
-            launch_rmsnorm(
-                st,
-                &k.rmsnorm,
-                &mut s.normed,
-                &s.x,
-                norm,
-                &s.last_rows,
-                false,
-                rows,
-                dim,
-                eps,
-            )?;
-            gemm(
-                &self.blas,
-                st,
-                &mut s.qkv,
-                &s.normed,
-                &layer.wqkv,
-                rows,
-                c.dim,
-                qkv_width,
-                false,
-            )?;
-            unsafe {
-                st.launch_builder(&k.rope_store_kv)
-                    .arg(&mut s.qkv)
-                    .arg(&mut kv.keys)
-                    .arg(&mut kv.values)
-                    .arg(&s.row_seq)
-                    .arg(&s.row_pos)
-                    .arg(&s.tables)
-                    .arg(&max_blocks)
-                    .arg(&w.inv_freq)
-                    .arg(freq_div)
-                    .arg(&use_div)
-                    .arg(&n_heads)
-                    .arg(&n_kv_heads)
-                    .arg(&head_dim)
-                    .arg(&rope_dim)
-                    .arg(&pos_scale)
-                    .arg(&block_tokens)
-                    .arg(&layer_offset)
-                    .launch(LaunchConfig {
-                        grid_dim: (n_rows, 1, 1),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: 0,
-                    })?;
-                st.launch_builder(&k.attention)
-                    .arg(&mut s.attn)
-                    .arg(&s.qkv)
-                    .arg(&kv.keys)
-                    .arg(&kv.values)
-                    .arg(&s.row_seq)
-                    .arg(&s.row_pos)
-                    .arg(&s.tables)
-                    .arg(&max_blocks)
-                    .arg(&n_heads)
-                    .arg(&n_kv_heads)
-                    .arg(&head_dim)
-                    .arg(&block_tokens)
-                    .arg(&layer_offset)
-                    .arg(&scale)
-                    .launch(LaunchConfig {
-                        grid_dim: (c.n_heads as u32, n_rows, 1),
-                        block_dim: (ATTENTION_THREADS, 1, 1),
-                        shared_mem_bytes: 0,
-                    })?;
-            }
-            gemm(
-                &self.blas, st, &mut s.x, &s.attn, &layer.wo, rows, c.dim, c.dim, true,
-            )?;
-            let norm = &layer.ffn_norm;
-            launch_rmsnorm(
-                st,
-                &k.rmsnorm,
-                &mut s.normed,
-                &s.x,
-                norm,
-                &s.last_rows,
-                false,
-                rows,
-                dim,
-                eps,
-            )?;
-            gemm(
-                &self.blas,
-                st,
-                &mut s.gate_up,
-                &s.normed,
-                &layer.w_gate_up,
-                rows,
-                c.dim,
-                2 * hidden,
-                false,
-            )?;
-            let (rows_i, hidden_i) = (rows as i32, hidden as i32);
-            let blocks = (rows * hidden).div_ceil(ROW_THREADS as usize).min(65_535) as u32;
-            unsafe {
-                st.launch_builder(&k.swiglu)
-                    .arg(&mut s.hidden)
-                    .arg(&s.gate_up)
-                    .arg(&rows_i)
-                    .arg(&hidden_i)
-                    .launch(LaunchConfig {
-                        grid_dim: (blocks, 1, 1),
-                        block_dim: (ROW_THREADS, 1, 1),
-                        shared_mem_bytes: 0,
-                    })?;
-            }
-            gemm(
-                &self.blas,
-                st,
-                &mut s.x,
-                &s.hidden,
-                &layer.w_down,
-                rows,
-                hidden,
-                c.dim,
-                true,
-            )?;
-        }
-
-        let norm = &w.output_norm;
-        launch_rmsnorm(
-            st,
-            &k.rmsnorm,
-            &mut s.normed,
-            &s.x,
-            norm,
-            &s.last_rows,
-            true,
-            seqs,
-            dim,
-            eps,
-        )?;
-        let output = w.output.as_ref().unwrap_or(&w.embed);
-        gemm(
-            &self.blas,
-            st,
-            &mut s.logits,
-            &s.normed,
-            output,
-            seqs,
-            c.dim,
-            c.vocab_size,
-            false,
-        )?;
-        let vocab = c.vocab_size as i32;
-        unsafe {
-            st.launch_builder(&k.argmax)
-                .arg(&mut s.argmax)
-                .arg(&s.logits)
-                .arg(&vocab)
-                .launch(LaunchConfig {
-                    grid_dim: (seqs as u32, 1, 1),
-                    block_dim: (kernels::ARGMAX_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                })?;
-        }
-        self.step_end.record(st)?;
-        self.host.argmax.resize(seqs, 0);
-        st.memcpy_dtoh(&s.argmax.slice(..seqs), &mut self.host.argmax)?;
-        // Only the rows someone samples from cross the bus: a vocabulary of
-        // floats per sequence would cost more than the step at large batch.
-        let v = c.vocab_size;
-        self.host.logits.resize(seqs * v, 0.0);
-        for (i, _) in needs_logits.iter().enumerate().filter(|(_, need)| **need) {
-            st.memcpy_dtoh(
-                &s.logits.slice(i * v..(i + 1) * v),
-                &mut self.host.logits[i * v..(i + 1) * v],
-            )?;
-        }
-        st.synchronize()?;
-        self.last_step_seconds = f64::from(self.step_start.elapsed_ms(&self.step_end)?) / 1e3;
-        Ok(())
-    }
-}
-
-/// `out[r] = rmsnorm(x[r or rows[r]]) · weight` for `count` output rows,
-/// selecting source rows through `rows` when `select` is set.
-#[allow(clippy::too_many_arguments)]
-fn launch_rmsnorm(
-    st: &Arc<CudaStream>,
-    f: &CudaFunction,
-    out: &mut CudaSlice<u16>,
-    x: &CudaSlice<f32>,
-    weight: &CudaSlice<f32>,
-    rows: &CudaSlice<i32>,
-    select: bool,
-    count: usize,
-    dim: i32,
-    eps: f32,
-) -> Result<(), CudaError> {
-    let select = i32::from(select);
-    // SAFETY: the arguments match `rmsnorm` in `kernels::SOURCE`; `out`
-    // holds `count` rows of `dim` and `x` every row `rows` can name.
-    unsafe {
-        st.launch_builder(f)
-            .arg(out)
-            .arg(x)
-            .arg(weight)
-            .arg(rows)
-            .arg(&select)
-            .arg(&dim)
-            .arg(&eps)
-            .launch(LaunchConfig {
-                grid_dim: (count as u32, 1, 1),
-                block_dim: (ROW_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            })?;
-    }
-    Ok(())
-}
-
-/// `out[rows × out_f] (+)= input[rows × in_f] · w[out_f × in_f]ᵀ`: f16
-/// inputs, f32 output and accumulation, all row-major.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    blas: &CudaBlas,
-    stream: &CudaStream,
-    out: &mut CudaSlice<f32>,
-    input: &CudaSlice<u16>,
-    w: &CudaSlice<u16>,
-    rows: usize,
-    in_f: usize,
-    out_f: usize,
-    accumulate: bool,
-) -> Result<(), CudaError> {
-    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-    let (out_ptr, _out) = out.device_ptr_mut(stream);
-    let (in_ptr, _in) = input.device_ptr(stream);
-    let (w_ptr, _w) = w.device_ptr(stream);
-    let dims = |v: usize| {
-        i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM dimension {v}")))
-    };
-    // Row-major Y = X·Wᵀ is column-major Yᵀ = W·Xᵀ with W read transposed
-    // (it is stored in_f-major): m = out_f, n = rows, k = in_f.
-    // SAFETY: the pointers are live device buffers of at least the sizes
-    // the dimensions imply (checked by the callers' scratch sizing), and
-    // alpha/beta are f32 as CUBLAS_COMPUTE_32F requires.
-    unsafe {
-        cudarc::cublas::result::gemm_ex(
-            *blas.handle(),
-            cublasOperation_t::CUBLAS_OP_T,
-            cublasOperation_t::CUBLAS_OP_N,
-            dims(out_f)?,
-            dims(rows)?,
-            dims(in_f)?,
-            (&alpha as *const f32).cast(),
-            w_ptr as *const std::ffi::c_void,
-            cudaDataType::CUDA_R_16F,
-            dims(in_f)?,
-            in_ptr as *const std::ffi::c_void,
-            cudaDataType::CUDA_R_16F,
-            dims(in_f)?,
-            (&beta as *const f32).cast(),
-            out_ptr as *mut std::ffi::c_void,
-            cudaDataType::CUDA_R_32F,
-            dims(out_f)?,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )?;
-    }
-    Ok(())
-}
-
-/// Dequantizes the rows of `matrices`, one after another, into f16 bits.
-fn to_f16(matrices: &[&Matrix]) -> Vec<u16> {
-    let cols = matrices.first().map_or(0, |m| m.cols);
-    let rows: Vec<(&Matrix, usize)> = matrices
-        .iter()
-        .flat_map(|m| (0..m.rows).map(move |r| (*m, r)))
-        .collect();
-    let mut out = vec![0u16; rows.len() * cols];
-    out.par_chunks_mut(cols.max(1))
-        .zip(rows.par_iter())
-        .for_each_init(
-            || vec![0.0f32; cols],
-            |row, (bits, (m, r))| {
-                dequantize_row(m.ty, m.row(*r), row);
-                for (b, &v) in bits.iter_mut().zip(row.iter()) {
-                    *b = f16::from_f32(v).to_bits();
-                }
-            },
-        );
-    out
-}
-
-fn upload_weights(stream: &Arc<CudaStream>, model: &Llama) -> Result<Weights, CudaError> {
-    let c = model.config();
-    let layers = model
-        .layers
-        .iter()
-        .map(|l| {
-            Ok(LayerWeights {
-                attn_norm: stream.clone_htod(&l.attn_norm)?,
-                wqkv: stream.clone_htod(&to_f16(&[&l.wq, &l.wk, &l.wv]))?,
-                wo: stream.clone_htod(&to_f16(&[&l.wo]))?,
-                ffn_norm: stream.clone_htod(&l.ffn_norm)?,
-                w_gate_up: stream.clone_htod(&to_f16(&[&l.w_gate, &l.w_up]))?,
-                w_down: stream.clone_htod(&to_f16(&[&l.w_down]))?,
-            })
-        })
-        .collect::<Result<Vec<_>, CudaError>>()?;
-    let tied = std::ptr::eq(
-        model.output.row(0).as_ptr(),
-        model.token_embd.row(0).as_ptr(),
-    );
-    let inv_freq: Vec<f32> = (0..c.rope_dim / 2)
-        .map(|i| c.rope_theta.powf(-2.0 * i as f32 / c.rope_dim as f32))
-        .collect();
-    Ok(Weights {
-        embed: stream.clone_htod(&to_f16(&[&model.token_embd]))?,
-        layers,
-        output_norm: stream.clone_htod(&model.output_norm)?,
-        output: if tied {
-            None
-        } else {
-            Some(stream.clone_htod(&to_f16(&[&model.output]))?)
-        },
-        inv_freq: stream.clone_htod(&inv_freq)?,
-        freq_div: match &model.rope_freq_factors {
-            Some(f) => Some(stream.clone_htod(f)?),
-            None => None,
-        },
-    })
 }
 
 fn backend_error(e: CudaError) -> ModelError {
@@ -751,8 +208,8 @@ impl Runner for CudaRunner {
         "cuda"
     }
 
-    fn config(&self) -> &LlamaConfig {
-        &self.config
+    fn shape(&self) -> ModelShape {
+        self.config.shape()
     }
 
     fn kv_bytes_per_token(&self) -> usize {
@@ -860,8 +317,13 @@ impl Runner for CudaRunner {
 /// random inputs. They need a GPU; elsewhere each prints why it skipped.
 #[cfg(test)]
 mod tests {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    use half::f16;
+
+    use super::forward::{gemm, launch_rmsnorm};
+    use super::kernels::ATTENTION_THREADS;
     use super::*;
-    use crate::backend::cpu;
+    use crate::cpu;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 

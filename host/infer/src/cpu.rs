@@ -1,4 +1,4 @@
-//! The CPU backend: quantized matrix-vector products spread over a small
+//! The CPU kernels: quantized matrix-vector products spread over a small
 //! thread pool, plus the elementwise kernels of a transformer layer.
 //!
 //! Decode is memory-bound: every token streams every weight once. So weights
@@ -10,8 +10,8 @@
 
 use rayon::prelude::*;
 
-use super::Matrix;
 use crate::quant::{GgmlType, Q8Vector, QK, f16_at};
+use crate::weights::Matrix;
 
 pub mod ggml;
 #[cfg(target_arch = "x86_64")]
@@ -59,7 +59,7 @@ impl CpuBackend {
     /// A backend with `threads` worker threads (at least one).
     ///
     /// ```
-    /// # use breakwater_infer::backend::cpu::CpuBackend;
+    /// # use breakwater_infer::cpu::CpuBackend;
     /// let backend = CpuBackend::new(2).unwrap();
     /// assert_eq!(backend.threads(), 2);
     /// ```

@@ -2,16 +2,18 @@
 //! grouped-query attention with rotary positions and a SwiGLU MLP.
 //!
 //! The forward pass below is meant to be read next to the math; every
-//! kernel it calls lives in [`crate::backend::cpu`].
+//! kernel it calls lives in [`crate::cpu`].
+
+mod hf;
 
 use rayon::prelude::*;
 
-use super::ModelError;
-use crate::backend::cpu::{self, CpuBackend, Input, ggml};
-use crate::backend::{Matrix, load_vector};
+use super::{ModelError, ModelShape, Step};
+use crate::cpu::{self, CpuBackend, Input, ggml};
 use crate::gguf::{Gguf, GgufError};
 use crate::hf::HfDir;
 use crate::quant::dequantize_row;
+use crate::weights::{Matrix, Weights};
 
 /// Positions from which a token's attention heads run in parallel.
 const PARALLEL_ATTENTION_FROM: usize = 128;
@@ -128,31 +130,16 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim()
     }
-}
 
-/// Where a llama's weights come from, named as in GGUF (`blk.0.attn_q.weight`,
-/// …) and shaped as ggml orders dimensions (`cols` contiguous), whatever the
-/// file format. Matrices come checked against the shape asked for.
-pub(crate) trait Weights {
-    /// The matrix `name` of `rows` rows of `cols` values.
-    fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix, ModelError>;
-    /// The vector `name` of `len` values, as f32.
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError>;
-    /// Whether the optional tensor `name` is there.
-    fn contains(&self, name: &str) -> bool;
-}
-
-impl Weights for Gguf {
-    fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix, ModelError> {
-        Ok(Matrix::load(self, name, cols, Some(rows))?)
-    }
-
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        Ok(load_vector(self, name, len)?)
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        self.tensor(name).is_some()
+    /// What the engine and the backends see of it.
+    pub fn shape(&self) -> ModelShape {
+        ModelShape {
+            layers: self.n_layers,
+            kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim(),
+            vocab_size: self.vocab_size,
+            context_length: self.context_length,
+        }
     }
 }
 
@@ -193,12 +180,15 @@ impl Llama {
     /// Loads a model from a Hugging Face model directory (`config.json` and
     /// `*.safetensors`), checking every tensor's shape.
     pub fn from_hf(dir: &HfDir) -> Result<Self, ModelError> {
-        Self::from_weights(dir.llama_config()?, &dir.llama_weights())
+        Self::from_weights(LlamaConfig::from_hf(dir)?, &hf::HfLlamaWeights { hf: dir })
     }
 
     /// Assembles a model of configuration `c` from `weights`, named as in
     /// GGUF, whatever the file format they come from.
-    fn from_weights(c: LlamaConfig, weights: &impl Weights) -> Result<Self, ModelError> {
+    fn from_weights<W: Weights>(c: LlamaConfig, weights: &W) -> Result<Self, ModelError>
+    where
+        ModelError: From<W::Error>,
+    {
         let (dim, kv_dim, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
         if dim % crate::quant::QK != 0 || hidden % crate::quant::QK != 0 || hidden == 0 {
             return Err(ModelError::BadConfig(format!(
@@ -653,17 +643,17 @@ pub struct KvBlocks {
 }
 
 impl KvBlocks {
-    /// `blocks` blocks of `block_tokens` positions for a model of
-    /// configuration `c`. The memory is zeroed lazily by the system, so an
-    /// unused block costs address space only.
-    pub fn new(c: &LlamaConfig, block_tokens: usize, blocks: usize) -> Self {
+    /// `blocks` blocks of `block_tokens` positions for a model of shape
+    /// `shape`. The memory is zeroed lazily by the system, so an unused
+    /// block costs address space only.
+    pub fn new(shape: &ModelShape, block_tokens: usize, blocks: usize) -> Self {
         let block_tokens = block_tokens.max(1);
-        let len = c.n_layers * blocks * block_tokens * c.kv_dim();
+        let len = shape.layers * blocks * block_tokens * shape.kv_dim();
         Self {
             block_tokens,
             blocks,
-            layers: c.n_layers,
-            kv_dim: c.kv_dim(),
+            layers: shape.layers,
+            kv_dim: shape.kv_dim(),
             keys: vec![0.0; len],
             values: vec![0.0; len],
         }
@@ -704,17 +694,6 @@ pub struct State {
     own: Option<KvBlocks>,
     logits: Vec<f32>,
     batch: Batch,
-}
-
-/// One sequence's part in a batched step: [`Llama::forward_batch`] on the
-/// CPU, a [`Runner`](crate::backend::Runner)'s `forward` on any backend.
-#[derive(Debug)]
-pub struct Step<'a, S = State> {
-    /// The tokens to feed: one while decoding, a chunk of the prompt while
-    /// prefilling.
-    pub tokens: &'a [u32],
-    /// The sequence they extend.
-    pub state: &'a mut S,
 }
 
 /// Scratch space of a batched step: per-token activations `[token][width]`
@@ -803,7 +782,7 @@ impl State {
             len: 0,
             capacity,
             table: vec![0],
-            own: Some(KvBlocks::new(c, capacity, 1)),
+            own: Some(KvBlocks::new(&c.shape(), capacity, 1)),
             logits: vec![0.0; c.vocab_size],
             batch,
         }
@@ -814,12 +793,12 @@ impl State {
     /// earlier sequence): it goes on from there. It is fed with
     /// [`Llama::forward_batch_in`] and that pool.
     pub fn in_pool(
-        c: &LlamaConfig,
+        shape: &ModelShape,
         pool: &KvBlocks,
         table: Vec<u32>,
         cached: usize,
     ) -> Result<Self, ModelError> {
-        let capacity = (table.len() * pool.block_tokens).min(c.context_length);
+        let capacity = (table.len() * pool.block_tokens).min(shape.context_length);
         if let Some(&id) = table.iter().find(|&&id| id as usize >= pool.blocks) {
             return Err(ModelError::Backend(format!(
                 "KV block {id} asked for, the pool has {}",
@@ -834,7 +813,7 @@ impl State {
             capacity,
             table,
             own: None,
-            logits: vec![0.0; c.vocab_size],
+            logits: vec![0.0; shape.vocab_size],
             batch: Batch::default(),
         })
     }
