@@ -11,8 +11,8 @@
 #   least-loaded         balance = "least-loaded", hosts --no-prefix-cache
 #   least-loaded+cache   balance = "least-loaded", prefix cache on
 #   prefix+cache         balance = "prefix" (bounded-load rendezvous on the
-#                        prompt's first 4 KiB, load_factor LOAD_FACTOR),
-#                        prefix cache on
+#                        prompt's first 4 KiB, load_factor LOAD_FACTOR,
+#                        load_slack LOAD_SLACK), prefix cache on
 # Per configuration it prints the time to first token (p50/p90) and total
 # latency, the prompt tokens the hosts computed, the prefix cache's hit
 # rate (hit over queried tokens, from the hosts' /metrics), completion
@@ -29,7 +29,7 @@
 #   KV_BUDGET_MB [2048] (per host: at the gpu-host default of 512, a
 #   one-thread CPU host's admitted sequences, up to 16 of ~1,000 tokens,
 #   fill the pool and evict every idle prefix; a GPU's pool is many times
-#   its running batch)  HOSTS [3]  LOAD_FACTOR [1.25]
+#   its running batch)  HOSTS [3]  LOAD_FACTOR [1.25]  LOAD_SLACK [0]
 #   CONFIGS ["least-loaded least-loaded+cache prefix+cache"]
 #   OUT_DIR [bench/out/prefix-<timestamp>]
 #   BUILD_TIMEOUT [2400] (seconds)  CARGO_TARGET_DIR (respected)
@@ -49,6 +49,7 @@ SEED=${SEED:-1}
 KV_BUDGET_MB=${KV_BUDGET_MB:-2048}
 HOSTS=${HOSTS:-3}
 LOAD_FACTOR=${LOAD_FACTOR:-1.25}
+LOAD_SLACK=${LOAD_SLACK:-0}
 CONFIGS=${CONFIGS:-least-loaded least-loaded+cache prefix+cache}
 
 script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -158,6 +159,7 @@ region = "eu"
 endpoints = [$endpoints]
 balance = "$balance"
 load_factor = $LOAD_FACTOR
+load_slack = $LOAD_SLACK
 connect_timeout = "500ms"
 first_byte_timeout = "600s"
 health = { path = "/health/ready", interval = "1s", timeout = "1s" }
@@ -212,7 +214,7 @@ busy=$(cpu_busy_pct)
 {
     echo "# bench/prefix.sh $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "machine: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo); nproc=$(nproc); CPU busy before: $busy%"
-    echo "workload: $TENANTS tenants, system prompts of ~$SYSTEM_TOKENS tokens, $CONVERSATIONS conversations x $TURNS turns, Poisson $RATE/s, $MAX_TOKENS tokens per answer, think ${THINK_MS} ms; $HOSTS CPU hosts x 1 thread, demo model, KV $KV_BUDGET_MB MiB each; prefix load_factor $LOAD_FACTOR"
+    echo "workload: $TENANTS tenants, system prompts of ~$SYSTEM_TOKENS tokens, $CONVERSATIONS conversations x $TURNS turns, Poisson $RATE/s, $MAX_TOKENS tokens per answer, think ${THINK_MS} ms; $HOSTS CPU hosts x 1 thread, demo model, KV $KV_BUDGET_MB MiB each; prefix load_factor $LOAD_FACTOR, load_slack $LOAD_SLACK"
 } | tee "$OUT_DIR/summary.txt"
 : >"$work/rows"
 header=$(printf "%-19s %9s %8s %8s %8s %8s %9s %6s %7s  %-12s %5s %7s" \

@@ -79,8 +79,8 @@ pub struct PoolConfig {
     /// KV cache holds it; no endpoint above `load_factor` × the average).
     #[serde(default)]
     pub balance: BalanceMode,
-    /// Under `balance = "prefix"`: how much of the prompt (its messages'
-    /// roles and text in order, or `prompt`) picks the endpoint.
+    /// Under `balance = "prefix"`: how much of the prompt (its first
+    /// message's role and text, or `prompt`) picks the endpoint.
     #[serde(default = "default_prefix_bytes")]
     pub prefix_bytes: usize,
     /// Under `balance = "prefix"`: no endpoint takes more than this times
@@ -88,6 +88,13 @@ pub struct PoolConfig {
     /// a prefix whose endpoint is full goes to the next in its order.
     #[serde(default = "default_load_factor")]
     pub load_factor: f64,
+    /// Under `balance = "prefix"`: an endpoint also keeps a prefix while,
+    /// with the request, it holds at most this many requests more than the
+    /// least loaded endpoint, whatever `load_factor` says. A spilled
+    /// request computes its whole prompt again elsewhere; where each host
+    /// holds a few requests, one of imbalance costs less than that.
+    #[serde(default)]
+    pub load_slack: usize,
     /// Request header whose value picks the endpoint under
     /// `balance = "consistent-hash"`; requests without it are balanced by load.
     #[serde(default)]

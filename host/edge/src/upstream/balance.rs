@@ -95,14 +95,16 @@ pub(crate) fn rendezvous<'a>(
 /// Bounded-load rendezvous hashing (consistent hashing with bounded
 /// loads, Mirrokni, Thorup and Zadimoghaddam): the candidates in the
 /// key's rendezvous order, the first whose outstanding requests stay
-/// within `load_factor` × the average (this request counted) wins. A key
-/// keeps its endpoint while that endpoint is not overloaded, and an
-/// overloaded one's keys spill in a fixed order, so they still meet each
-/// other there. Also says whether the key's first choice took it.
+/// within `load_factor` × the average (this request counted), or within
+/// `load_slack` of the least loaded endpoint's, wins. A key keeps its
+/// endpoint while that endpoint is not overloaded, and an overloaded one's
+/// keys spill in a fixed order, so they still meet each other there. Also
+/// says whether the key's first choice took it.
 pub(crate) fn bounded_rendezvous<'a>(
     key: u64,
     candidates: &[&'a Arc<Endpoint>],
     load_factor: f64,
+    load_slack: usize,
 ) -> Option<(&'a Arc<Endpoint>, bool)> {
     let mut ranked: Vec<(f64, &'a Arc<Endpoint>)> = candidates
         .iter()
@@ -111,10 +113,15 @@ pub(crate) fn bounded_rendezvous<'a>(
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
     let total: usize = candidates.iter().map(|e| e.outstanding()).sum::<usize>() + 1;
     let total_weight: f64 = candidates.iter().map(|e| e.weight).sum();
+    let least = candidates
+        .iter()
+        .map(|e| e.outstanding())
+        .min()
+        .unwrap_or(0);
     let within = |e: &Arc<Endpoint>| {
         let share = e.weight / total_weight;
         let cap = (load_factor * total as f64 * share).ceil().max(1.0);
-        ((e.outstanding() + 1) as f64) <= cap
+        ((e.outstanding() + 1) as f64) <= cap || e.outstanding() < least + load_slack
     };
     let first = ranked.first().map(|(_, e)| *e)?;
     match ranked.iter().map(|(_, e)| *e).find(|e| within(e)) {
@@ -135,10 +142,14 @@ fn rendezvous_score(key: u64, endpoint: &Endpoint) -> f64 {
 }
 
 /// The routing key of a completion request body under `balance =
-/// "prefix"`: a hash of its model and the leading `bytes` of its prompt
-/// (each message's role and text in order, or `prompt`), so that requests
-/// whose prompts begin alike (one app's system prompt, one conversation's
-/// earlier turns) get one key. None when the body is not such a request.
+/// "prefix"`: a hash of its model and the leading `bytes` of its first
+/// message's role and text (or of `prompt`), so that requests whose prompts
+/// begin alike get one key. Only the first message: every request of an
+/// app begins with its system prompt, and every turn of a conversation
+/// with its first message, but the leading bytes of a longer stretch would
+/// reach into the turns that differ from one request to the next when the
+/// system prompt is shorter than `bytes`. None when the body is not such a
+/// request.
 pub(crate) fn prefix_key(request: &serde_json::Value, bytes: usize) -> Option<u64> {
     let mut leading: Vec<u8> = Vec::with_capacity(bytes.min(64 * 1024) + 64);
     if let Some(model) = request.get("model").and_then(serde_json::Value::as_str) {
@@ -154,7 +165,7 @@ pub(crate) fn prefix_key(request: &serde_json::Value, bytes: usize) -> Option<u6
         .get("messages")
         .and_then(serde_json::Value::as_array)
     {
-        for message in messages {
+        if let Some(message) = messages.first() {
             push(
                 message
                     .get("role")
@@ -217,14 +228,14 @@ mod tests {
         let refs: Vec<&Arc<Endpoint>> = all.iter().collect();
         let key = stable_hash(b"tenant-7 system prompt");
         let home = rendezvous(key, &refs).expect("home");
-        let (pick, first) = bounded_rendezvous(key, &refs, 1.25).expect("pick");
+        let (pick, first) = bounded_rendezvous(key, &refs, 1.25, 0).expect("pick");
         assert!(Arc::ptr_eq(pick, home) && first);
         // One key's crowd: the home endpoint fills to its bound, then the
         // rest spill, always to the same next endpoint in the key's order.
         let mut held = Vec::new();
         let mut spilled = 0;
         for _ in 0..40 {
-            let (pick, first) = bounded_rendezvous(key, &refs, 1.25).expect("pick");
+            let (pick, first) = bounded_rendezvous(key, &refs, 1.25, 0).expect("pick");
             assert_eq!(first, Arc::ptr_eq(pick, home));
             spilled += usize::from(!first);
             held.push(pick.start());
@@ -247,8 +258,32 @@ mod tests {
         );
         // Load gone: the key is home again.
         drop(held);
-        let (pick, first) = bounded_rendezvous(key, &refs, 1.25).expect("pick");
+        let (pick, first) = bounded_rendezvous(key, &refs, 1.25, 0).expect("pick");
         assert!(Arc::ptr_eq(pick, home) && first);
+    }
+
+    #[test]
+    fn load_slack_keeps_a_key_home_through_a_small_imbalance() {
+        let all = endpoints(3);
+        let refs: Vec<&Arc<Endpoint>> = all.iter().collect();
+        let key = stable_hash(b"tenant-3 system prompt");
+        let home = rendezvous(key, &refs).expect("home");
+        let mut held = Vec::new();
+        // With nothing elsewhere, the bound alone lets the home hold one
+        // request (1.25 × 2 / 3 rounds up to 1); a slack of 3 lets it hold
+        // three before the fourth spills.
+        for n in 1..=4 {
+            let (pick, first) = bounded_rendezvous(key, &refs, 1.25, 3).expect("pick");
+            assert_eq!(first, n <= 3, "request {n}");
+            assert_eq!(Arc::ptr_eq(pick, home), n <= 3, "request {n}");
+            held.push(pick.start());
+        }
+        drop(held);
+        let (_, first) = bounded_rendezvous(key, &refs, 1.25, 0).expect("pick");
+        assert!(first);
+        let _one = home.start();
+        let (_, first) = bounded_rendezvous(key, &refs, 1.25, 0).expect("pick");
+        assert!(!first, "without slack the second request spills");
     }
 
     #[test]
@@ -267,6 +302,23 @@ mod tests {
         };
         let a = key(chat("hello").as_bytes()).expect("a key");
         assert_eq!(Some(a), key(chat("bye").as_bytes()));
+        // A short system prompt: the turns after it still share its key,
+        // as do a conversation's later turns.
+        let turn = |system: &str, rest: &[&str]| {
+            let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
+            messages.extend(
+                rest.iter()
+                    .map(|m| serde_json::json!({"role": "user", "content": m})),
+            );
+            serde_json::json!({"model": "m", "messages": messages}).to_string()
+        };
+        let first = key(turn("Be brief.", &["hello"]).as_bytes());
+        assert_eq!(
+            first,
+            key(turn("Be brief.", &["hello", "and then?"]).as_bytes())
+        );
+        assert_eq!(first, key(turn("Be brief.", &["bye"]).as_bytes()));
+        assert_ne!(first, key(turn("Be long.", &["hello"]).as_bytes()));
         // Within the first 4 KiB, the user's words count.
         let short = |user: &str| {
             serde_json::json!({"model": "m", "messages": [{"role": "user", "content": user}]})

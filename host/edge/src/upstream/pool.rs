@@ -209,7 +209,12 @@ impl PoolCore {
             .collect();
         if self.config.balance == BalanceMode::Prefix {
             let (pick, outcome) = match key {
-                Some(key) => match bounded_rendezvous(key, &candidates, self.config.load_factor) {
+                Some(key) => match bounded_rendezvous(
+                    key,
+                    &candidates,
+                    self.config.load_factor,
+                    self.config.load_slack,
+                ) {
                     Some((pick, true)) => (Some(pick), "affine"),
                     Some((pick, false)) => (Some(pick), "spilled"),
                     None => (None, "no_prefix"),
