@@ -300,9 +300,9 @@ impl Telemetry {
         self.0.prefix_hit_tokens.increment(hit_tokens as u64);
     }
 
-    pub(crate) fn prefix_cache(&self, blocks: usize, evictions: u64) {
+    pub(crate) fn prefix_cache(&self, blocks: usize, new_evictions: u64) {
         self.0.prefix_cached_blocks.set(blocks as f64);
-        self.0.prefix_evictions.absolute(evictions);
+        self.0.prefix_evictions.increment(new_evictions);
     }
 
     pub(crate) fn step(&self, sequences: usize, tokens: usize) {

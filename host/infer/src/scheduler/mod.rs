@@ -427,6 +427,7 @@ impl Engine {
             pool,
             running: Vec::new(),
             steps: 0,
+            evictions_counted: 0,
         };
         let thread = std::thread::Builder::new()
             .name("infer-engine".into())
@@ -643,6 +644,8 @@ struct Worker<R: Runner> {
     /// In admission order, which is also the order prefill is served in.
     running: Vec<Seq<R::Sequence>>,
     steps: u64,
+    /// Prefix cache evictions already added to the telemetry's counter.
+    evictions_counted: u64,
 }
 
 impl<R: Runner> Worker<R> {
@@ -942,7 +945,7 @@ impl<R: Runner> Worker<R> {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let waiting = lock(&self.shared.queue).len();
         let stats = EngineStats {
             waiting,
@@ -956,7 +959,11 @@ impl<R: Runner> Worker<R> {
         let telemetry = &self.shared.telemetry;
         telemetry.queue(waiting, stats.running);
         telemetry.kv(stats.kv_blocks_used, stats.kv_blocks_free);
-        telemetry.prefix_cache(stats.kv_blocks_cached, self.pool.evictions());
+        // The counter outlives this engine (a hot swap's next version
+        // counts on), so it is advanced, never set.
+        let evictions = self.pool.evictions();
+        telemetry.prefix_cache(stats.kv_blocks_cached, evictions - self.evictions_counted);
+        self.evictions_counted = evictions;
     }
 }
 
