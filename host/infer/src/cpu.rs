@@ -6,13 +6,18 @@
 //! which turns each block's dot product into integer multiply-adds (as
 //! ggml's CPU backend does). The portable kernels are plain loops that
 //! define the arithmetic; on x86-64 with AVX2 the same arithmetic runs in
-//! the intrinsics of [`x86`], picked at run time.
+//! the intrinsics of [`x86`], and a batch of inputs (decode steps of many
+//! sequences, prompt chunks) in those of [`avx512`] where the CPU has
+//! AVX-512 VNNI, picked at run time; a batch's result for each input is bit
+//! for bit what the one-input kernel computes for it alone.
 
 use rayon::prelude::*;
 
 use crate::quant::{GgmlType, Q8Vector, QK, f16_at};
 use crate::weights::Matrix;
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod ggml;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -45,6 +50,12 @@ impl Input {
     pub fn set(&mut self, x: &[f32]) {
         self.f32.clear();
         self.f32.extend_from_slice(x);
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() && x.len().is_multiple_of(QK) {
+            // SAFETY: the CPU's features were detected just above.
+            unsafe { avx512::quantize(x, &mut self.q8) };
+            return;
+        }
         self.q8.quantize(x);
     }
 }
@@ -53,6 +64,11 @@ impl Input {
 #[derive(Debug)]
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
+    /// The batch of the product under way, laid out for the AVX-512
+    /// kernels; kept to reuse its allocations. `None` where the CPU lacks
+    /// them.
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<std::sync::Mutex<avx512::PackedInputs>>,
 }
 
 impl CpuBackend {
@@ -68,7 +84,11 @@ impl CpuBackend {
             .num_threads(threads.max(1))
             .thread_name(|i| format!("infer-cpu-{i}"))
             .build()?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            #[cfg(target_arch = "x86_64")]
+            packed: avx512::available().then(Default::default),
+        })
     }
 
     /// Number of worker threads.
@@ -108,6 +128,27 @@ impl CpuBackend {
         if n == 0 {
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(packed) = &self.packed
+            && n > 1
+            && jobs
+                .iter()
+                .any(|(w, _)| matches!(w.ty, GgmlType::Q4_1 | GgmlType::Q8_0))
+        {
+            // A poisoned lock only means another product panicked; the
+            // layout is rebuilt from scratch below.
+            let mut packed = packed.lock().unwrap_or_else(|e| e.into_inner());
+            let q8: Vec<&Q8Vector> = xs.iter().map(|x| &x.q8).collect();
+            packed.pack(&q8);
+            self.run(xs, Some(&packed), jobs);
+            return;
+        }
+        self.run(xs, None, jobs);
+    }
+
+    /// Spreads `jobs` over the threads, `ROWS_PER_TASK` rows at a time.
+    fn run(&self, xs: &[Input], packed: Option<&Packed>, jobs: &mut [(&Matrix, &mut [f32])]) {
+        let n = xs.len();
         self.pool.install(|| {
             jobs.par_iter_mut()
                 .flat_map(|(w, out)| {
@@ -116,7 +157,7 @@ impl CpuBackend {
                         .enumerate()
                         .map(move |(i, chunk)| (w, i * ROWS_PER_TASK, chunk))
                 })
-                .for_each(|(w, first_row, chunk)| rows(w, first_row, xs, chunk));
+                .for_each(|(w, first_row, chunk)| rows(w, first_row, xs, packed, chunk));
         });
     }
 
@@ -127,8 +168,15 @@ impl CpuBackend {
     }
 }
 
-/// Computes `out` (rows from `first_row` on, `xs.len()` values per row).
-fn rows(w: &Matrix, first_row: usize, xs: &[Input], out: &mut [f32]) {
+/// The inputs laid out for the AVX-512 kernels, where the CPU has them.
+#[cfg(target_arch = "x86_64")]
+type Packed = avx512::PackedInputs;
+#[cfg(not(target_arch = "x86_64"))]
+type Packed = ();
+
+/// Computes `out` (rows from `first_row` on, `xs.len()` values per row);
+/// `packed` is `xs` laid out for the AVX-512 kernels.
+fn rows(w: &Matrix, first_row: usize, xs: &[Input], packed: Option<&Packed>, out: &mut [f32]) {
     let dot = row_dot(w.ty);
     #[cfg(target_arch = "x86_64")]
     let ahead = PREFETCH_BYTES.div_ceil(w.row(0).len().max(1));
@@ -141,6 +189,22 @@ fn rows(w: &Matrix, first_row: usize, xs: &[Input], out: &mut [f32]) {
             x86::prefetch(w.row(r + ahead));
         }
         let row = w.row(r);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(packed) = packed {
+            // SAFETY: `packed` exists only where avx512::available() holds;
+            // the kernels check the row's and the output's lengths.
+            match w.ty {
+                GgmlType::Q4_1 => {
+                    unsafe { avx512::q4_1_row(row, packed, row_out) };
+                    continue;
+                }
+                GgmlType::Q8_0 => {
+                    unsafe { avx512::q8_0_row(row, packed, row_out) };
+                    continue;
+                }
+                _ => {}
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if w.ty == GgmlType::Q4_1 && xs.len() > 1 && x86::available() {
             q4_1_many(row, xs, row_out);
@@ -488,6 +552,77 @@ mod tests {
             assert_eq!(many[1], fast, "batched q8_0 is bit-identical");
             assert_eq!(many[0], unsafe { x86::dot_q8_0(&row, &q2) });
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_batch_kernels_are_bit_identical_to_one_input_kernels() {
+        if !avx512::available() || !x86::available() {
+            eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        let cols = 192;
+        let mut rand = noise(5);
+        // Batches of one, odd sizes (a lone last input in its pair), one
+        // whole group of 16 and more than one group.
+        let inputs: Vec<Q8Vector> = (0..37)
+            .map(|i| {
+                let x: Vec<f32> = (0..cols).map(|_| rand() * (i % 5 + 1) as f32).collect();
+                let mut q = Q8Vector::default();
+                q.quantize(&x);
+                q
+            })
+            .collect();
+        let mut packed = avx512::PackedInputs::default();
+        for n in [1, 2, 3, 15, 16, 17, 37] {
+            let xs: Vec<&Q8Vector> = inputs.iter().take(n).collect();
+            packed.pack(&xs);
+            for seed in 0..8 {
+                let mut out = vec![f32::NAN; n];
+                let row = random_blocks(GgmlType::Q4_1, cols / QK, seed);
+                // SAFETY: detected above; the kernels check the lengths.
+                unsafe { avx512::q4_1_row(&row, &packed, &mut out) };
+                for (i, (got, x)) in out.iter().zip(&xs).enumerate() {
+                    let want = unsafe { x86::dot_q4_1(&row, x) };
+                    assert_eq!(got.to_bits(), want.to_bits(), "q4_1 n {n} input {i}");
+                }
+                let row = random_blocks(GgmlType::Q8_0, cols / QK, seed);
+                // SAFETY: as above.
+                unsafe { avx512::q8_0_row(&row, &packed, &mut out) };
+                for (i, (got, x)) in out.iter().zip(&xs).enumerate() {
+                    let want = unsafe { x86::dot_q8_0(&row, x) };
+                    assert_eq!(got.to_bits(), want.to_bits(), "q8_0 n {n} input {i}");
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_quantization_is_bit_identical_to_the_portable_one() {
+        if !avx512::available() {
+            eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI");
+            return;
+        }
+        let mut rand = noise(9);
+        // Ordinary values, ties at half a step, a zero block, and blocks
+        // whose largest value is negative.
+        let mut x: Vec<f32> = (0..32 * 40).map(|_| rand() * 7.0).collect();
+        x[32..64].fill(0.0);
+        for (i, v) in x[64..96].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        for v in &mut x[96..128] {
+            *v = -v.abs();
+        }
+        let (mut want, mut got) = (Q8Vector::default(), Q8Vector::default());
+        want.quantize(&x);
+        // SAFETY: detected above.
+        unsafe { avx512::quantize(&x, &mut got) };
+        assert_eq!(got.qs, want.qs);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.d), bits(&want.d));
+        assert_eq!(bits(&got.s), bits(&want.s));
     }
 
     #[cfg(target_arch = "x86_64")]

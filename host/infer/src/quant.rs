@@ -77,7 +77,7 @@ impl GgmlType {
     /// blocks or the size overflows.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let block_len = self.block_len() as u64;
-        if n % block_len != 0 {
+        if !n.is_multiple_of(block_len) {
             return None;
         }
         (n / block_len).checked_mul(self.block_bytes() as u64)
@@ -157,7 +157,10 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
 ///
 /// If `x.len()` is not a whole number of `ty` blocks.
 pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
-    assert!(x.len() % ty.block_len() == 0, "length must be whole blocks");
+    assert!(
+        x.len().is_multiple_of(ty.block_len()),
+        "length must be whole blocks"
+    );
     let f16_bytes = |v: f32| f16::from_f32(v).to_bits().to_le_bytes();
     let mut out = Vec::with_capacity(x.len() / ty.block_len() * ty.block_bytes());
     match ty {
@@ -235,7 +238,7 @@ impl Q8Vector {
     ///
     /// If `x.len()` is not a multiple of 32.
     pub fn quantize(&mut self, x: &[f32]) {
-        assert!(x.len() % QK == 0, "length must be whole blocks");
+        assert!(x.len().is_multiple_of(QK), "length must be whole blocks");
         let blocks = x.len() / QK;
         self.qs.resize(x.len(), 0);
         self.d.resize(blocks, 0.0);

@@ -56,7 +56,7 @@ impl Matrix {
     /// (mapped from a file or held in memory), or `None` when `data` is not
     /// exactly that size or a row is not a whole number of blocks.
     pub fn from_bytes(ty: GgmlType, cols: usize, rows: usize, data: TensorBytes) -> Option<Self> {
-        if cols % ty.block_len() != 0 {
+        if !cols.is_multiple_of(ty.block_len()) {
             return None;
         }
         let row_bytes = cols / ty.block_len() * ty.block_bytes();

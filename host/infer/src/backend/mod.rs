@@ -170,7 +170,7 @@ impl Runner for CpuRunner {
 
     fn kv_bytes_per_token(&self) -> usize {
         let shape = self.model.shape();
-        2 * shape.layers * shape.kv_dim() * std::mem::size_of::<f32>()
+        2 * shape.layers * shape.kv_dim() * std::mem::size_of::<half::f16>()
     }
 
     fn reserve_kv(&mut self, block_tokens: usize, blocks: usize) -> Result<(), ModelError> {
@@ -188,9 +188,14 @@ impl Runner for CpuRunner {
 
     fn forward(&mut self, steps: &mut [Step<'_, State>]) -> Result<(), ModelError> {
         let kv = self.kv.as_mut();
-        match &*self.model {
-            Model::Llama(m) => m.forward_batch_in(&self.backend, &mut self.batch, kv, steps),
-        }
+        let (backend, batch) = (&self.backend, &mut self.batch);
+        // The pass runs on a thread of the pool, so that its serial parts
+        // (norms, quantizing, transposes) do not compete with the pool's
+        // threads for the cores: the caller's thread would be one more
+        // runnable thread than cores while the workers spin between jobs.
+        backend.install(|| match &*self.model {
+            Model::Llama(m) => m.forward_batch_in(backend, batch, kv, steps),
+        })
     }
 }
 

@@ -28,6 +28,10 @@
 //! slowly.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Lanes of ggml's AVX-512 vectors of f32.
 const LANES: usize = 16;
@@ -208,12 +212,12 @@ fn softmax(x: &mut [f32]) {
 
 /// Scratch values [`attend`] needs for a head of `head_dim` values.
 pub fn attend_scratch_len(head_dim: usize) -> usize {
-    (DotOrder::VecDot.accumulators() + 1) * head_dim
+    (DotOrder::VecDot.accumulators() + 2) * head_dim
 }
 
 /// One attention head over `scores.len()` positions:
 /// `out = softmax(scale · q·K) · V`, where `cached(t)` gives the key and the
-/// value of position `t`, already rounded to f16.
+/// value of position `t` (in f16, as ggml's cache keeps them).
 ///
 /// `scratch` holds at least [`attend_scratch_len`] values.
 ///
@@ -223,12 +227,18 @@ pub fn attend_scratch_len(head_dim: usize) -> usize {
 pub fn attend<'c>(
     order: DotOrder,
     q: &[f32],
-    cached: impl Fn(usize) -> (&'c [f32], &'c [f32]),
+    cached: impl Fn(usize) -> (&'c [f16], &'c [f16]),
     scale: f32,
     scores: &mut [f32],
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::fits(q.len()) {
+        // SAFETY: fits checked the CPU's features.
+        unsafe { avx512::attend(order, q, cached, scale, scores, scratch, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA, detected just above.
@@ -243,7 +253,7 @@ pub fn attend<'c>(
 unsafe fn attend_fma<'c>(
     order: DotOrder,
     q: &[f32],
-    cached: impl Fn(usize) -> (&'c [f32], &'c [f32]),
+    cached: impl Fn(usize) -> (&'c [f16], &'c [f16]),
     scale: f32,
     scores: &mut [f32],
     scratch: &mut [f32],
@@ -256,7 +266,7 @@ unsafe fn attend_fma<'c>(
 fn attend_portable<'c>(
     order: DotOrder,
     q: &[f32],
-    cached: impl Fn(usize) -> (&'c [f32], &'c [f32]),
+    cached: impl Fn(usize) -> (&'c [f16], &'c [f16]),
     scale: f32,
     scores: &mut [f32],
     scratch: &mut [f32],
@@ -264,12 +274,14 @@ fn attend_portable<'c>(
 ) {
     let hd = q.len();
     let accumulators = order.accumulators();
-    let (q16, lanes) = scratch[..(accumulators + 1) * hd].split_at_mut(hd);
+    let (q16, rest) = scratch[..(accumulators + 2) * hd].split_at_mut(hd);
+    let (row, lanes) = rest.split_at_mut(hd);
     for (r, &v) in q16.iter_mut().zip(q) {
         *r = round_f16(v);
     }
     for (t, s) in scores.iter_mut().enumerate() {
-        *s = dot(order, cached(t).0, q16) * scale;
+        cached(t).0.convert_to_f32_slice(row);
+        *s = dot(order, row, q16) * scale;
     }
     softmax(scores);
     // Position t's weighted value joins accumulator t mod (16 or 64) of
@@ -279,7 +291,8 @@ fn attend_portable<'c>(
     for (t, &p) in scores.iter().enumerate() {
         let p = round_f16(p);
         let a = t % accumulators;
-        for (acc, &v) in lanes[a * hd..(a + 1) * hd].iter_mut().zip(cached(t).1) {
+        cached(t).1.convert_to_f32_slice(row);
+        for (acc, &v) in lanes[a * hd..(a + 1) * hd].iter_mut().zip(&*row) {
             *acc = p.mul_add(v, *acc);
         }
     }
@@ -361,11 +374,12 @@ mod tests {
     fn attention_matches_a_plain_f64_computation() {
         let hd = 64;
         let positions = 37;
-        let value_at = |t: usize, d: usize| round_f16(((t * 31 + d * 7) % 19) as f32 / 9.0 - 1.0);
-        let keys: Vec<Vec<f32>> = (0..positions)
+        let value_at =
+            |t: usize, d: usize| f16::from_f32(((t * 31 + d * 7) % 19) as f32 / 9.0 - 1.0);
+        let keys: Vec<Vec<f16>> = (0..positions)
             .map(|t| (0..hd).map(|d| value_at(t + 3, d)).collect())
             .collect();
-        let values: Vec<Vec<f32>> = (0..positions)
+        let values: Vec<Vec<f16>> = (0..positions)
             .map(|t| (0..hd).map(|d| value_at(t, d + 5)).collect())
             .collect();
         let q: Vec<f32> = (0..hd).map(|d| (d as f32 / 20.0).sin()).collect();
@@ -406,6 +420,83 @@ mod tests {
                 "{d}: {} vs {want}",
                 out[d]
             );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_attention_is_bit_identical_to_the_portable_one() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut ran = false;
+        for (hd, positions, q_scale) in [
+            (64, 1, 1.0),
+            (64, 15, 3.0),
+            (64, 17, 1.0),
+            (64, 64, 0.5),
+            (64, 65, 2.0),
+            (64, 200, 1.0),
+            (128, 77, 1.0),
+            // Scores hundreds apart: exp underflows and saturates to 0.
+            (64, 40, 400.0),
+        ] {
+            let keys: Vec<Vec<f16>> = (0..positions)
+                .map(|_| (0..hd).map(|_| f16::from_f32(rand())).collect())
+                .collect();
+            let values: Vec<Vec<f16>> = (0..positions)
+                .map(|_| (0..hd).map(|_| f16::from_f32(rand() * 4.0)).collect())
+                .collect();
+            let q: Vec<f32> = (0..hd).map(|_| rand() * q_scale).collect();
+            for order in [DotOrder::Gemm, DotOrder::VecDot] {
+                if !avx512::fits(hd) {
+                    continue;
+                }
+                ran = true;
+                let run = |simd: bool| {
+                    let mut scores = vec![0.0; positions];
+                    let mut scratch = vec![f32::NAN; attend_scratch_len(hd)];
+                    let mut out = vec![0.0; hd];
+                    let cached = |t: usize| (&keys[t][..], &values[t][..]);
+                    if simd {
+                        // SAFETY: fits checked the CPU above.
+                        unsafe {
+                            avx512::attend(
+                                order,
+                                &q,
+                                cached,
+                                0.125,
+                                &mut scores,
+                                &mut scratch,
+                                &mut out,
+                            )
+                        };
+                    } else {
+                        attend_portable(
+                            order,
+                            &q,
+                            cached,
+                            0.125,
+                            &mut scores,
+                            &mut scratch,
+                            &mut out,
+                        );
+                    }
+                    (scores, out)
+                };
+                let (simd, portable) = (run(true), run(false));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let case = format!("{order:?} head {hd}, {positions} positions, q x{q_scale}");
+                assert_eq!(bits(&simd.0), bits(&portable.0), "scores: {case}");
+                assert_eq!(bits(&simd.1), bits(&portable.1), "output: {case}");
+            }
+        }
+        if !ran {
+            eprintln!("SKIPPED: this CPU lacks AVX-512");
         }
     }
 

@@ -30,14 +30,14 @@ pub fn prefetch(bytes: &[u8]) {
 }
 
 #[inline(always)]
-unsafe fn f16(bytes: &[u8], at: usize) -> f32 {
+pub(super) unsafe fn f16(bytes: &[u8], at: usize) -> f32 {
     let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))) }
 }
 
 /// 16 bytes of nibbles → 32 bytes: low nibbles first, then high nibbles.
 #[inline(always)]
-unsafe fn nibbles(qs: &[u8]) -> __m256i {
+pub(super) unsafe fn nibbles(qs: &[u8]) -> __m256i {
     debug_assert!(qs.len() >= 16);
     unsafe {
         let packed = _mm_loadu_si128(qs.as_ptr().cast());
@@ -65,7 +65,7 @@ unsafe fn sum_i8_i8(x: __m256i, y: __m256i) -> __m256 {
 }
 
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));

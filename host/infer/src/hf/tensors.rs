@@ -244,7 +244,7 @@ fn bf16_to_f16_or_f32(bytes: &[u8]) -> (GgmlType, TensorBytes) {
 /// `rows`.
 pub fn permute_rope_rows(src: &[u8], rows: usize, heads: usize) -> Vec<u8> {
     assert!(
-        heads > 0 && rows % (2 * heads) == 0,
+        heads > 0 && rows.is_multiple_of(2 * heads),
         "{rows} rows over {heads} heads"
     );
     assert_eq!(src.len() % rows, 0, "whole rows");

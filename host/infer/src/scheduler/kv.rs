@@ -329,8 +329,7 @@ mod tests {
 
     #[test]
     fn reserves_whole_blocks_within_the_budget() {
-        // 2 layers × 32 kv dims × 2 × 4 bytes = 512 bytes per token, so
-        // 8 KiB per block of 16.
+        // 512 bytes per token, so 8 KiB per block of 16.
         assert_eq!(BlockPool::block_bytes(512, 16), 8192);
         let mut pool = BlockPool::new(512, 16, 10 * 8192 + 100, false);
         assert_eq!((pool.total(), pool.max_tokens()), (10, 160));

@@ -267,9 +267,9 @@ pub fn write_hf_dir(
     }
     if s.num_attention_heads == 0
         || s.num_key_value_heads == 0
-        || s.hidden_size % s.num_attention_heads != 0
-        || s.num_attention_heads % s.num_key_value_heads != 0
-        || s.head_dim() % 2 != 0
+        || !s.hidden_size.is_multiple_of(s.num_attention_heads)
+        || !s.num_attention_heads.is_multiple_of(s.num_key_value_heads)
+        || !s.head_dim().is_multiple_of(2)
     {
         return Err(TestModelError::BadShape(format!(
             "hidden_size {} over {} heads and {} kv heads",

@@ -165,12 +165,12 @@ async fn a_shared_system_prompt_is_prefilled_once_and_answers_as_without_the_cac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_too_small_for_every_prefix_evicts_and_answers_stay_right() {
     let gguf = Gguf::from_bytes(tiny_llama(11)).expect("parse");
-    // The tiny model keeps 512 bytes per token (2 layers, 32 kv dims, keys
-    // and values in f32): 8 KiB per block of 16.
+    // The tiny model keeps 256 bytes per token (2 layers, 32 kv dims, keys
+    // and values in f16): 4 KiB per block of 16.
     let engine = |prefix_cache| EngineConfig {
         // Eight blocks: a sequence takes five, so beside it the pool keeps
         // one other prefix's three idle blocks at most.
-        kv_budget_bytes: 8 * 8192,
+        kv_budget_bytes: 8 * 4096,
         block_tokens: BLOCK as usize,
         max_batch: 1,
         prefix_cache,

@@ -6,6 +6,8 @@
 
 mod hf;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::{ModelError, ModelShape, Step};
@@ -375,14 +377,11 @@ impl Llama {
                     .or(pool.as_deref_mut())
                     .expect("checked at the start of the pass");
                 let at = kv.offset(l, table, pos);
-                // The cache holds f16 values, as llama.cpp's does (kept in
-                // f32 storage so attention reads them without converting).
-                for (c, &x) in kv.keys[at..at + kv_dim].iter_mut().zip(k.iter()) {
-                    *c = ggml::round_f16(x);
-                }
-                for (c, &x) in kv.values[at..at + kv_dim].iter_mut().zip(v) {
-                    *c = ggml::round_f16(x);
-                }
+                // The cache holds f16 values, as llama.cpp's does: half the
+                // memory attention streams through, and the rounding its
+                // arithmetic expects.
+                kv.keys[at..at + kv_dim].convert_from_f32_slice(k);
+                kv.values[at..at + kv_dim].convert_from_f32_slice(v);
             }
             let pool = pool.as_deref();
 
@@ -578,15 +577,14 @@ impl Attention {
     ) {
         let hd = self.head_dim;
         let head = (h / self.group) * hd;
-        let span = |t: usize| {
-            let at = kv.offset(self.layer, table, t) + head;
-            at..at + hd
-        };
         let (keys, values) = (&kv.keys, &kv.values);
         ggml::attend(
             self.order,
             &q[h * hd..(h + 1) * hd],
-            |t| (&keys[span(t)], &values[span(t)]),
+            |t| {
+                let at = kv.offset(self.layer, table, t) + head;
+                (&keys[at..at + hd], &values[at..at + hd])
+            },
             self.scale,
             att,
             scratch,
@@ -598,16 +596,14 @@ impl Attention {
 /// `dst[i][r] = src[r][i]` for `n` columns: the matmul's row-major batch
 /// output back to one vector per token.
 fn transpose(src: &[f32], n: usize, dst: &mut [f32]) {
-    for_each_tile(src.len() / n, n, |r, i| {
-        dst[i * (src.len() / n) + r] = src[r * n + i]
-    });
+    let rows = src.len() / n;
+    for_each_tile(rows, n, |r, i| dst[i * rows + r] = src[r * n + i]);
 }
 
 /// `x[i][r] += y[r][i]`: a residual add from a batch matmul output.
 fn add_transposed(x: &mut [f32], y: &[f32], n: usize) {
-    for_each_tile(y.len() / n, n, |r, i| {
-        x[i * (y.len() / n) + r] += y[r * n + i]
-    });
+    let rows = y.len() / n;
+    for_each_tile(rows, n, |r, i| x[i * rows + r] += y[r * n + i]);
 }
 
 /// Calls `f(r, i)` for every `r < rows`, `i < n`, a square tile at a time:
@@ -638,8 +634,8 @@ pub struct KvBlocks {
     blocks: usize,
     layers: usize,
     kv_dim: usize,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: Vec<f16>,
+    values: Vec<f16>,
 }
 
 impl KvBlocks {
@@ -654,8 +650,8 @@ impl KvBlocks {
             blocks,
             layers: shape.layers,
             kv_dim: shape.kv_dim(),
-            keys: vec![0.0; len],
-            values: vec![0.0; len],
+            keys: vec![f16::ZERO; len],
+            values: vec![f16::ZERO; len],
         }
     }
 
@@ -673,8 +669,17 @@ impl KvBlocks {
     /// block table is `table`.
     #[inline]
     fn offset(&self, layer: usize, table: &[u32], pos: usize) -> usize {
-        let block = table[pos / self.block_tokens] as usize;
-        ((layer * self.blocks + block) * self.block_tokens + pos % self.block_tokens) * self.kv_dim
+        // Attention asks this for every past position of every head; a
+        // division there cost more than the rest of the lookup, and block
+        // sizes are powers of two in practice.
+        let (block, slot) = if self.block_tokens.is_power_of_two() {
+            let shift = self.block_tokens.trailing_zeros();
+            (pos >> shift, pos & (self.block_tokens - 1))
+        } else {
+            (pos / self.block_tokens, pos % self.block_tokens)
+        };
+        let block = table[block] as usize;
+        ((layer * self.blocks + block) * self.block_tokens + slot) * self.kv_dim
     }
 }
 
