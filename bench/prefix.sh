@@ -31,10 +31,11 @@
 #   backend's batch kernels the hosts are not loaded: every configuration's
 #   p90 is one cold prefill)
 #   SYSTEM_TOKENS [1000]  MAX_TOKENS [16]  THINK_MS [500]  SEED [1]
-#   KV_BUDGET_MB [2048] (per host: at the gpu-host default of 512, a
-#   one-thread CPU host's admitted sequences, up to 16 of ~1,000 tokens,
-#   fill the pool and evict every idle prefix; a GPU's pool is many times
-#   its running batch)  HOSTS [3]  LOAD_FACTOR [1.25]  LOAD_SLACK [0]
+#   KV_BUDGET_MB [2048] (per host: the gpu-host default of 512 holds
+#   about 23,000 of the demo model's tokens, most of which a one-thread CPU
+#   host's admitted sequences, up to 16 of ~1,000 tokens, take, evicting
+#   idle prefixes; a GPU's pool is many times its running batch)
+#   HOSTS [3]  LOAD_FACTOR [1.25]  LOAD_SLACK [0]
 #   CONFIGS ["least-loaded least-loaded+cache prefix+cache"]
 #   OUT_DIR [bench/out/prefix-<timestamp>]
 #   BUILD_TIMEOUT [2400] (seconds)  CARGO_TARGET_DIR (respected)
