@@ -110,16 +110,6 @@ impl PackedInputs {
             }
         }
     }
-
-    /// Number of inputs.
-    pub fn len(&self) -> usize {
-        self.inputs
-    }
-
-    /// Whether the batch holds no inputs.
-    pub fn is_empty(&self) -> bool {
-        self.inputs == 0
-    }
 }
 
 /// `x` quantized into `q` exactly as [`Q8Vector::quantize`] does it, a
