@@ -110,8 +110,8 @@ impl CpuBackend {
     /// job: the threads meet once, not once per matrix, and each weight row
     /// is read from memory once for the whole batch.
     ///
-    /// Each output is laid out row by row, `out[r * xs.len() + i] = w_r · x_i`,
-    /// so that a thread's share of rows is one contiguous slice.
+    /// Each output is laid out token by token, `out[i * w.rows + r] = w_r ·
+    /// x_i`: one vector per input, as the next step of a layer reads it.
     ///
     /// # Panics
     ///
@@ -150,14 +150,42 @@ impl CpuBackend {
     fn run(&self, xs: &[Input], packed: Option<&Packed>, jobs: &mut [(&Matrix, &mut [f32])]) {
         let n = xs.len();
         self.pool.install(|| {
+            if n == 1 {
+                // One input: its vector is the rows in order, and each
+                // task's share one contiguous slice of it.
+                jobs.par_iter_mut()
+                    .flat_map(|(w, out)| {
+                        let w: &Matrix = w;
+                        out.par_chunks_mut(ROWS_PER_TASK)
+                            .enumerate()
+                            .map(move |(i, chunk)| (w, i * ROWS_PER_TASK, chunk))
+                    })
+                    .for_each(|(w, first_row, chunk)| rows(w, first_row, xs, packed, chunk));
+                return;
+            }
+            // A batch: the kernels give a row's values for every input
+            // together, so a task computes its rows into a block of its
+            // own and scatters them into the inputs' vectors, while those
+            // lines are in its cache (a separate transpose afterwards was
+            // a pass over the whole output on one thread).
             jobs.par_iter_mut()
                 .flat_map(|(w, out)| {
                     let w: &Matrix = w;
-                    out.par_chunks_mut(ROWS_PER_TASK * n)
-                        .enumerate()
-                        .map(move |(i, chunk)| (w, i * ROWS_PER_TASK, chunk))
+                    let out = TokenMajor::new(out, w.rows, n);
+                    (0..w.rows.div_ceil(ROWS_PER_TASK))
+                        .into_par_iter()
+                        .map(move |task| (w, task * ROWS_PER_TASK, out))
                 })
-                .for_each(|(w, first_row, chunk)| rows(w, first_row, xs, packed, chunk));
+                .for_each(|(w, first_row, out)| {
+                    let count = (w.rows - first_row).min(ROWS_PER_TASK);
+                    TASK_ROWS.with_borrow_mut(|block| {
+                        block.resize(count * n, 0.0);
+                        rows(w, first_row, xs, packed, block);
+                        // SAFETY: tasks take disjoint rows, all within the
+                        // output TokenMajor::new checked.
+                        unsafe { out.scatter(first_row, block) };
+                    });
+                });
         });
     }
 
@@ -165,6 +193,74 @@ impl CpuBackend {
     /// that the model parallelizes itself).
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
+    }
+}
+
+thread_local! {
+    /// A task's rows of a batch product (`[row][input]`), before they are
+    /// scattered into the inputs' vectors; kept to reuse the allocation.
+    static TASK_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A batch product's output, `[input][row]`, as the tasks filling it in
+/// share it: each writes only the rows it computed.
+#[derive(Clone, Copy)]
+struct TokenMajor {
+    out: *mut f32,
+    rows: usize,
+    inputs: usize,
+}
+
+// SAFETY: the tasks sharing a TokenMajor write disjoint rows (see scatter),
+// and the product that made it waits for all of them.
+unsafe impl Send for TokenMajor {}
+// SAFETY: as for Send.
+unsafe impl Sync for TokenMajor {}
+
+impl TokenMajor {
+    /// `out` as `inputs` vectors of `rows` values.
+    ///
+    /// # Panics
+    ///
+    /// If `out` is not that long.
+    fn new(out: &mut [f32], rows: usize, inputs: usize) -> Self {
+        assert_eq!(out.len(), rows * inputs, "output length");
+        Self {
+            out: out.as_mut_ptr(),
+            rows,
+            inputs,
+        }
+    }
+
+    /// Writes `block`, rows `first_row..` with one value per input each,
+    /// to their places in the inputs' vectors.
+    ///
+    /// # Panics
+    ///
+    /// If the rows run past the output.
+    ///
+    /// # Safety
+    ///
+    /// No other thread may access these rows of the output meanwhile, and
+    /// the output must outlive the call.
+    unsafe fn scatter(&self, first_row: usize, block: &[f32]) {
+        let rows = block.len() / self.inputs;
+        assert!(first_row + rows <= self.rows, "rows within the output");
+        // Input by input: each input's rows here are consecutive values,
+        // stored one after the other into the same cache lines, while the
+        // block they are read from is in the L1 cache. (Row by row, every
+        // store went to another input's line, and cost ten times more.)
+        for i in 0..self.inputs {
+            // SAFETY: i < inputs and first_row + rows <= self.rows, so the
+            // range is within the output, and these rows are the caller's
+            // alone.
+            let column = unsafe {
+                std::slice::from_raw_parts_mut(self.out.add(i * self.rows + first_row), rows)
+            };
+            for (o, values) in column.iter_mut().zip(block.chunks_exact(self.inputs)) {
+                *o = values[i];
+            }
+        }
     }
 }
 
@@ -512,6 +608,47 @@ mod tests {
                     (got - want).abs() <= 0.02 * scale,
                     "{ty:?}: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_product_gives_each_input_its_own_vector() {
+        let cols = 64;
+        let backend = CpuBackend::new(2).unwrap();
+        let mut rand = noise(13);
+        let inputs: Vec<Input> = (0..5)
+            .map(|_| {
+                let mut input = Input::default();
+                input.set(&(0..cols).map(|_| rand()).collect::<Vec<_>>());
+                input
+            })
+            .collect();
+        // Row counts that leave a short last task, two matrices in one call.
+        let matrices: Vec<Matrix> = [(GgmlType::Q4_1, 37), (GgmlType::Q8_0, 19)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ty, rows))| {
+                let mut w = GgufWriter::default();
+                let data = random_blocks(ty, rows * cols / QK, 20 + i as u64);
+                w.tensor("w", &[cols as u64, rows as u64], ty, data);
+                let gguf = Gguf::from_bytes(w.finish()).unwrap();
+                Matrix::load(&gguf, "w", cols, Some(rows)).unwrap()
+            })
+            .collect();
+        for n in [2, 5] {
+            let xs = &inputs[..n];
+            let (mut a, mut b) = (
+                vec![f32::NAN; n * matrices[0].rows],
+                vec![f32::NAN; n * matrices[1].rows],
+            );
+            backend.matmul_many(xs, &mut [(&matrices[0], &mut a), (&matrices[1], &mut b)]);
+            for (m, out) in matrices.iter().zip([&a, &b]) {
+                for (i, (x, got)) in xs.iter().zip(out.chunks_exact(m.rows)).enumerate() {
+                    let mut want = vec![0.0; m.rows];
+                    backend.matmul(m, x, &mut want);
+                    assert_eq!(got, want, "{:?}, {n} inputs, input {i}", m.ty);
+                }
             }
         }
     }

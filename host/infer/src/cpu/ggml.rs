@@ -210,99 +210,257 @@ fn softmax(x: &mut [f32]) {
     }
 }
 
-/// Scratch values [`attend`] needs for a head of `head_dim` values.
-pub fn attend_scratch_len(head_dim: usize) -> usize {
-    (DotOrder::VecDot.accumulators() + 2) * head_dim
+/// Where one kv head's cached keys and values are, in a paged cache:
+/// position `t` lies in block `table[t / block_tokens]`, that block's first
+/// position starts `block_stride` values per block number past `start` in
+/// both `keys` and `values`, and the block's positions follow `row` values
+/// apart.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedHead<'c> {
+    keys: &'c [f16],
+    values: &'c [f16],
+    table: &'c [u32],
+    layout: KvLayout,
+    start: usize,
+    head_dim: usize,
 }
 
-/// One attention head over `scores.len()` positions:
-/// `out = softmax(scale · q·K) · V`, where `cached(t)` gives the key and the
-/// value of position `t` (in f16, as ggml's cache keeps them).
+/// How a paged cache lays its positions out ([`CachedHead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Positions per block.
+    pub block_tokens: usize,
+    /// Values from one block to the next.
+    pub block_stride: usize,
+    /// Values from one position to the next within a block.
+    pub row: usize,
+}
+
+impl<'c> CachedHead<'c> {
+    /// The head whose position 0 of block 0 starts at `start`.
+    ///
+    /// # Panics
+    ///
+    /// If `layout.block_tokens` is 0.
+    pub fn new(
+        keys: &'c [f16],
+        values: &'c [f16],
+        table: &'c [u32],
+        layout: KvLayout,
+        start: usize,
+        head_dim: usize,
+    ) -> Self {
+        assert!(layout.block_tokens > 0, "blocks hold positions");
+        Self {
+            keys,
+            values,
+            table,
+            layout,
+            start,
+            head_dim,
+        }
+    }
+
+    /// Values per key and per value.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Where position `t`'s key (and value) starts.
+    #[inline(always)]
+    fn at(&self, t: usize) -> usize {
+        // Attention asks this for every past position of every head; a
+        // division here cost more than the rest of the lookup, and block
+        // sizes are powers of two in practice.
+        let bt = self.layout.block_tokens;
+        let (block, slot) = if bt.is_power_of_two() {
+            (t >> bt.trailing_zeros(), t & (bt - 1))
+        } else {
+            (t / bt, t % bt)
+        };
+        self.start + self.table[block] as usize * self.layout.block_stride + slot * self.layout.row
+    }
+
+    /// Position `t`'s key.
+    #[inline(always)]
+    pub fn key(&self, t: usize) -> &'c [f16] {
+        let at = self.at(t);
+        &self.keys[at..at + self.head_dim]
+    }
+
+    /// Position `t`'s value.
+    #[inline(always)]
+    pub fn value(&self, t: usize) -> &'c [f16] {
+        let at = self.at(t);
+        &self.values[at..at + self.head_dim]
+    }
+
+    /// Panics unless the keys and values of the first `positions` positions
+    /// all lie within `keys` and `values`, which lets the SIMD loops read
+    /// them through [`Self::key_ptr`] and [`Self::value_ptr`] unchecked.
+    fn check(&self, positions: usize) {
+        let bt = self.layout.block_tokens;
+        let blocks = positions.div_ceil(bt);
+        assert!(
+            blocks <= self.table.len(),
+            "cached position past the cache's block table"
+        );
+        for (b, &block) in self.table[..blocks].iter().enumerate() {
+            let last_slot = (positions - b * bt).min(bt) - 1;
+            let end = self.start
+                + block as usize * self.layout.block_stride
+                + last_slot * self.layout.row
+                + self.head_dim;
+            assert!(
+                end <= self.keys.len() && end <= self.values.len(),
+                "cached position past the cache"
+            );
+        }
+    }
+
+    /// Position `t`'s key, for `t` below what [`Self::check`] checked.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn key_ptr(&self, t: usize) -> *const f16 {
+        // SAFETY: check() found every checked position within keys.
+        unsafe { self.keys.as_ptr().add(self.at(t)) }
+    }
+
+    /// Position `t`'s value, for `t` below what [`Self::check`] checked.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn value_ptr(&self, t: usize) -> *const f16 {
+        // SAFETY: check() found every checked position within values.
+        unsafe { self.values.as_ptr().add(self.at(t)) }
+    }
+}
+
+/// Scratch values [`attend`] needs for `group` query heads of `head_dim`
+/// values.
+pub fn attend_scratch_len(head_dim: usize, group: usize) -> usize {
+    // Per head its rounded query and its accumulators, plus 16 keys in f32.
+    (group * (DotOrder::VecDot.accumulators() + 1) + LANES) * head_dim
+}
+
+/// A group of query heads sharing one kv head attend over the first
+/// `scores.len() / heads` positions of `kv`: for each head `g`,
+/// `out[g] = softmax(scale · q[g]·K) · V`, keys and values in f16 as ggml's
+/// cache keeps them. `q` and `out` hold the heads' vectors one after the
+/// other; on return `scores[g·n..(g + 1)·n]` holds head `g`'s attention
+/// weights rounded to f16.
+///
+/// Why a group at a time: the heads read the same keys and values, so
+/// each position's key and value is loaded and widened once for all of
+/// them.
 ///
 /// `scratch` holds at least [`attend_scratch_len`] values.
 ///
 /// # Panics
 ///
-/// If `scratch` is too short or a key or value is not `q.len()` long.
-pub fn attend<'c>(
+/// If `scratch` is too short, `q`, `out` and `scores` are not whole heads,
+/// or a position lies outside the cache.
+pub fn attend(
     order: DotOrder,
     q: &[f32],
-    cached: impl Fn(usize) -> (&'c [f16], &'c [f16]),
+    kv: &CachedHead<'_>,
     scale: f32,
     scores: &mut [f32],
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
+    let hd = kv.head_dim();
+    assert!(hd > 0 && q.len().is_multiple_of(hd), "whole query heads");
+    assert_eq!(out.len(), q.len(), "one output per query value");
+    let heads = q.len() / hd;
+    assert!(
+        scores.len().is_multiple_of(heads.max(1)),
+        "whole score rows"
+    );
     #[cfg(target_arch = "x86_64")]
-    if avx512::fits(q.len()) {
+    if avx512::fits(hd) {
         // SAFETY: fits checked the CPU's features.
-        unsafe { avx512::attend(order, q, cached, scale, scores, scratch, out) };
+        unsafe { avx512::attend(order, q, kv, scale, scores, scratch, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA, detected just above.
-        unsafe { attend_fma(order, q, cached, scale, scores, scratch, out) };
+        unsafe { attend_fma(order, q, kv, scale, scores, scratch, out) };
         return;
     }
-    attend_portable(order, q, cached, scale, scores, scratch, out);
+    attend_portable(order, q, kv, scale, scores, scratch, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
-unsafe fn attend_fma<'c>(
+unsafe fn attend_fma(
     order: DotOrder,
     q: &[f32],
-    cached: impl Fn(usize) -> (&'c [f16], &'c [f16]),
+    kv: &CachedHead<'_>,
     scale: f32,
     scores: &mut [f32],
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
-    attend_portable(order, q, cached, scale, scores, scratch, out);
+    attend_portable(order, q, kv, scale, scores, scratch, out);
 }
 
+/// [`attend`], one head after the other.
 #[inline(always)]
-fn attend_portable<'c>(
+fn attend_portable(
     order: DotOrder,
     q: &[f32],
-    cached: impl Fn(usize) -> (&'c [f16], &'c [f16]),
+    kv: &CachedHead<'_>,
     scale: f32,
     scores: &mut [f32],
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = q.len();
+    let hd = kv.head_dim();
+    let heads = q.len() / hd;
+    let positions = scores.len() / heads.max(1);
+    if positions == 0 {
+        return;
+    }
     let accumulators = order.accumulators();
-    let (q16, rest) = scratch[..(accumulators + 2) * hd].split_at_mut(hd);
-    let (row, lanes) = rest.split_at_mut(hd);
-    for (r, &v) in q16.iter_mut().zip(q) {
-        *r = round_f16(v);
-    }
-    for (t, s) in scores.iter_mut().enumerate() {
-        cached(t).0.convert_to_f32_slice(row);
-        *s = dot(order, row, q16) * scale;
-    }
-    softmax(scores);
-    // Position t's weighted value joins accumulator t mod (16 or 64) of
-    // every output: llama.cpp pads the positions to a multiple of 256 with
-    // zero weights, so no position is ever a leftover past the strides.
-    lanes.fill(0.0);
-    for (t, &p) in scores.iter().enumerate() {
-        let p = round_f16(p);
-        let a = t % accumulators;
-        cached(t).1.convert_to_f32_slice(row);
-        for (acc, &v) in lanes[a * hd..(a + 1) * hd].iter_mut().zip(&*row) {
-            *acc = p.mul_add(v, *acc);
+    let heads = q
+        .chunks_exact(hd)
+        .zip(out.chunks_exact_mut(hd))
+        .zip(scores.chunks_exact_mut(positions));
+    for ((q, out), scores) in heads {
+        let (q16, rest) = scratch[..(accumulators + 2) * hd].split_at_mut(hd);
+        let (row, lanes) = rest.split_at_mut(hd);
+        for (r, &v) in q16.iter_mut().zip(q) {
+            *r = round_f16(v);
         }
-    }
-    for (d, o) in out.iter_mut().enumerate() {
-        *o = match order {
-            DotOrder::Gemm => reduce_lanes(&std::array::from_fn(|l| lanes[l * hd + d])),
-            DotOrder::VecDot => reduce_vec_dot(&std::array::from_fn(|j| {
-                std::array::from_fn(|l| lanes[(j * LANES + l) * hd + d])
-            })),
-        };
+        for (t, s) in scores.iter_mut().enumerate() {
+            kv.key(t).convert_to_f32_slice(row);
+            *s = dot(order, row, q16) * scale;
+        }
+        softmax(scores);
+        // The weights enter the product with the values in f16.
+        for p in scores.iter_mut() {
+            *p = round_f16(*p);
+        }
+        // Position t's weighted value joins accumulator t mod (16 or 64) of
+        // every output: llama.cpp pads the positions to a multiple of 256 with
+        // zero weights, so no position is ever a leftover past the strides.
+        lanes.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            let a = t % accumulators;
+            kv.value(t).convert_to_f32_slice(row);
+            for (acc, &v) in lanes[a * hd..(a + 1) * hd].iter_mut().zip(&*row) {
+                *acc = p.mul_add(v, *acc);
+            }
+        }
+        for (d, o) in out.iter_mut().enumerate() {
+            *o = match order {
+                DotOrder::Gemm => reduce_lanes(&std::array::from_fn(|l| lanes[l * hd + d])),
+                DotOrder::VecDot => reduce_vec_dot(&std::array::from_fn(|j| {
+                    std::array::from_fn(|l| lanes[(j * LANES + l) * hd + d])
+                })),
+            };
+        }
     }
 }
 
@@ -376,21 +534,18 @@ mod tests {
         let positions = 37;
         let value_at =
             |t: usize, d: usize| f16::from_f32(((t * 31 + d * 7) % 19) as f32 / 9.0 - 1.0);
-        let keys: Vec<Vec<f16>> = (0..positions)
-            .map(|t| (0..hd).map(|d| value_at(t + 3, d)).collect())
-            .collect();
-        let values: Vec<Vec<f16>> = (0..positions)
-            .map(|t| (0..hd).map(|d| value_at(t, d + 5)).collect())
-            .collect();
+        let keys = per_position(positions, hd, |t, d| value_at(t + 3, d));
+        let values = per_position(positions, hd, |t, d| value_at(t, d + 5));
         let q: Vec<f32> = (0..hd).map(|d| (d as f32 / 20.0).sin()).collect();
         let mut scores = vec![0.0; positions];
-        let mut scratch = vec![0.0; attend_scratch_len(hd)];
+        let mut scratch = vec![0.0; attend_scratch_len(hd, 1)];
         let mut out = vec![0.0; hd];
         let scale = 0.125;
+        let cache = PagedCache::new(&keys, &values, 16, 0);
         attend(
             DotOrder::Gemm,
             &q,
-            |t| (&keys[t], &values[t]),
+            &cache.head(hd),
             scale,
             &mut scores,
             &mut scratch,
@@ -423,6 +578,121 @@ mod tests {
         }
     }
 
+    /// `[position][dim]` vectors of `value(t, d)`.
+    fn per_position(
+        positions: usize,
+        hd: usize,
+        value: impl Fn(usize, usize) -> f16,
+    ) -> Vec<Vec<f16>> {
+        (0..positions)
+            .map(|t| (0..hd).map(|d| value(t, d)).collect())
+            .collect()
+    }
+
+    /// Keys and values (`[position][dim]`) laid out as a paged cache would
+    /// hold them: blocks of `block_tokens` positions, numbered in reverse,
+    /// each position's row `pad` values wider than the head.
+    struct PagedCache {
+        keys: Vec<f16>,
+        values: Vec<f16>,
+        table: Vec<u32>,
+        layout: KvLayout,
+    }
+
+    impl PagedCache {
+        fn new(keys: &[Vec<f16>], values: &[Vec<f16>], block_tokens: usize, pad: usize) -> Self {
+            let hd = keys.first().map_or(0, Vec::len);
+            let blocks = keys.len().div_ceil(block_tokens).max(1);
+            let row = hd + pad;
+            let layout = KvLayout {
+                block_tokens,
+                block_stride: block_tokens * row,
+                row,
+            };
+            let table: Vec<u32> = (0..blocks as u32).rev().collect();
+            let len = blocks * layout.block_stride;
+            let (mut k, mut v) = (vec![f16::NAN; len], vec![f16::NAN; len]);
+            for (t, (key, value)) in keys.iter().zip(values).enumerate() {
+                let at =
+                    table[t / block_tokens] as usize * layout.block_stride + t % block_tokens * row;
+                k[at..at + hd].copy_from_slice(key);
+                v[at..at + hd].copy_from_slice(value);
+            }
+            Self {
+                keys: k,
+                values: v,
+                table,
+                layout,
+            }
+        }
+
+        fn head(&self, hd: usize) -> CachedHead<'_> {
+            CachedHead::new(&self.keys, &self.values, &self.table, self.layout, 0, hd)
+        }
+    }
+
+    #[test]
+    fn a_group_of_heads_attends_as_each_head_alone() {
+        let hd = 32;
+        let positions = 21;
+        let value_at =
+            |t: usize, d: usize| f16::from_f32(((t * 13 + d * 5) % 11) as f32 / 5.0 - 1.0);
+        let keys = per_position(positions, hd, value_at);
+        let values = per_position(positions, hd, |t, d| value_at(t + 7, d));
+        let cache = PagedCache::new(&keys, &values, 4, 3);
+        let heads = 3;
+        let q: Vec<f32> = (0..heads * hd).map(|i| (i as f32 / 7.0).cos()).collect();
+        let mut scratch = vec![0.0; attend_scratch_len(hd, heads)];
+        let mut scores = vec![0.0; heads * positions];
+        let mut out = vec![0.0; heads * hd];
+        attend(
+            DotOrder::VecDot,
+            &q,
+            &cache.head(hd),
+            0.25,
+            &mut scores,
+            &mut scratch,
+            &mut out,
+        );
+        for g in 0..heads {
+            let (mut one_scores, mut one_out) = (vec![0.0; positions], vec![0.0; hd]);
+            attend(
+                DotOrder::VecDot,
+                &q[g * hd..(g + 1) * hd],
+                &cache.head(hd),
+                0.25,
+                &mut one_scores,
+                &mut scratch,
+                &mut one_out,
+            );
+            assert_eq!(one_out, out[g * hd..(g + 1) * hd], "head {g}");
+            assert_eq!(
+                one_scores,
+                scores[g * positions..(g + 1) * positions],
+                "head {g}"
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "cached position past the cache")]
+    fn a_position_outside_the_cache_is_refused() {
+        let key = vec![vec![f16::ONE; 64]; 3];
+        let cache = PagedCache::new(&key, &key, 4, 0);
+        let mut scratch = vec![0.0; attend_scratch_len(64, 1)];
+        // Five positions, but the cache holds one block of four.
+        let (mut scores, mut out) = (vec![0.0; 5], vec![0.0; 64]);
+        attend(
+            DotOrder::Gemm,
+            &[1.0; 64],
+            &cache.head(64),
+            1.0,
+            &mut scores,
+            &mut scratch,
+            &mut out,
+        );
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_attention_is_bit_identical_to_the_portable_one() {
@@ -451,24 +721,29 @@ mod tests {
             let values: Vec<Vec<f16>> = (0..positions)
                 .map(|_| (0..hd).map(|_| f16::from_f32(rand() * 4.0)).collect())
                 .collect();
-            let q: Vec<f32> = (0..hd).map(|_| rand() * q_scale).collect();
+            // Paged in blocks of 16 (and 5: not a power of two), rows
+            // wider than a head as a cache of several kv heads has them.
+            let (block_tokens, pad) = if positions % 2 == 0 { (16, 64) } else { (5, 0) };
+            let cache = PagedCache::new(&keys, &values, block_tokens, pad);
+            let heads = 1 + positions % 5;
+            let q: Vec<f32> = (0..heads * hd).map(|_| rand() * q_scale).collect();
             for order in [DotOrder::Gemm, DotOrder::VecDot] {
                 if !avx512::fits(hd) {
                     continue;
                 }
                 ran = true;
                 let run = |simd: bool| {
-                    let mut scores = vec![0.0; positions];
-                    let mut scratch = vec![f32::NAN; attend_scratch_len(hd)];
-                    let mut out = vec![0.0; hd];
-                    let cached = |t: usize| (&keys[t][..], &values[t][..]);
+                    let mut scores = vec![0.0; heads * positions];
+                    let mut scratch = vec![f32::NAN; attend_scratch_len(hd, heads)];
+                    let mut out = vec![0.0; heads * hd];
+                    let cached = cache.head(hd);
                     if simd {
                         // SAFETY: fits checked the CPU above.
                         unsafe {
                             avx512::attend(
                                 order,
                                 &q,
-                                cached,
+                                &cached,
                                 0.125,
                                 &mut scores,
                                 &mut scratch,
@@ -479,7 +754,7 @@ mod tests {
                         attend_portable(
                             order,
                             &q,
-                            cached,
+                            &cached,
                             0.125,
                             &mut scores,
                             &mut scratch,
@@ -490,7 +765,9 @@ mod tests {
                 };
                 let (simd, portable) = (run(true), run(false));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let case = format!("{order:?} head {hd}, {positions} positions, q x{q_scale}");
+                let case = format!(
+                    "{order:?} head {hd}, {heads} heads, {positions} positions, q x{q_scale}"
+                );
                 assert_eq!(bits(&simd.0), bits(&portable.0), "scores: {case}");
                 assert_eq!(bits(&simd.1), bits(&portable.1), "output: {case}");
             }

@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{DotOrder, LANES, LN2_HI, LN2_LO, LOG2_E, POLY, SHIFT, VEC_DOT_VECTORS};
+use super::{CachedHead, DotOrder, LANES, LN2_HI, LN2_LO, LOG2_E, POLY, SHIFT, VEC_DOT_VECTORS};
 
 /// Whether this CPU and a head of `head_dim` values can take this path.
 pub(super) fn fits(head_dim: usize) -> bool {
@@ -36,15 +36,6 @@ unsafe fn round_f16(x: __m512) -> __m512 {
         _mm512_cvtph_ps(_mm512_cvtps_ph::<
             { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
         >(x))
-    }
-}
-
-/// One value rounded to f16 and back.
-#[inline(always)]
-unsafe fn round_f16_one(x: f32) -> f32 {
-    unsafe {
-        let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x));
-        _mm_cvtss_f32(_mm_cvtph_ps(h))
     }
 }
 
@@ -102,38 +93,6 @@ unsafe fn load_f16(at: *const f16) -> __m512 {
     unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())) }
 }
 
-/// The query's dot product with one key, times `scale`, in `order`.
-#[inline(always)]
-unsafe fn score(order: DotOrder, key: &[f16], q16: &[f32], scale: f32) -> f32 {
-    debug_assert_eq!(key.len(), q16.len());
-    let (k, q) = (key.as_ptr(), q16.as_ptr());
-    unsafe {
-        let sum = match order {
-            DotOrder::Gemm => {
-                let mut acc = _mm512_setzero_ps();
-                for i in (0..key.len()).step_by(LANES) {
-                    acc = _mm512_fmadd_ps(load_f16(k.add(i)), _mm512_loadu_ps(q.add(i)), acc);
-                }
-                reduce_lanes(acc)
-            }
-            DotOrder::VecDot => {
-                let mut v = [_mm512_setzero_ps(); VEC_DOT_VECTORS];
-                for i in (0..key.len()).step_by(LANES * VEC_DOT_VECTORS) {
-                    for (j, v) in v.iter_mut().enumerate() {
-                        let e = i + j * LANES;
-                        *v = _mm512_fmadd_ps(load_f16(k.add(e)), _mm512_loadu_ps(q.add(e)), *v);
-                    }
-                }
-                reduce_lanes(_mm512_add_ps(
-                    _mm512_add_ps(v[0], v[2]),
-                    _mm512_add_ps(v[1], v[3]),
-                ))
-            }
-        };
-        sum * scale
-    }
-}
-
 /// In-place softmax in [`super::softmax`]'s order.
 #[inline(always)]
 unsafe fn softmax(x: &mut [f32]) {
@@ -161,114 +120,273 @@ unsafe fn softmax(x: &mut [f32]) {
     }
 }
 
+/// The vector ggml reduces to one key's score: the key (already in f32 at
+/// `key`) times the rounded query `q16`, in `order`'s lanes and, for
+/// [`DotOrder::VecDot`], its four vectors added `(0 + 2) + (1 + 3)`.
+#[inline(always)]
+unsafe fn score_vector(order: DotOrder, key: *const f32, q16: *const f32, hd: usize) -> __m512 {
+    unsafe {
+        match order {
+            DotOrder::Gemm => {
+                let mut acc = _mm512_setzero_ps();
+                for i in (0..hd).step_by(LANES) {
+                    acc = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(key.add(i)),
+                        _mm512_loadu_ps(q16.add(i)),
+                        acc,
+                    );
+                }
+                acc
+            }
+            DotOrder::VecDot => {
+                let mut v = [_mm512_setzero_ps(); VEC_DOT_VECTORS];
+                for i in (0..hd).step_by(LANES * VEC_DOT_VECTORS) {
+                    for (j, v) in v.iter_mut().enumerate() {
+                        let e = i + j * LANES;
+                        *v = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(key.add(e)),
+                            _mm512_loadu_ps(q16.add(e)),
+                            *v,
+                        );
+                    }
+                }
+                _mm512_add_ps(_mm512_add_ps(v[0], v[2]), _mm512_add_ps(v[1], v[3]))
+            }
+        }
+    }
+}
+
+/// Lane `p` of the result is [`reduce_lanes`]`(v[p])`: the same tree of
+/// additions on the same pairs, done for 16 vectors at once by shuffling
+/// halves, then quarters, then pairs and lanes of them side by side.
+#[inline(always)]
+unsafe fn reduce16(v: &[__m512; LANES]) -> __m512 {
+    unsafe {
+        // eight: lanes i + 8 and i of each vector, two vectors per register.
+        let w: [__m512; 8] = std::array::from_fn(|k| {
+            let (a, b) = (v[2 * k], v[2 * k + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xee>(a, b),
+            )
+        });
+        // four: lanes i + 4 and i of each eight, four vectors per register.
+        let z: [__m512; 4] = std::array::from_fn(|m| {
+            let (a, b) = (w[2 * m], w[2 * m + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xdd>(a, b),
+            )
+        });
+        // two: four[0] + four[2] and four[1] + four[3].
+        let s: [__m512; 2] = std::array::from_fn(|n| {
+            let (a, b) = (z[2 * n], z[2 * n + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(a, b),
+                _mm512_shuffle_ps::<0xee>(a, b),
+            )
+        });
+        // one: two[0] + two[1]. Lane 4c + i now holds vector c + 4i.
+        let r = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(s[0], s[1]),
+            _mm512_shuffle_ps::<0xdd>(s[0], s[1]),
+        );
+        let order: [i32; LANES] = std::array::from_fn(|p| (4 * (p % 4) + p / 4) as i32);
+        _mm512_permutexvar_ps(_mm512_loadu_si512(order.as_ptr().cast()), r)
+    }
+}
+
+/// Asks for the cache lines of `len` f16 values from `at` into the cache
+/// level `HINT` names.
+#[inline(always)]
+unsafe fn prefetch<const HINT: i32>(at: *const f16, len: usize) {
+    const LINE: usize = 64;
+    let bytes = at.cast::<i8>();
+    for offset in (0..len * 2).step_by(LINE) {
+        // SAFETY: a prefetch reads nothing; the address is within the row.
+        unsafe { _mm_prefetch::<HINT>(bytes.wrapping_add(offset)) };
+    }
+}
+
 /// Dimensions of the values one pass of [`accumulate`] carries: four
-/// registers per accumulator.
+/// registers per head.
 const BLOCK: usize = 4 * LANES;
 
-/// Accumulators `j·16 + lane` for `j < R` over dimensions `block..block +
-/// 64`: accumulator `a` takes `p_t·v_t` for `t = a, a + stride, …` in that
-/// order, `p_t` the weight rounded to f16, as the portable version does.
+/// Accumulator `a` of each of the `H` heads over the 64 dimensions from
+/// `block`, stored at `lanes[(g·stride + a)·hd + block..]`: it takes
+/// `p_t·v_t` for `t = a, a + stride, …` in that order, `p_t` head `g`'s
+/// weight (already rounded to f16), as the portable version does.
 #[inline(always)]
-unsafe fn accumulate<'c, const R: usize>(
-    cached: &impl Fn(usize) -> (&'c [f16], &'c [f16]),
+unsafe fn accumulate<const H: usize>(
+    kv: &CachedHead<'_>,
     weights: &[f32],
+    positions: usize,
     block: usize,
-    lane: usize,
     stride: usize,
-) -> [[__m512; 4]; R] {
-    // SAFETY: the caller has AVX-512 F.
-    let mut acc = [[unsafe { _mm512_setzero_ps() }; 4]; R];
-    for (j, acc) in acc.iter_mut().enumerate() {
-        for t in (j * LANES + lane..weights.len()).step_by(stride) {
-            let value = cached(t).1;
-            assert!(value.len() >= block + BLOCK, "value length");
-            // SAFETY: the block is within the value, checked above.
-            unsafe {
-                let p = _mm512_set1_ps(round_f16_one(weights[t]));
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    let v = load_f16(value.as_ptr().add(block + k * LANES));
-                    *acc = _mm512_fmadd_ps(p, v, *acc);
+    lanes: &mut [f32],
+) {
+    let hd = kv.head_dim();
+    assert!(
+        weights.len() >= H * positions,
+        "a weight per head and position"
+    );
+    assert!(lanes.len() >= H * stride * hd, "an accumulator per head");
+    for a in 0..stride.min(positions) {
+        // SAFETY: the caller has AVX-512 F; every position below
+        // `positions` was checked by the caller, the block is within the
+        // head and the weights and lanes were checked above.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; H];
+            let mut t = a;
+            while t < positions {
+                let value = kv.value_ptr(t).add(block);
+                let v: [__m512; 4] = std::array::from_fn(|k| load_f16(value.add(k * LANES)));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let p = _mm512_set1_ps(*weights.get_unchecked(g * positions + t));
+                    for (acc, v) in acc.iter_mut().zip(&v) {
+                        *acc = _mm512_fmadd_ps(p, *v, *acc);
+                    }
+                }
+                t += stride;
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                let at = lanes.as_mut_ptr().add((g * stride + a) * hd + block);
+                for (k, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(at.add(k * LANES), *acc);
                 }
             }
         }
     }
-    acc
+    // Accumulators with no position (fewer positions than the stride) are
+    // zeros, as the portable version's are.
+    for g in 0..H {
+        for a in positions.min(stride)..stride {
+            let at = (g * stride + a) * hd + block;
+            lanes[at..at + BLOCK].fill(0.0);
+        }
+    }
 }
 
-/// [`super::attend_portable`] with the same preconditions, plus [`fits`].
+/// [`super::attend`] for a CPU and head size that [`fits`].
 ///
 /// # Safety
 ///
 /// Requires what [`fits`] checks.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn attend<'c>(
+pub(super) unsafe fn attend(
     order: DotOrder,
     q: &[f32],
-    cached: impl Fn(usize) -> (&'c [f16], &'c [f16]),
+    kv: &CachedHead<'_>,
     scale: f32,
     scores: &mut [f32],
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = q.len();
+    let hd = kv.head_dim();
+    let heads = q.len() / hd;
+    let positions = scores.len() / heads.max(1);
+    if positions == 0 {
+        return;
+    }
+    kv.check(positions);
     let accumulators = order.accumulators();
-    let (q16, lanes) = scratch[..(accumulators + 1) * hd].split_at_mut(hd);
-    assert_eq!(out.len(), hd, "one output per query value");
+    let scratch = &mut scratch[..super::attend_scratch_len(hd, heads)];
+    let (q16, rest) = scratch.split_at_mut(heads * hd);
+    let (keys, lanes) = rest.split_at_mut(LANES * hd);
+    // SAFETY: the CPU features are the caller's; every position below
+    // `positions` was found within the cache by `check`; the scratch holds
+    // `heads` rounded queries, 16 keys and `heads · accumulators` rows of
+    // accumulators, and `scores` a row of `positions` per head, as every
+    // offset below assumes.
     unsafe {
         for (r, q) in q16.chunks_exact_mut(LANES).zip(q.chunks_exact(LANES)) {
             _mm512_storeu_ps(r.as_mut_ptr(), round_f16(_mm512_loadu_ps(q.as_ptr())));
         }
-        for (t, s) in scores.iter_mut().enumerate() {
-            let key = cached(t).0;
-            assert_eq!(key.len(), hd, "key length");
-            *s = score(order, key, q16, scale);
+        // Scores 16 positions at a time: their keys widened once for all
+        // the heads, each head's 16 vectors reduced together.
+        for first in (0..positions).step_by(LANES) {
+            let count = (positions - first).min(LANES);
+            // The cache streams from memory: ask for the next keys, and for
+            // these positions' values (read once every score is known),
+            // while these keys are worked on.
+            for t in first + LANES..(first + 2 * LANES).min(positions) {
+                prefetch::<_MM_HINT_T0>(kv.key_ptr(t), hd);
+            }
+            for t in first..first + count {
+                prefetch::<_MM_HINT_T1>(kv.value_ptr(t), hd);
+            }
+            for p in 0..count {
+                let key = kv.key_ptr(first + p);
+                for i in (0..hd).step_by(LANES) {
+                    _mm512_storeu_ps(keys.as_mut_ptr().add(p * hd + i), load_f16(key.add(i)));
+                }
+            }
+            let mask: __mmask16 = if count == LANES { !0 } else { (1 << count) - 1 };
+            for g in 0..heads {
+                let q16 = q16.as_ptr().add(g * hd);
+                // A loop, not a closure: the closure was not inlined.
+                let mut vectors = [_mm512_setzero_ps(); LANES];
+                for (p, v) in vectors.iter_mut().enumerate().take(count) {
+                    *v = score_vector(order, keys.as_ptr().add(p * hd), q16, hd);
+                }
+                let s = _mm512_mul_ps(reduce16(&vectors), _mm512_set1_ps(scale));
+                let at = scores.as_mut_ptr().add(g * positions + first);
+                _mm512_mask_storeu_ps(at, mask, s);
+            }
         }
-        softmax(scores);
-        // The weighted values, BLOCK dimensions at a time: the portable
-        // version's accumulators `j·16 + l` for one lane `l` live in
-        // registers while their positions (every 16th or 64th) are added in
-        // order, and leave them as that lane's partial sum, combined as the
-        // portable version combines them; the 16 lanes' sums then go
-        // through its tree.
-        let lane_sums = lanes;
-        for block in (0..hd).step_by(BLOCK) {
-            for l in 0..LANES {
-                let sum = match order {
-                    DotOrder::Gemm => {
-                        let [a] = accumulate::<1>(&cached, scores, block, l, LANES);
-                        a
-                    }
-                    DotOrder::VecDot => {
-                        let [a0, a1, a2, a3] = accumulate::<VEC_DOT_VECTORS>(
-                            &cached,
-                            scores,
-                            block,
-                            l,
-                            LANES * VEC_DOT_VECTORS,
-                        );
-                        std::array::from_fn(|k| {
-                            _mm512_add_ps(_mm512_add_ps(a0[k], a2[k]), _mm512_add_ps(a1[k], a3[k]))
-                        })
-                    }
+        for scores in scores.chunks_exact_mut(positions.max(1)) {
+            softmax(scores);
+            // The weights enter the product with the values in f16.
+            for block in scores.chunks_mut(LANES) {
+                let mask: __mmask16 = if block.len() == LANES {
+                    !0
+                } else {
+                    (1 << block.len()) - 1
                 };
-                for (k, v) in sum.iter().enumerate() {
-                    _mm512_storeu_ps(lane_sums.as_mut_ptr().add(l * hd + block + k * LANES), *v);
+                let p = _mm512_maskz_loadu_ps(mask, block.as_ptr());
+                _mm512_mask_storeu_ps(block.as_mut_ptr(), mask, round_f16(p));
+            }
+        }
+        // The weighted values, BLOCK dimensions at a time, up to four heads
+        // at a time: each accumulator's positions (every 16th or 64th) are
+        // added in order in registers, then stored.
+        for block in (0..hd).step_by(BLOCK) {
+            for first in (0..heads).step_by(4) {
+                let group = (heads - first).min(4);
+                let weights = &scores[first * positions..];
+                let lanes = &mut lanes[first * accumulators * hd..];
+                match group {
+                    1 => accumulate::<1>(kv, weights, positions, block, accumulators, lanes),
+                    2 => accumulate::<2>(kv, weights, positions, block, accumulators, lanes),
+                    3 => accumulate::<3>(kv, weights, positions, block, accumulators, lanes),
+                    _ => accumulate::<4>(kv, weights, positions, block, accumulators, lanes),
                 }
             }
         }
-        // Output values 16 at a time, through the lane tree:
-        // eight[l] = s[8 + l] + s[l], four[l] = eight[4 + l] + eight[l],
-        // then (four[0] + four[2]) + (four[1] + four[3]).
-        for i in (0..hd).step_by(LANES) {
-            let mut s: [__m512; LANES] =
-                std::array::from_fn(|l| _mm512_loadu_ps(lane_sums.as_ptr().add(l * hd + i)));
-            for half in [8, 4] {
-                for l in 0..half {
-                    s[l] = _mm512_add_ps(s[half + l], s[l]);
+        // Output values 16 at a time: the accumulators of each lane
+        // combined as the portable version combines them, then the lanes
+        // through its tree: eight[l] = s[8 + l] + s[l], four[l] =
+        // eight[4 + l] + eight[l], then (four[0] + four[2]) + (four[1] +
+        // four[3]).
+        for (g, out) in out.chunks_exact_mut(hd).enumerate() {
+            let lanes = lanes.as_ptr().add(g * accumulators * hd);
+            let at = |a: usize, i: usize| _mm512_loadu_ps(lanes.add(a * hd + i));
+            for i in (0..hd).step_by(LANES) {
+                let mut s: [__m512; LANES] = std::array::from_fn(|l| match order {
+                    DotOrder::Gemm => at(l, i),
+                    DotOrder::VecDot => _mm512_add_ps(
+                        _mm512_add_ps(at(l, i), at(2 * LANES + l, i)),
+                        _mm512_add_ps(at(LANES + l, i), at(3 * LANES + l, i)),
+                    ),
+                });
+                for half in [8, 4] {
+                    for l in 0..half {
+                        s[l] = _mm512_add_ps(s[half + l], s[l]);
+                    }
                 }
+                let sum = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), sum);
             }
-            let sum = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
-            _mm512_storeu_ps(out.as_mut_ptr().add(i), sum);
         }
     }
 }

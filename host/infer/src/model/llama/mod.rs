@@ -20,6 +20,10 @@ use crate::weights::{Matrix, Weights};
 /// Positions from which a token's attention heads run in parallel.
 const PARALLEL_ATTENTION_FROM: usize = 128;
 
+/// Tokens in a step from which their norms and activations are shared
+/// among the threads ([`tokens_per_task`]).
+const PARALLEL_TOKENS_FROM: usize = 4;
+
 /// Hyperparameters, from the GGUF `llama.*` keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -343,25 +347,20 @@ impl Llama {
             dequantize_row(self.token_embd.ty, self.token_embd.row(token as usize), x);
         }
 
+        if let Some(first) = self.layers.first() {
+            b.norm_into_inputs(&first.attn_norm, c.rms_eps);
+        }
         for (l, layer) in self.layers.iter().enumerate() {
-            // Attention: q, k, v = W·rmsnorm(x)
-            b.norm_into_inputs(&layer.attn_norm, c.rms_eps);
-            let (tq, tk, tv) = (
-                &mut b.t1[..n * dim],
-                &mut b.t2[..n * kv_dim],
-                &mut b.t3[..n * kv_dim],
-            );
+            // Attention: q, k, v = W·rmsnorm(x), the norm done at the end
+            // of the layer before
             backend.matmul_many(
                 &b.inputs[..n],
                 &mut [
-                    (&layer.wq, &mut *tq),
-                    (&layer.wk, &mut *tk),
-                    (&layer.wv, &mut *tv),
+                    (&layer.wq, &mut b.q[..n * dim]),
+                    (&layer.wk, &mut b.k[..n * kv_dim]),
+                    (&layer.wv, &mut b.v[..n * kv_dim]),
                 ],
             );
-            transpose(tq, n, &mut b.q);
-            transpose(tk, n, &mut b.k);
-            transpose(tv, n, &mut b.v);
 
             // Rotate q and k by their positions; k and v join their
             // sequence's cache.
@@ -369,27 +368,33 @@ impl Llama {
             for ((&(seq, pos), q), (k, v)) in
                 rows.zip(b.k.chunks_exact_mut(kv_dim).zip(b.v.chunks_exact(kv_dim)))
             {
-                self.rope(q, pos, &mut b.rope_cos_sin);
-                self.rope(k, pos, &mut b.rope_cos_sin);
+                self.rope_angles(pos, &mut b.rope_cos_sin);
+                rotate(q, head_dim, c.rope_dim, &b.rope_cos_sin);
+                rotate(k, head_dim, c.rope_dim, &b.rope_cos_sin);
                 let State { table, own, .. } = &mut *steps[seq].state;
                 let kv = own
                     .as_mut()
                     .or(pool.as_deref_mut())
                     .expect("checked at the start of the pass");
-                let at = kv.offset(l, table, pos);
                 // The cache holds f16 values, as llama.cpp's does: half the
                 // memory attention streams through, and the rounding its
                 // arithmetic expects.
-                kv.keys[at..at + kv_dim].convert_from_f32_slice(k);
-                kv.values[at..at + kv_dim].convert_from_f32_slice(v);
+                let heads = k.chunks_exact(head_dim).zip(v.chunks_exact(head_dim));
+                for (kv_head, (k, v)) in heads.enumerate() {
+                    let at = kv.offset(l, table, pos, kv_head);
+                    kv.keys[at..at + head_dim].convert_from_f32_slice(k);
+                    kv.values[at..at + head_dim].convert_from_f32_slice(v);
+                }
             }
             let pool = pool.as_deref();
 
-            // Each query head attends over the cached keys of its kv group up
-            // to its own position: att = softmax(q·K / √d), xb = att·V
+            // Each group of query heads attends over the cached keys of its
+            // kv head up to its own position: att = softmax(q·K / √d),
+            // xb = att·V
+            let group = c.n_heads / c.n_kv_heads;
             let geometry = Attention {
                 head_dim,
-                group: c.n_heads / c.n_kv_heads,
+                group,
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 layer: l,
                 // A lone token's order; rows of prompt chunks say otherwise.
@@ -397,8 +402,9 @@ impl Llama {
             };
             let steps: &[Step<'_>] = steps;
             let max_len = b.rows.iter().map(|&(_, pos)| pos + 1).max().unwrap_or(1);
-            // Per worker: scores over the positions, then the head's scratch.
-            let stride = max_len + ggml::attend_scratch_len(head_dim);
+            // Per worker: a group's scores over the positions, then its
+            // scratch.
+            let stride = group * max_len + ggml::attend_scratch_len(head_dim, group);
             let threads = backend.threads();
             if n > 1 {
                 // Several tokens: each thread takes a share of them.
@@ -407,26 +413,32 @@ impl Llama {
                     b.att.resize(threads * stride, 0.0);
                 }
                 let (xb, q, rows, att) = (&mut b.xb, &b.q, &b.rows, &mut b.att);
+                let inputs = &mut b.inputs[..n];
                 backend.install(|| {
                     xb.par_chunks_mut(per * dim)
                         .zip(q.par_chunks(per * dim))
                         .zip(rows.par_chunks(per))
+                        .zip(inputs.par_chunks_mut(per))
                         .zip(att.par_chunks_mut(stride))
-                        .for_each(|(((out, q), rows), att)| {
-                            let (att, scratch) = att.split_at_mut(max_len);
+                        .for_each(|((((out, q), rows), inputs), att)| {
+                            let (att, scratch) = att.split_at_mut(group * max_len);
                             let tokens = out.chunks_exact_mut(dim).zip(q.chunks_exact(dim));
-                            for ((out, q), &(seq, pos)) in tokens.zip(rows) {
+                            for (((out, q), &(seq, pos)), input) in tokens.zip(rows).zip(inputs) {
                                 let state = &*steps[seq].state;
                                 let kv = state.kv(pool);
                                 let row = Attention {
                                     order: dot_order(steps[seq].tokens.len()),
                                     ..geometry
                                 };
-                                let heads = out.chunks_exact_mut(head_dim).enumerate();
-                                for (h, out) in heads {
-                                    let att = &mut att[..=pos];
-                                    row.head(kv, &state.table, h, q, out, att, scratch);
+                                let groups = out.chunks_exact_mut(group * head_dim).enumerate();
+                                for (kv_head, out) in groups {
+                                    let att = &mut att[..group * (pos + 1)];
+                                    let first = kv_head * group;
+                                    row.heads(kv, &state.table, first, q, out, att, scratch);
                                 }
+                                // Wo's input, quantized while the token is
+                                // at hand.
+                                input.set(out);
                             }
                         });
                 });
@@ -438,54 +450,74 @@ impl Llama {
                 if b.att.len() < c.n_heads * stride {
                     b.att.resize(c.n_heads * stride, 0.0);
                 }
-                let heads = out.chunks_exact_mut(head_dim);
+                let groups = out.chunks_exact_mut(group * head_dim);
                 // Over a short past the heads are too little work to be
                 // worth waking the other threads for.
                 if pos < PARALLEL_ATTENTION_FROM {
-                    let (att, scratch) = b.att.split_at_mut(max_len);
-                    for (h, out) in heads.enumerate() {
-                        geometry.head(kv, table, h, q, out, &mut att[..=pos], scratch);
+                    let (att, scratch) = b.att.split_at_mut(group * max_len);
+                    for (kv_head, out) in groups.enumerate() {
+                        let att = &mut att[..group * (pos + 1)];
+                        geometry.heads(kv, table, kv_head * group, q, out, att, scratch);
                     }
                 } else {
+                    // Whole groups per task where there are enough of them
+                    // to keep every thread busy; otherwise a head per task
+                    // (three groups on two threads left one idle a third
+                    // of the time).
+                    let unit = if c.n_kv_heads >= 2 * threads {
+                        group
+                    } else {
+                        1
+                    };
                     let att = &mut b.att;
                     backend.install(|| {
-                        out.par_chunks_exact_mut(head_dim)
+                        out.par_chunks_exact_mut(unit * head_dim)
                             .zip(att.par_chunks_mut(stride))
                             .enumerate()
-                            .for_each(|(h, (out, att))| {
-                                let (att, scratch) = att.split_at_mut(max_len);
-                                let att = &mut att[..=pos];
-                                geometry.head(kv, table, h, q, out, att, scratch);
+                            .for_each(|(task, (out, att))| {
+                                let (att, scratch) = att.split_at_mut(group * max_len);
+                                let att = &mut att[..unit * (pos + 1)];
+                                geometry.heads(kv, table, task * unit, q, out, att, scratch);
                             });
                     });
                 }
+                b.inputs[0].set(&b.xb[..dim]);
             }
 
             // x += Wo·xb
-            b.set_inputs_from_xb();
-            let to = &mut b.t1[..n * dim];
+            let to = &mut b.t[..n * dim];
             backend.matmul_many(&b.inputs[..n], &mut [(&layer.wo, &mut *to)]);
-            add_transposed(&mut b.x, to, n);
 
             // MLP: x += W_down·(silu(W_gate·h) * W_up·h), h = rmsnorm(x)
-            b.norm_into_inputs(&layer.ffn_norm, c.rms_eps);
-            let (tg, tu) = (&mut b.t1[..n * c.hidden_dim], &mut b.t2[..n * c.hidden_dim]);
+            b.add_then_norm_into_inputs(backend, &layer.ffn_norm, c.rms_eps);
             backend.matmul_many(
                 &b.inputs[..n],
-                &mut [(&layer.w_gate, &mut *tg), (&layer.w_up, &mut *tu)],
+                &mut [
+                    (&layer.w_gate, &mut b.hb[..n * c.hidden_dim]),
+                    (&layer.w_up, &mut b.hb2[..n * c.hidden_dim]),
+                ],
             );
-            transpose(tg, n, &mut b.hb);
-            transpose(tu, n, &mut b.hb2);
-            for (input, (gate, up)) in b.hidden_inputs.iter_mut().zip(
-                b.hb.chunks_exact_mut(c.hidden_dim)
-                    .zip(b.hb2.chunks_exact(c.hidden_dim)),
-            ) {
-                ggml::swiglu(gate, up);
-                input.set(gate);
-            }
-            let td = &mut b.t1[..n * dim];
+            let (hidden, per) = (c.hidden_dim, tokens_per_task(backend, n));
+            let (inputs, gate, up) = (&mut b.hidden_inputs[..n], &mut b.hb, &b.hb2);
+            backend.install(|| {
+                inputs
+                    .par_chunks_mut(per)
+                    .zip(gate.par_chunks_mut(per * hidden))
+                    .zip(up.par_chunks(per * hidden))
+                    .for_each(|((inputs, gates), ups)| {
+                        let tokens = gates.chunks_exact_mut(hidden).zip(ups.chunks_exact(hidden));
+                        for (input, (gate, up)) in inputs.iter_mut().zip(tokens) {
+                            ggml::swiglu(gate, up);
+                            input.set(gate);
+                        }
+                    });
+            });
+            let td = &mut b.t[..n * dim];
             backend.matmul_many(&b.hidden_inputs[..n], &mut [(&layer.w_down, &mut *td)]);
-            add_transposed(&mut b.x, td, n);
+            match self.layers.get(l + 1) {
+                Some(next) => b.add_then_norm_into_inputs(backend, &next.attn_norm, c.rms_eps),
+                None => add(&mut b.x, &b.t[..n * dim]),
+            }
         }
 
         // logits = W_out·rmsnorm(x), for each sequence's last token only
@@ -497,12 +529,10 @@ impl Llama {
             b.inputs[i].set(&b.xb[..dim]);
         }
         let m = steps.len();
-        let tl = &mut b.logits_t[..m * c.vocab_size];
-        backend.matmul_many(&b.inputs[..m], &mut [(&self.output, &mut *tl)]);
-        for (i, step) in steps.iter_mut().enumerate() {
-            for (logit, row) in step.state.logits.iter_mut().zip(tl.chunks_exact(m)) {
-                *logit = row[i];
-            }
+        let logits = &mut b.logits[..m * c.vocab_size];
+        backend.matmul_many(&b.inputs[..m], &mut [(&self.output, &mut *logits)]);
+        for (step, logits) in steps.iter_mut().zip(logits.chunks_exact(c.vocab_size)) {
+            step.state.logits.copy_from_slice(logits);
             step.state.len += step.tokens.len();
         }
         Ok(())
@@ -510,8 +540,9 @@ impl Llama {
 
     /// Rotary position embedding, ggml's "normal" variant: consecutive pairs
     /// `(x[2i], x[2i+1])` of the first `rope_dim` values of every head turn
-    /// by `pos · θ^(-2i/rope_dim)`.
-    fn rope(&self, x: &mut [f32], pos: usize, cos_sin: &mut [(f32, f32)]) {
+    /// by `pos · θ^(-2i/rope_dim)`. These are those angles' cosines and
+    /// sines, for [`rotate`].
+    fn rope_angles(&self, pos: usize, cos_sin: &mut [(f32, f32)]) {
         let c = &self.config;
         // The angles and the rotation are computed as ggml computes them
         // (each frequency the previous one times θ^(-2/d), fused
@@ -524,12 +555,36 @@ impl Llama {
             *cs = (angle.cos(), angle.sin());
             theta *= theta_scale;
         }
-        for head in x.chunks_exact_mut(c.head_dim()) {
-            for (pair, &(cos, sin)) in head[..c.rope_dim].chunks_exact_mut(2).zip(cos_sin.iter()) {
-                let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0.mul_add(cos, -(x1 * sin));
-                pair[1] = x0.mul_add(sin, x1 * cos);
-            }
+    }
+}
+
+/// Turns the first `rope_dim` values of every head of `x` pair by pair by
+/// the angles of `cos_sin`.
+fn rotate(x: &mut [f32], head_dim: usize, rope_dim: usize, cos_sin: &[(f32, f32)]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA, detected just above.
+        unsafe { rotate_fma(x, head_dim, rope_dim, cos_sin) };
+        return;
+    }
+    rotate_portable(x, head_dim, rope_dim, cos_sin);
+}
+
+/// [`rotate`] with the fused multiply-adds in instructions: without the
+/// feature each `mul_add` was a call into the C library.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn rotate_fma(x: &mut [f32], head_dim: usize, rope_dim: usize, cos_sin: &[(f32, f32)]) {
+    rotate_portable(x, head_dim, rope_dim, cos_sin);
+}
+
+#[inline(always)]
+fn rotate_portable(x: &mut [f32], head_dim: usize, rope_dim: usize, cos_sin: &[(f32, f32)]) {
+    for head in x.chunks_exact_mut(head_dim) {
+        for (pair, &(cos, sin)) in head[..rope_dim].chunks_exact_mut(2).zip(cos_sin) {
+            let (x0, x1) = (pair[0], pair[1]);
+            pair[0] = x0.mul_add(cos, -(x1 * sin));
+            pair[1] = x0.mul_add(sin, x1 * cos);
         }
     }
 }
@@ -560,71 +615,61 @@ struct Attention {
 }
 
 impl Attention {
-    /// Query head `h` of a token (`q` is the token's whole query vector)
-    /// attends over the first `att.len()` positions of the sequence whose
+    /// Query heads `first..first + out.len() / head_dim` of a token (`q`
+    /// is the token's whole query vector), all of one kv group, attend over
+    /// the first `att.len()` / (that many) positions of the sequence whose
     /// block table is `table`, the token's own included:
-    /// `out = softmax(q·K/√d)·V`.
+    /// `out = softmax(q·K/√d)·V` for each head.
     #[allow(clippy::too_many_arguments)]
-    fn head(
+    fn heads(
         &self,
         kv: &KvBlocks,
         table: &[u32],
-        h: usize,
+        first: usize,
         q: &[f32],
         out: &mut [f32],
         att: &mut [f32],
         scratch: &mut [f32],
     ) {
         let hd = self.head_dim;
-        let head = (h / self.group) * hd;
-        let (keys, values) = (&kv.keys, &kv.values);
+        let heads = first * hd..first * hd + out.len();
+        let kv_head = first / self.group;
+        debug_assert_eq!(
+            kv_head,
+            (first + out.len() / hd - 1) / self.group,
+            "one kv group"
+        );
+        let cached = kv.head(self.layer, table, kv_head, hd);
         ggml::attend(
-            self.order,
-            &q[h * hd..(h + 1) * hd],
-            |t| {
-                let at = kv.offset(self.layer, table, t) + head;
-                (&keys[at..at + hd], &values[at..at + hd])
-            },
-            self.scale,
-            att,
-            scratch,
-            out,
+            self.order, &q[heads], &cached, self.scale, att, scratch, out,
         );
     }
 }
 
-/// `dst[i][r] = src[r][i]` for `n` columns: the matmul's row-major batch
-/// output back to one vector per token.
-fn transpose(src: &[f32], n: usize, dst: &mut [f32]) {
-    let rows = src.len() / n;
-    for_each_tile(rows, n, |r, i| dst[i * rows + r] = src[r * n + i]);
+/// Tokens per task when a step's `n` tokens share per-token work (norms,
+/// activations, quantization) among the threads: a share per thread, or
+/// all of them in one task where so few that waking the other threads
+/// costs more.
+fn tokens_per_task(backend: &CpuBackend, n: usize) -> usize {
+    if n < PARALLEL_TOKENS_FROM {
+        n.max(1)
+    } else {
+        n.div_ceil(backend.threads())
+    }
 }
 
-/// `x[i][r] += y[r][i]`: a residual add from a batch matmul output.
-fn add_transposed(x: &mut [f32], y: &[f32], n: usize) {
-    let rows = y.len() / n;
-    for_each_tile(rows, n, |r, i| x[i * rows + r] += y[r * n + i]);
-}
-
-/// Calls `f(r, i)` for every `r < rows`, `i < n`, a square tile at a time:
-/// over a prompt's thousands of tokens, going row by row would touch a new
-/// cache line of the transposed side at every step.
-#[inline(always)]
-fn for_each_tile(rows: usize, n: usize, mut f: impl FnMut(usize, usize)) {
-    const TILE: usize = 32;
-    for r0 in (0..rows).step_by(TILE) {
-        for i0 in (0..n).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for i in i0..(i0 + TILE).min(n) {
-                    f(r, i);
-                }
-            }
-        }
+/// `x += y`: a residual add.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
     }
 }
 
 /// Keys and values of every layer in blocks of `block_tokens` positions,
-/// `[layer][block][slot][kv_dim]`. A sequence finds its position `p` in
+/// `[layer][block][kv head][slot][head_dim]`: within a block, one head's
+/// positions are contiguous, so attention over them streams through
+/// memory rather than picking one head's values out of every position's
+/// row of all heads. A sequence finds its position `p` in
 /// block `table[p / block_tokens]` of its block table, so sequences that
 /// start alike can share the blocks of their common prefix (the scheduler's
 /// prefix cache, [`crate::scheduler::kv`]).
@@ -634,6 +679,7 @@ pub struct KvBlocks {
     blocks: usize,
     layers: usize,
     kv_dim: usize,
+    head_dim: usize,
     keys: Vec<f16>,
     values: Vec<f16>,
 }
@@ -650,6 +696,7 @@ impl KvBlocks {
             blocks,
             layers: shape.layers,
             kv_dim: shape.kv_dim(),
+            head_dim: shape.head_dim,
             keys: vec![f16::ZERO; len],
             values: vec![f16::ZERO; len],
         }
@@ -665,21 +712,33 @@ impl KvBlocks {
         self.block_tokens
     }
 
-    /// Where position `pos` of layer `layer` starts for the sequence whose
-    /// block table is `table`.
-    #[inline]
-    fn offset(&self, layer: usize, table: &[u32], pos: usize) -> usize {
-        // Attention asks this for every past position of every head; a
-        // division there cost more than the rest of the lookup, and block
-        // sizes are powers of two in practice.
-        let (block, slot) = if self.block_tokens.is_power_of_two() {
-            let shift = self.block_tokens.trailing_zeros();
-            (pos >> shift, pos & (self.block_tokens - 1))
-        } else {
-            (pos / self.block_tokens, pos % self.block_tokens)
-        };
+    /// Where kv head `kv_head` of position `pos` of layer `layer` starts
+    /// for the sequence whose block table is `table`.
+    fn offset(&self, layer: usize, table: &[u32], pos: usize, kv_head: usize) -> usize {
+        let (block, slot) = (pos / self.block_tokens, pos % self.block_tokens);
         let block = table[block] as usize;
-        ((layer * self.blocks + block) * self.block_tokens + slot) * self.kv_dim
+        (layer * self.blocks + block) * self.block_tokens * self.kv_dim
+            + (kv_head * self.block_tokens + slot) * self.head_dim
+    }
+
+    /// Kv head `kv_head` of layer `layer` for the sequence whose block
+    /// table is `table`, as attention reads it.
+    fn head<'c>(
+        &'c self,
+        layer: usize,
+        table: &'c [u32],
+        kv_head: usize,
+        head_dim: usize,
+    ) -> ggml::CachedHead<'c> {
+        debug_assert_eq!(head_dim, self.head_dim, "the cache's head size");
+        let layout = ggml::KvLayout {
+            block_tokens: self.block_tokens,
+            block_stride: self.block_tokens * self.kv_dim,
+            row: head_dim,
+        };
+        let start =
+            layer * self.blocks * layout.block_stride + kv_head * self.block_tokens * head_dim;
+        ggml::CachedHead::new(&self.keys, &self.values, table, layout, start, head_dim)
     }
 }
 
@@ -701,8 +760,7 @@ pub struct State {
     batch: Batch,
 }
 
-/// Scratch space of a batched step: per-token activations `[token][width]`
-/// and matmul outputs `[row][token]` before they are transposed back.
+/// Scratch space of a batched step: per-token activations `[token][width]`.
 /// Reused across steps, it grows to the largest batch and then allocates no
 /// more.
 #[derive(Debug, Default)]
@@ -716,10 +774,10 @@ pub struct Batch {
     v: Vec<f32>,
     hb: Vec<f32>,
     hb2: Vec<f32>,
-    t1: Vec<f32>,
-    t2: Vec<f32>,
-    t3: Vec<f32>,
-    logits_t: Vec<f32>,
+    /// A product's output before it joins the residual stream.
+    t: Vec<f32>,
+    /// `[sequence][vocab]`, each sequence's last token's.
+    logits: Vec<f32>,
     inputs: Vec<Input>,
     hidden_inputs: Vec<Input>,
     /// `[head][position]`, reused token by token.
@@ -736,7 +794,6 @@ impl Batch {
                 v.resize(len, 0.0);
             }
         };
-        let wide = c.dim.max(c.hidden_dim);
         self.x.resize(n * c.dim, 0.0);
         self.xb.resize(n * c.dim, 0.0);
         self.q.resize(n * c.dim, 0.0);
@@ -744,10 +801,8 @@ impl Batch {
         self.v.resize(n * c.kv_dim(), 0.0);
         self.hb.resize(n * c.hidden_dim, 0.0);
         self.hb2.resize(n * c.hidden_dim, 0.0);
-        grow(&mut self.t1, n * wide);
-        grow(&mut self.t2, n * wide);
-        grow(&mut self.t3, n * c.kv_dim());
-        grow(&mut self.logits_t, seqs * c.vocab_size);
+        grow(&mut self.t, n * c.dim);
+        grow(&mut self.logits, seqs * c.vocab_size);
         if self.inputs.len() < n {
             self.inputs.resize_with(n, Input::default);
             self.hidden_inputs.resize_with(n, Input::default);
@@ -769,12 +824,27 @@ impl Batch {
         }
     }
 
-    /// `inputs[i] = xb[i]` for every token.
-    fn set_inputs_from_xb(&mut self) {
-        let dim = self.xb.len() / self.rows.len();
-        for (input, xb) in self.inputs.iter_mut().zip(self.xb.chunks_exact(dim)) {
-            input.set(xb);
-        }
+    /// `x[i] += t[i]`, then `inputs[i] = rmsnorm(x[i]) · weight`, for every
+    /// token, the tokens shared among the threads.
+    fn add_then_norm_into_inputs(&mut self, backend: &CpuBackend, weight: &[f32], eps: f32) {
+        let (dim, n) = (weight.len(), self.rows.len());
+        let per = tokens_per_task(backend, n);
+        let (x, t) = (&mut self.x[..n * dim], &self.t[..n * dim]);
+        let (xb, inputs) = (&mut self.xb[..n * dim], &mut self.inputs[..n]);
+        backend.install(|| {
+            x.par_chunks_mut(per * dim)
+                .zip(t.par_chunks(per * dim))
+                .zip(xb.par_chunks_mut(per * dim))
+                .zip(inputs.par_chunks_mut(per))
+                .for_each(|(((x, t), xb), inputs)| {
+                    add(x, t);
+                    let rows = x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim));
+                    for ((x, xb), input) in rows.zip(inputs) {
+                        cpu::rmsnorm(xb, x, weight, eps);
+                        input.set(xb);
+                    }
+                });
+        });
     }
 }
 
