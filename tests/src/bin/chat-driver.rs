@@ -96,7 +96,8 @@ impl Uniform {
 
 /// Tenant `t`'s system prompt: its name first (tenants differ from the
 /// first token), then numbered rules, about `tokens` tokens in all (a rule
-/// is some 24 tokens in SmolLM2's tokenizer).
+/// is some 21 tokens in SmolLM2's tokenizer: asking for 1000 gives 1000 to
+/// 1005).
 fn system_prompt(t: usize, tokens: usize) -> String {
     let products = [
         "routers",
@@ -110,7 +111,7 @@ fn system_prompt(t: usize, tokens: usize) -> String {
         "You are the support assistant of tenant {t}, a shop selling {}.",
         products[t % products.len()]
     );
-    for i in 0..tokens / 24 {
+    for i in 0..tokens / 21 {
         let _ = write!(
             text,
             " Rule {i}: when asked about {}, answer {} and cite section {}.",
