@@ -639,7 +639,7 @@ impl Attention {
             (first + out.len() / hd - 1) / self.group,
             "one kv group"
         );
-        let cached = kv.head(self.layer, table, kv_head, hd);
+        let cached = kv.head(self.layer, table, kv_head);
         ggml::attend(
             self.order, &q[heads], &cached, self.scale, att, scratch, out,
         );
@@ -723,22 +723,22 @@ impl KvBlocks {
 
     /// Kv head `kv_head` of layer `layer` for the sequence whose block
     /// table is `table`, as attention reads it.
-    fn head<'c>(
-        &'c self,
-        layer: usize,
-        table: &'c [u32],
-        kv_head: usize,
-        head_dim: usize,
-    ) -> ggml::CachedHead<'c> {
-        debug_assert_eq!(head_dim, self.head_dim, "the cache's head size");
+    fn head<'c>(&'c self, layer: usize, table: &'c [u32], kv_head: usize) -> ggml::CachedHead<'c> {
         let layout = ggml::KvLayout {
             block_tokens: self.block_tokens,
             block_stride: self.block_tokens * self.kv_dim,
-            row: head_dim,
+            row: self.head_dim,
         };
         let start =
-            layer * self.blocks * layout.block_stride + kv_head * self.block_tokens * head_dim;
-        ggml::CachedHead::new(&self.keys, &self.values, table, layout, start, head_dim)
+            layer * self.blocks * layout.block_stride + kv_head * self.block_tokens * self.head_dim;
+        ggml::CachedHead::new(
+            &self.keys,
+            &self.values,
+            table,
+            layout,
+            start,
+            self.head_dim,
+        )
     }
 }
 
